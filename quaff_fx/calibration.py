@@ -1,0 +1,186 @@
+"""Calibration: stream batches through a captured graph and record, for every Linear input and per
+channel, max|x|, mean|x| and how often the channel was an outlier. No activation is kept."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from .capture import LinearSite, find_linears
+from .config import OutlierConfig
+from .errors import QuaffError
+from .outliers import batch_counts, select
+
+STATS_FORMAT = "quaff-fx/calibration-stats"
+STATS_VERSION = 1
+HALVES = 2  # counts are kept per half of the batches, to measure outlier stability between them
+
+
+@dataclass
+class LayerStats:
+    """Running per-channel statistics of one Linear's input."""
+
+    in_features: int
+    out_features: int
+    max_abs: torch.Tensor  # [C] float32
+    sum_abs: torch.Tensor  # [C] float64
+    counts: torch.Tensor  # [HALVES, C] int64: outlier counts in the first and second half of the batches
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int) -> "LayerStats":
+        return cls(in_features, out_features, torch.zeros(in_features), torch.zeros(in_features, dtype=torch.float64),
+                   torch.zeros(HALVES, in_features, dtype=torch.long))
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.sum_abs / max(self.tokens, 1)).float()
+
+    @property
+    def total_counts(self) -> torch.Tensor:
+        return self.counts.sum(0)
+
+    def max_mean_ratio(self) -> float:
+        """max|x| over mean|x|, both over all channels: how heavy the layer's outliers are."""
+        mean = float(self.sum_abs.sum()) / max(self.tokens * self.in_features, 1)
+        return float(self.max_abs.max()) / mean if mean > 0 else 0.0
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of every calibrated Linear, keyed by module name, and how they were gathered."""
+
+    layers: dict[str, LayerStats]
+    outlier_config: OutlierConfig
+    info: dict[str, Any] = field(default_factory=dict)  # batches, seq_len, data source, model name, seconds
+
+    def outliers(self, name: str, cfg: OutlierConfig | None = None) -> torch.Tensor:
+        """Outlier channels of layer ``name`` under ``cfg`` (default: the calibration's own config)."""
+        layer = self.layers[name]
+        return select(layer.total_counts, layer.max_abs, self._check(cfg))
+
+    def half_outliers(self, name: str, half: int, cfg: OutlierConfig | None = None) -> torch.Tensor:
+        layer = self.layers[name]
+        return select(layer.counts[half], layer.max_abs, self._check(cfg))
+
+    def _check(self, cfg: OutlierConfig | None) -> OutlierConfig:
+        """Counts are only valid for the strategy and threshold they were gathered with."""
+        if cfg is None:
+            return self.outlier_config
+        ours = self.outlier_config
+        if cfg.strategy != "static" and (cfg.strategy, cfg.threshold) != (ours.strategy, ours.threshold):
+            if not (cfg.strategy == ours.strategy == "top_abs"):
+                raise QuaffError(f"calibration stats were gathered with strategy {ours.strategy!r} threshold {ours.threshold}; "
+                                 f"strategy {cfg.strategy!r} threshold {cfg.threshold} needs a new calibration")
+        return cfg
+
+    # -- serialisation: tensors for safetensors, metadata for JSON -------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in self.layers.items():
+            out[f"{name}.max_abs"] = layer.max_abs.contiguous()
+            out[f"{name}.sum_abs"] = layer.sum_abs.contiguous()
+            out[f"{name}.counts"] = layer.counts.contiguous()
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": STATS_FORMAT,
+            "version": STATS_VERSION,
+            "outlier_config": {**self.outlier_config.__dict__, "channels": list(self.outlier_config.channels)},
+            "info": self.info,
+            "layers": {n: {"in_features": l.in_features, "out_features": l.out_features, "tokens": l.tokens}
+                       for n, l in self.layers.items()},
+        }
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "stats") -> "CalibrationStats":
+        if meta.get("format") != STATS_FORMAT:
+            raise QuaffError(f"{where} is not a quaff-fx calibration stats file (format {meta.get('format')!r})")
+        if meta.get("version") != STATS_VERSION:
+            raise QuaffError(f"{where} has stats format version {meta.get('version')!r}; this quaff-fx reads version {STATS_VERSION}")
+        try:
+            cfg = OutlierConfig(**{**meta["outlier_config"], "channels": tuple(meta["outlier_config"].get("channels", ()))})
+            layers = {}
+            for name, m in meta["layers"].items():
+                c = int(m["in_features"])
+                expect = {"max_abs": ((c,), torch.float32), "sum_abs": ((c,), torch.float64), "counts": ((HALVES, c), torch.int64)}
+                parts = {}
+                for key, (shape, dtype) in expect.items():
+                    t = tensors.get(f"{name}.{key}")
+                    if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                        got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+                        raise QuaffError(f"{where}: tensor '{name}.{key}' should be {shape} {dtype}, is {got}")
+                    parts[key] = t
+                layers[name] = LayerStats(c, int(m["out_features"]), parts["max_abs"], parts["sum_abs"], parts["counts"], int(m["tokens"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QuaffError(f"{where}: malformed stats metadata ({exc!r})") from None
+        return cls(layers, cfg, dict(meta.get("info", {})))
+
+    def check_matches(self, sites: Iterable[LinearSite]) -> None:
+        """Stats must fit the model they are applied to: same layers, same widths."""
+        by_name = {s.module_name: s for s in sites}
+        for name, layer in self.layers.items():
+            site = by_name.get(name)
+            if site is None:
+                raise QuaffError(f"calibration stats name layer {name!r}, which the model does not have")
+            if site.in_features != layer.in_features:
+                raise QuaffError(f"calibration stats for {name!r} have {layer.in_features} channels, the layer has {site.in_features} inputs")
+
+    def to_json(self) -> str:
+        return json.dumps(self.metadata(), indent=1)
+
+
+class _Observer(Interpreter):
+    """Runs the graph node by node and feeds each observed Linear's input to its LayerStats."""
+
+    def __init__(self, gm: GraphModule, observed: dict[Node, str], stats: dict[str, LayerStats], cfg: OutlierConfig):
+        super().__init__(gm)
+        self.observed, self.stats, self.cfg = observed, stats, cfg
+        self.half = 0
+
+    def run_node(self, n: Node) -> Any:
+        name = self.observed.get(n)
+        if name is not None:
+            x = self.env[n.args[0]]
+            self._record(name, x)
+        return super().run_node(n)
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        layer = self.stats[name]
+        x2d = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x2d).all():
+            raise QuaffError(f"the input of {name!r} holds NaN or Inf during calibration; check the model and the calibration text")
+        ax = x2d.abs()
+        torch.maximum(layer.max_abs, ax.amax(0).cpu(), out=layer.max_abs)
+        layer.sum_abs += ax.sum(0, dtype=torch.float64).cpu()
+        layer.counts[self.half] += batch_counts(x2d, self.cfg).cpu()
+        layer.tokens += x2d.shape[0]
+
+
+def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConfig | None = None,
+              layer_filter=None, n_batches: int | None = None, progress=None) -> CalibrationStats:
+    """Run ``batches`` through ``gm`` and collect per-channel statistics of every Linear input.
+
+    ``layer_filter(module_name) -> bool`` picks the layers (default: all). ``n_batches`` (if known)
+    splits the batches into two halves for the stability measure; ``progress`` wraps the iterable.
+    """
+    cfg = cfg or OutlierConfig()
+    sites = [s for s in find_linears(gm) if layer_filter is None or layer_filter(s.module_name)]
+    if not sites:
+        raise QuaffError("the model has no Linear layer to calibrate")
+    stats = {s.module_name: LayerStats.empty(s.in_features, s.out_features) for s in sites}
+    observer = _Observer(gm, {s.node: s.module_name for s in sites}, stats, cfg)
+    seen = 0
+    iterable = progress(batches) if progress else batches
+    with torch.no_grad():
+        for i, batch in enumerate(iterable):
+            observer.half = 0 if n_batches is None or i < max(n_batches // 2, 1) else 1
+            observer.run(batch)
+            seen += 1
+    if seen == 0:
+        raise QuaffError("calibration got no batch")
+    return CalibrationStats(stats, cfg, {"batches": seen})

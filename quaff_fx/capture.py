@@ -1,0 +1,165 @@
+"""Model → GraphModule.
+
+Hugging Face models go through ``torch.export`` (non-strict, dynamic batch and sequence, logits out,
+no KV cache): ``torch.fx.symbolic_trace`` cannot trace them and transformers 5 has no fx tracer.
+Plain modules go through ``torch.fx.symbolic_trace``, falling back to export when fx cannot trace.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from .errors import QuaffError
+
+WRAPPER_PREFIX = "model."
+META_KEY = "quaff"  # namespace of everything quaff-fx writes into node.meta and gm.meta
+
+
+class _HFOutput(nn.Module):
+    """Calls a Hugging Face model without a cache and returns its first output (logits or hidden states)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=False) if _accepts_cache(self.model) else self.model(input_ids=input_ids)
+        return out[0] if isinstance(out, (tuple, list)) else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
+
+
+def _accepts_cache(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_decoder", False) or hasattr(model, "generate") and getattr(model.config, "use_cache", None) is not None)
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One Linear in a captured graph: its node, the qualified name of its module, its shape."""
+
+    node: Node
+    module_name: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any] | None = None, dynamic: bool = True) -> GraphModule:
+    """Capture ``model`` as a GraphModule that computes what the model computes.
+
+    Hugging Face models take ``input_ids`` [batch, seq] and return logits (or the last hidden state for
+    encoders). Other modules need ``example_inputs`` only when fx cannot trace them.
+    """
+    if is_hf_model(model):
+        return _capture_hf(model, example_inputs, dynamic)
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as fx_error:  # fx fails on data-dependent control flow: try export
+        if example_inputs is None:
+            raise QuaffError(f"torch.fx could not trace {type(model).__name__} ({fx_error}); pass example_inputs so torch.export can") from None
+        return _export(model, tuple(example_inputs), None, prefix="")
+    gm.meta[META_KEY] = {"capture": "fx", "prefix": ""}
+    return gm
+
+
+def _capture_hf(model: nn.Module, example_inputs: Sequence[Any] | None, dynamic: bool) -> GraphModule:
+    if example_inputs is None:
+        vocab = int(getattr(model.config, "vocab_size", 100))
+        example_inputs = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
+    example_inputs = tuple(t.to(_device_of(model)) for t in example_inputs)
+    shapes = None
+    if dynamic:
+        limit = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 4096))
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        seq = torch.export.Dim("seq", min=1, max=limit)
+        shapes = ({0: batch, 1: seq},)
+    was_training = model.training
+    model.eval()
+    try:
+        return _export(_HFOutput(model), example_inputs, shapes, prefix=WRAPPER_PREFIX)
+    finally:
+        model.train(was_training)
+
+
+def _export(module: nn.Module, args: tuple, shapes: Any, prefix: str) -> GraphModule:
+    try:
+        ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        raise QuaffError(f"torch.export could not capture {type(module).__name__}: {str(exc).splitlines()[0]}") from exc
+    gm = ep.module()
+    gm.meta[META_KEY] = {"capture": "export", "prefix": prefix}
+    return gm
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def module_prefix(gm: GraphModule) -> str:
+    return gm.meta.get(META_KEY, {}).get("prefix", "")
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def find_linears(gm: GraphModule) -> list[LinearSite]:
+    """Every Linear of the graph, matched by op and target: ``aten.linear`` / ``F.linear`` on a
+    parameter, or ``call_module`` on an ``nn.Linear``."""
+    prefix = module_prefix(gm)
+    sites = []
+    for node in gm.graph.nodes:
+        site = _linear_site(gm, node, prefix)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _linear_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.Linear:
+            return LinearSite(node, _strip(node.target, prefix), mod.in_features, mod.out_features, mod.bias is not None)
+        return None
+    if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default, torch.nn.functional.linear):
+        return None
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(weight, Node) or weight.op != "get_attr" or not weight.target.endswith(".weight"):
+        return None  # a linear on a computed weight is no layer we can quantize
+    w = _attr(gm, weight.target)
+    if w.dim() != 2:
+        return None
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    module_name = _strip(weight.target[: -len(".weight")], prefix)
+    return LinearSite(node, module_name, int(w.shape[1]), int(w.shape[0]), bias is not None)
+
+
+def _attr(gm: GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def weight_and_bias(gm: GraphModule, site: LinearSite) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The FP weight [out, in] and bias of a Linear site."""
+    node = site.node
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return mod.weight, mod.bias
+    weight = _attr(gm, node.args[1].target)
+    bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = _attr(gm, bias_node.target) if isinstance(bias_node, Node) and bias_node.op == "get_attr" else None
+    return weight, bias

@@ -1,0 +1,94 @@
+"""Frozen configuration dataclasses: how outliers are chosen and how layers are quantized."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import QuaffError
+
+STRATEGIES = ("mean_times", "top_abs", "zscore", "static")
+DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*wte", "*wpe")
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    """How outlier input channels are picked from calibration statistics.
+
+    strategy:  mean_times  |x| > threshold * mean|x| of the batch (the paper's default, threshold 100)
+               top_abs     the channels with the largest max|x| in each batch
+               zscore      |x - mean| / std > threshold
+               static      exactly the channels in ``channels`` (a user's list, applied to every layer)
+    max_ratio: per-layer cap, as a fraction of the layer's input channels; the channels that were
+               outliers most often across batches are kept.
+    """
+
+    strategy: str = "mean_times"
+    threshold: float = 100.0
+    max_ratio: float = 0.01
+    channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise QuaffError(f"unknown outlier strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy in ("mean_times", "zscore") and not self.threshold > 0:
+            raise QuaffError(f"outlier threshold must be > 0, got {self.threshold}")
+        if not 0.0 <= self.max_ratio <= 1.0:
+            raise QuaffError(f"max_ratio must lie in [0, 1], got {self.max_ratio}")
+        if self.strategy == "static" and not self.channels:
+            raise QuaffError("the static strategy needs a list of channels (--channels 3,17,...)")
+        if any(c < 0 for c in self.channels):
+            raise QuaffError(f"static outlier channels must be >= 0, got {list(self.channels)}")
+
+    def cap(self, in_features: int) -> int:
+        """Largest number of outlier channels a layer with ``in_features`` inputs may keep."""
+        return int(in_features * self.max_ratio)
+
+
+@dataclass(frozen=True)
+class QuaffConfig:
+    """Everything that decides how a model is rewritten.
+
+    weight_granularity: 'channel' (one int8 scale per output channel) or 'tensor' (one per layer).
+    momentum:           scales follow S <- momentum * S + (1 - momentum) * S_batch in training;
+                        0 means the scale is recomputed from each batch. Frozen in eval.
+    exact_grad:         compute grad_X with the dequantized weight in the compute dtype instead of an
+                        int8 GEMM with the gradient quantized per row.
+    include / exclude:  fnmatch patterns on module names; exclude wins. Embeddings and lm_head are
+                        excluded by default.
+    """
+
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)
+    weight_granularity: str = "channel"
+    momentum: float = 0.9
+    exact_grad: bool = False
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    def __post_init__(self) -> None:
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise QuaffError(f"weight_granularity must be 'channel' or 'tensor', got {self.weight_granularity!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise QuaffError(f"momentum must lie in [0, 1), got {self.momentum}")
+
+    def eligible(self, module_name: str) -> bool:
+        """Whether the Linear called ``module_name`` is to be quantized."""
+        leaf = module_name.rsplit(".", 1)[-1]
+
+        def hit(patterns: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatchcase(module_name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+        return hit(self.include) and not hit(self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuaffConfig":
+        try:
+            outliers = OutlierConfig(**{**data.get("outliers", {}), "channels": tuple(data.get("outliers", {}).get("channels", ()))})
+            rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k != "outliers"}
+            return cls(outliers=outliers, **rest)
+        except TypeError as exc:
+            raise QuaffError(f"quaff config has unknown or missing fields: {exc}") from None

@@ -1,0 +1,68 @@
+"""The oracle: Quaff's arithmetic in plain PyTorch, integer products taken exactly in float64.
+
+Fast kernels are tested against these functions. Shapes: x [M, K], w_int8 [N, K] (row-major, one row
+per output channel), w_scale [N], outlier_idx [k], w_outlier [N, k] (the FP weight columns of the
+outlier input channels; the paper's W_o rows in its [in, out] layout), act_scale [k] (S_o).
+"""
+from __future__ import annotations
+
+import torch
+
+QMAX = 127.0
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: q = round(x / s), s = max|x_row| / 127 (rows of zeros get s = 1)."""
+    x = x.float()
+    absmax = x.abs().amax(-1)
+    scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
+    q = torch.round(x / scale.unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_weight(w: torch.Tensor, granularity: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight [N, K] and its scales [N]; per output channel or one scale for the whole tensor."""
+    if granularity == "channel":
+        return quantize_rows(w)
+    absmax = w.detach().float().abs().amax()
+    scale = (absmax / QMAX if absmax > 0 else torch.ones(())).expand(w.shape[0]).contiguous()
+    q = torch.round(w.float() / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def outlier_scale(x_absmax: torch.Tensor, w_outlier: torch.Tensor) -> torch.Tensor:
+    """S_o = max(sqrt(max|X_o| / max|W_o|), 1) per outlier channel. A zero weight column has nothing to
+    balance against: its channel is scaled by sqrt(max|X_o|) (finite), which only shrinks it."""
+    w_absmax = w_outlier.detach().float().abs().amax(0) if w_outlier.numel() else torch.zeros(0)
+    w_absmax = torch.where(w_absmax > 0, w_absmax, torch.ones_like(w_absmax))
+    return torch.sqrt(x_absmax.float() / w_absmax).clamp_min(1.0)
+
+
+def scale_activations(x: torch.Tensor, outlier_idx: torch.Tensor, act_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X̂ = X / S (S = 1 outside the outliers) as fp32 [M, K], and its outlier columns X̂_o [M, k]."""
+    x = x.float()
+    if outlier_idx.numel() == 0:
+        return x, x.new_zeros(x.shape[0], 0)
+    x_hat_o = x.index_select(1, outlier_idx) / act_scale.float()
+    return x.index_copy(1, outlier_idx, x_hat_o), x_hat_o
+
+
+def quaff_linear(x, w_int8, w_scale, outlier_idx, w_outlier, act_scale, bias=None) -> torch.Tensor:
+    """Y = deq(Q(X̂) W_intᵀ) + X̂_o ((S_o − 1) W_o)ᵀ + b, in fp32, for 2-D x."""
+    x_hat, x_hat_o = scale_activations(x, outlier_idx, act_scale)
+    q, sx = quantize_rows(x_hat)
+    acc = q.double() @ w_int8.double().t()
+    out = (acc * sx.double()[:, None] * w_scale.double()[None, :]).float()
+    if outlier_idx.numel():
+        out = out + x_hat_o @ (w_outlier.float() * (act_scale.float() - 1.0)).t()
+    return out if bias is None else out + bias.float()
+
+
+def grad_input(grad: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, exact: bool) -> torch.Tensor:
+    """grad_X = grad_Y · W with W = w_int8 · w_scale. Not exact: the per-output-channel weight scale is
+    folded into the gradient first, then it is quantized per row and multiplied by the int8 weight."""
+    grad = grad.float()
+    if exact:
+        return grad @ (w_int8.float() * w_scale.float()[:, None])
+    q, sg = quantize_rows(grad * w_scale.float()[None, :])
+    return (q.double() @ w_int8.double() * sg.double()[:, None]).float()

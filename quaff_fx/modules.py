@@ -1,0 +1,79 @@
+"""QuaffLinear: an int8 Linear with Quaff's outlier scaling, the module the rewrite puts in place of nn.Linear."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.quaff)
+from .kernels.reference import outlier_scale, quantize_weight
+
+
+class QuaffLinear(nn.Module):
+    """y = x Wᵀ + b with W kept as int8 (the FP weight is dropped) plus FP copies of the outlier columns W_o.
+
+    Buffers: w_int8 [out, in], w_scale [out], outlier_idx [k], w_outlier [out, k] (compute dtype),
+    act_scale [k] (S_o, fp32). In training the scales follow
+        S_o <- momentum * S_o + (1 - momentum) * max(sqrt(max|X_o| / max|W_o|), 1)
+    computed on each batch; in eval they are frozen. The base is frozen; adapters train on top.
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device=None, momentum: float = 0.9, exact_grad: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.momentum, self.exact_grad = momentum, exact_grad
+        self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("outlier_idx", torch.zeros(n_outliers, dtype=torch.long, device=device))
+        self.register_buffer("w_outlier", torch.zeros(out_features, n_outliers, dtype=dtype, device=device))
+        self.register_buffer("act_scale", torch.ones(n_outliers, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, outlier_channels: Sequence[int] | torch.Tensor = (),
+                    act_max: torch.Tensor | None = None, weight_granularity: str = "channel",
+                    momentum: float = 0.9, exact_grad: bool = False) -> "QuaffLinear":
+        """Quantize ``linear``. ``act_max`` (max|x| per input channel from calibration) sets the initial
+        scales; without it they start at 1 and are learned from the first training batches."""
+        return cls.from_weight(linear.weight, linear.bias, outlier_channels, act_max, weight_granularity, momentum, exact_grad)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, outlier_channels=(), act_max=None,
+                    weight_granularity: str = "channel", momentum: float = 0.9, exact_grad: bool = False) -> "QuaffLinear":
+        weight = weight.detach()
+        idx = torch.as_tensor(outlier_channels, dtype=torch.long, device=weight.device).flatten()
+        out_f, in_f = weight.shape
+        mod = cls(in_f, out_f, idx.numel(), bias is not None, weight.dtype, weight.device, momentum, exact_grad)
+        w_int8, w_scale = quantize_weight(weight, weight_granularity)
+        mod.w_int8.copy_(w_int8)
+        mod.w_scale.copy_(w_scale)
+        mod.outlier_idx.copy_(idx)
+        mod.w_outlier.copy_(weight.index_select(1, idx))
+        if act_max is not None and idx.numel():
+            mod.act_scale.copy_(outlier_scale(act_max.to(weight.device).index_select(0, idx), mod.w_outlier))
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        return mod
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (computed; the FP weight is not stored)."""
+        return (self.w_int8.float() * self.w_scale[:, None]).to(self.w_outlier.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.outlier_idx.numel():
+            self._update_scales(x)
+        return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.w_outlier,
+                                      self.act_scale, self.bias, self.exact_grad)
+
+    @torch.no_grad()
+    def _update_scales(self, x: torch.Tensor) -> None:
+        x_absmax = x.detach().index_select(-1, self.outlier_idx).abs().reshape(-1, self.outlier_idx.numel()).amax(0)
+        batch_scale = outlier_scale(x_absmax, self.w_outlier)
+        self.act_scale.mul_(self.momentum).add_(batch_scale * (1.0 - self.momentum))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.outlier_idx.numel()}, "
+                f"bias={self.bias is not None}, weight=int8[{self.w_scale.numel()} scales], w_outlier={self.w_outlier.dtype}")

@@ -1,0 +1,76 @@
+"""The ``quaff`` custom ops. Registered through ``torch.library`` with fake kernels and an explicit
+autograd formula, so ``torch.export`` and ``torch.compile`` see one op per layer and no graph break.
+
+quaff::linear(x, w_int8, w_scale, outlier_idx, w_outlier, act_scale, bias, exact_grad) -> y
+    y = deq(Q_token(X̂) · W_intᵀ) + X̂_o · ((S_o − 1) · W_o)ᵀ + b,   X̂ = X / S
+quaff::linear_grad_input(grad, w_int8, w_scale, exact) -> grad_x
+    grad_x = grad · W, W the dequantized int8 weight (int8 GEMM on a per-row quantized gradient unless exact)
+quaff::quantize_rows(x) -> (int8, scale)
+    symmetric per-row (per-token) int8 quantization
+
+The weight is frozen: no gradient reaches w_int8, scales or W_o. Bias gets its gradient when it asks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import cpu, reference
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.library.custom_op("quaff::quantize_rows", mutates_args=())
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    q, scale = reference.quantize_rows(_flat(x))
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+@quantize_rows.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device), torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+
+
+@torch.library.custom_op("quaff::linear", mutates_args=())
+def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, w_outlier: Tensor, act_scale: Tensor,
+           bias: Optional[Tensor] = None, exact_grad: bool = False) -> Tensor:
+    out = cpu.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, w_outlier, act_scale, bias)
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
+
+
+@linear.register_fake
+def _(x, w_int8, w_scale, outlier_idx, w_outlier, act_scale, bias=None, exact_grad=False):
+    torch._check(x.shape[-1] == w_int8.shape[1], lambda: f"quaff::linear: x has {x.shape[-1]} features, the weight {w_int8.shape[1]}")
+    return x.new_empty(*x.shape[:-1], w_int8.shape[0])
+
+
+@torch.library.custom_op("quaff::linear_grad_input", mutates_args=())
+def linear_grad_input(grad: Tensor, w_int8: Tensor, w_scale: Tensor, exact: bool = False) -> Tensor:
+    out = cpu.grad_input(_flat(grad), w_int8, w_scale, exact)
+    return out.to(grad.dtype).reshape(*grad.shape[:-1], w_int8.shape[1])
+
+
+@linear_grad_input.register_fake
+def _(grad, w_int8, w_scale, exact=False):
+    return grad.new_empty(*grad.shape[:-1], w_int8.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_int8, w_scale, _idx, _w_o, _s, bias, exact_grad = inputs
+    ctx.save_for_backward(w_int8, w_scale)
+    ctx.exact_grad = exact_grad
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    w_int8, w_scale = ctx.saved_tensors
+    grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad) if ctx.needs_input_grad[0] else None
+    grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
+    return grad_x, None, None, None, None, None, grad_b, None
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)
