@@ -1,0 +1,17 @@
+"""quaff-fx: Quaff (arXiv 2505.14742) outlier-scaled int8 quantization for fine-tuning, as graph passes."""
+from .calibration import CalibrationStats, calibrate
+from .capture import capture, find_linears
+from .config import OutlierConfig, QuaffConfig
+from .errors import QuaffError
+from .io import load_stats, save_quantized, save_stats
+from .modules import QuaffLinear
+from .pipeline import QuaffPass, QuaffPassResult, run_passes
+from .report import PassReport
+from .transform import TransformResult, calibrate_text, load_quantized, transform
+
+__all__ = [
+    "CalibrationStats", "OutlierConfig", "PassReport", "QuaffConfig", "QuaffError", "QuaffLinear", "QuaffPass",
+    "QuaffPassResult", "TransformResult", "calibrate", "calibrate_text", "capture", "find_linears", "load_quantized",
+    "load_stats", "run_passes", "save_quantized", "save_stats", "transform",
+]
+__version__ = "0.1.0"

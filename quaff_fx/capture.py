@@ -127,6 +127,15 @@ def find_linears(gm: GraphModule) -> list[LinearSite]:
     return sites
 
 
+def quaff_sites(gm: GraphModule) -> list[LinearSite]:
+    """The nodes that already call a QuaffLinear (after the rewrite)."""
+    from .modules import QuaffLinear
+
+    prefix = module_prefix(gm)
+    return [LinearSite(n, _strip(n.target, prefix), m.in_features, m.out_features, m.bias is not None)
+            for n in gm.graph.nodes if n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), QuaffLinear)]
+
+
 def _linear_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)

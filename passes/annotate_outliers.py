@@ -1,0 +1,63 @@
+"""Annotate every eligible Linear node with its outlier channels (``node.meta["quaff"]``)."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch.fx import GraphModule
+
+from quaff_fx.calibration import CalibrationStats
+from quaff_fx.capture import META_KEY, find_linears, quaff_sites
+from quaff_fx.config import QuaffConfig
+from quaff_fx.pipeline import QuaffPass, QuaffPassResult
+from quaff_fx.report import PassReport, quaff_bytes
+
+
+class AnnotateOutliers(QuaffPass):
+    """Reads calibration stats, picks each layer's outlier channels with the config's strategy, and
+    records them with their max|x| on the Linear node. Layers that are excluded or have no stats are
+    listed in the report and left alone."""
+
+    name = "annotate_outliers"
+
+    def __init__(self, stats: CalibrationStats, config: QuaffConfig | None = None):
+        self.stats, self.config = stats, config or QuaffConfig(outliers=stats.outlier_config)
+
+    def call(self, gm: GraphModule) -> QuaffPassResult:
+        report, modified = PassReport(self.name), False
+        sites = find_linears(gm)
+        self.stats.check_matches(sites + quaff_sites(gm))
+        dtype_bytes = _dtype_bytes(gm)
+        for site in sites:
+            row = {"node": site.node.name, "module": site.module_name, "in_features": site.in_features, "out_features": site.out_features}
+            layer = self.stats.layers.get(site.module_name)
+            if not self.config.eligible(site.module_name):
+                report.add(**row, status="skipped: excluded by config")
+                continue
+            if layer is None:
+                report.add(**row, status="skipped: no calibration stats")
+                continue
+            outliers = self.stats.outliers(site.module_name, self.config.outliers)
+            annotation = {"module": site.module_name, "outliers": outliers.tolist(),
+                          "act_max": layer.max_abs.index_select(0, outliers).tolist(),
+                          "max_mean_ratio": layer.max_mean_ratio()}
+            if site.node.meta.get(META_KEY) != annotation:
+                site.node.meta[META_KEY] = annotation
+                modified = True
+            k = outliers.numel()
+            before = site.in_features * site.out_features * dtype_bytes
+            after = quaff_bytes(site.in_features, site.out_features, k, dtype_bytes)
+            report.add(**row, outliers=k, outlier_ratio=k / site.in_features, max_mean_ratio=annotation["max_mean_ratio"],
+                       bytes_before=before, bytes_after=after, bytes_saved=before - after,
+                       outlier_bytes=k * site.out_features * dtype_bytes, status="annotated", outlier_channels=annotation["outliers"])
+        return QuaffPassResult(gm, modified, report)
+
+
+def _dtype_bytes(gm: GraphModule) -> int:
+    for p in gm.parameters():
+        return p.element_size()
+    return 4
+
+
+def annotations(gm: GraphModule) -> dict[str, dict[str, Any]]:
+    """module name -> annotation, for every annotated node of ``gm`` (rewritten or not)."""
+    return {n.meta[META_KEY]["module"]: n.meta[META_KEY] for n in gm.graph.nodes if "outliers" in n.meta.get(META_KEY, {})}

@@ -1,0 +1,69 @@
+"""Replace every annotated Linear node with a call to a QuaffLinear module."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from quaff_fx.capture import META_KEY, find_linears, module_prefix, weight_and_bias
+from quaff_fx.config import QuaffConfig
+from quaff_fx.hf import set_submodule
+from quaff_fx.modules import QuaffLinear
+from quaff_fx.pipeline import QuaffPass, QuaffPassResult
+from quaff_fx.report import PassReport, quaff_bytes
+
+
+def build_quaff_linear(weight: torch.Tensor, bias: torch.Tensor | None, annotation: dict[str, Any], config: QuaffConfig) -> QuaffLinear:
+    """The QuaffLinear for one annotated layer; shared by the graph rewrite and the live-model swap."""
+    act_max = None
+    if annotation["outliers"]:
+        act_max = torch.zeros(weight.shape[1])
+        act_max[annotation["outliers"]] = torch.tensor(annotation["act_max"])
+    return QuaffLinear.from_weight(weight, bias, annotation["outliers"], act_max, config.weight_granularity,
+                                   config.momentum, config.exact_grad)
+
+
+class RewriteLinear(QuaffPass):
+    """Each annotated ``aten.linear`` / ``nn.Linear`` node becomes ``call_module`` on a QuaffLinear installed
+    at the Linear's own path; the FP weight is dropped from the graph module."""
+
+    name = "rewrite_linear"
+
+    def __init__(self, config: QuaffConfig | None = None):
+        self.config = config or QuaffConfig()
+
+    def call(self, gm: GraphModule) -> QuaffPassResult:
+        report = PassReport(self.name)
+        prefix = module_prefix(gm)
+        for site in find_linears(gm):
+            annotation = site.node.meta.get(META_KEY)
+            if not annotation or "outliers" not in annotation:
+                continue
+            weight, bias = weight_and_bias(gm, site)
+            quaff = build_quaff_linear(weight, bias, annotation, self.config)
+            path = prefix + site.module_name
+            set_submodule(gm, path, quaff)
+            node = site.node
+            if node.op == "call_function":
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_module(path, (node.args[0],))
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                dead = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
+                gm.graph.erase_node(node)
+                for a in dead:
+                    if not a.users:
+                        gm.graph.erase_node(a)
+                node = new
+            node.meta[META_KEY] = {**annotation, "rewritten": True}
+            k = len(annotation["outliers"])
+            before = weight.numel() * weight.element_size()
+            after = quaff_bytes(site.in_features, site.out_features, k, weight.element_size())
+            report.add(node=node.name, module=site.module_name, in_features=site.in_features, out_features=site.out_features,
+                       outliers=k, bytes_before=before, bytes_after=after, bytes_saved=before - after,
+                       outlier_bytes=k * site.out_features * weight.element_size(), status="rewritten")
+        modified = bool(report.rows)
+        if modified:
+            gm.graph.eliminate_dead_code()
+        return QuaffPassResult(gm, modified, report)

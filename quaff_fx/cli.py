@@ -1,0 +1,339 @@
+"""The ``quaff-fx`` command: calibrate, inspect, transform, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import QuaffError
+
+
+def _progress(desc: str, total: int | None):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _add_outlier_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("outlier selection")
+    g.add_argument("--strategy", default="mean_times", help="mean_times | top_abs | zscore | static (default mean_times)")
+    g.add_argument("--threshold", type=float, default=100.0, help="mean_times: multiple of mean|x|; zscore: z bound (default 100)")
+    g.add_argument("--max-ratio", type=float, default=0.01, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
+    g.add_argument("--channels", default="", help="static strategy: comma-separated channel list")
+    g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
+    g.add_argument("--exclude", action="append", help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
+
+
+def _add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument(data_flag, dest="data", default=None, help="calibration text file (default: the bundled apache-2.0.txt)")
+    g.add_argument("--batches", type=int, default=4, help="calibration batches (default 4)")
+    g.add_argument("--batch-size", type=int, default=2, help="windows per batch (default 2)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+
+
+def _config(args: argparse.Namespace):
+    from .config import DEFAULT_EXCLUDE, OutlierConfig, QuaffConfig
+
+    try:
+        channels = tuple(int(c) for c in args.channels.split(",") if c.strip()) if args.channels else ()
+    except ValueError:
+        raise QuaffError(f"--channels must be a comma-separated list of integers, got {args.channels!r}") from None
+    outliers = OutlierConfig(args.strategy, args.threshold, args.max_ratio, channels)
+    return QuaffConfig(outliers=outliers, include=tuple(args.include or ("*",)), exclude=tuple(args.exclude or DEFAULT_EXCLUDE))
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise QuaffError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _check_out(path: str | None, force: bool) -> None:
+    """Refuse early, before minutes of work, to overwrite an output or to write into a missing folder."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not force:
+        raise QuaffError(f"{path!r} exists; pass --force to overwrite it")
+    if not p.resolve().parent.is_dir():
+        raise QuaffError(f"folder {str(p.resolve().parent)!r} does not exist")
+
+
+def _load_and_calibrate(args: argparse.Namespace, config):
+    from .capture import capture
+    from .models import load_model
+    from .transform import calibrate_text
+
+    loaded = load_model(args.model)
+    t0 = time.perf_counter()
+    gm = capture(loaded.model)
+    t1 = time.perf_counter()
+    stats = calibrate_text(gm, loaded.tokenizer, args.data, config, args.seq_len, args.batch_size, args.batches,
+                           _progress("calibrating", args.batches))
+    t2 = time.perf_counter()
+    stats.info["model"] = loaded.source.get("name")
+    timing = {"capture_s": round(t1 - t0, 2), "calibrate_s": round(t2 - t1, 2)}
+    return loaded, gm, stats, timing
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .io import save_stats
+
+    _check_positive(args, "batches", "batch_size", "seq_len")
+    config = _config(args)
+    _check_out(args.out, args.force)
+    _, _, stats, timing = _load_and_calibrate(args, config)
+    save_stats(stats, args.out, force=args.force)
+    summary = stats_summary(stats)
+    if args.json:
+        print(json.dumps({**summary, **timing, "out": args.out}, indent=1))
+    else:
+        print(render_stats_summary(summary))
+        print(f"capture {timing['capture_s']} s, calibration {timing['calibrate_s']} s ({stats.info['batches']} batches); stats written to {args.out}")
+    return 0
+
+
+def stats_summary(stats) -> dict[str, Any]:
+    """Per-layer outliers, per-kind totals and the overlap of the outlier sets of the two halves."""
+    from .outliers import jaccard
+
+    layers, kinds = [], defaultdict(lambda: {"layers": 0, "outliers": 0, "channels": 0, "jaccard": []})
+    for name, layer in stats.layers.items():
+        chosen = stats.outliers(name)
+        halves = [stats.half_outliers(name, h) for h in (0, 1)]
+        # a layer with no outlier in either half says nothing about stability
+        j = jaccard(*halves) if stats.info.get("batches", 0) > 1 and (halves[0].numel() or halves[1].numel()) else None
+        layers.append({"module": name, "in_features": layer.in_features, "outliers": chosen.numel(),
+                       "channels": chosen.tolist(), "max_mean_ratio": round(layer.max_mean_ratio(), 2), "halves_jaccard": j})
+        k = kinds[name.rsplit(".", 1)[-1]]
+        k["layers"] += 1
+        k["outliers"] += chosen.numel()
+        k["channels"] += layer.in_features
+        if j is not None:
+            k["jaccard"].append(j)
+    per_kind = {kind: {"layers": v["layers"], "outliers": v["outliers"], "outlier_ratio": v["outliers"] / max(v["channels"], 1),
+                       "mean_halves_jaccard": (sum(v["jaccard"]) / len(v["jaccard"])) if v["jaccard"] else None}
+                for kind, v in kinds.items()}
+    js = [l["halves_jaccard"] for l in layers if l["halves_jaccard"] is not None]
+    return {"outlier_config": stats.metadata()["outlier_config"], "info": stats.info, "layers": layers, "per_kind": per_kind,
+            "totals": {"layers": len(layers), "outliers": sum(l["outliers"] for l in layers),
+                       "mean_halves_jaccard": sum(js) / len(js) if js else None}}
+
+
+def render_stats_summary(summary: dict[str, Any], all_layers: bool = False) -> str:
+    from tabulate import tabulate
+
+    def f(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else v)
+
+    out = []
+    if all_layers:
+        out.append(tabulate([[l["module"], l["in_features"], l["outliers"], l["max_mean_ratio"], f(l["halves_jaccard"]),
+                              ",".join(map(str, l["channels"][:8])) + (",..." if len(l["channels"]) > 8 else "")]
+                             for l in summary["layers"]],
+                            headers=["module", "in", "outliers", "max/mean", "jaccard(halves)", "channels"]))
+    out.append(tabulate([[k, v["layers"], v["outliers"], f"{100 * v['outlier_ratio']:.2f}%", f(v["mean_halves_jaccard"])]
+                         for k, v in summary["per_kind"].items()],
+                        headers=["layer kind", "layers", "outlier channels", "of inputs", "jaccard(halves)"]))
+    t = summary["totals"]
+    oc = summary["outlier_config"]
+    out.append(f"{t['layers']} layers, {t['outliers']} outlier channels ({oc['strategy']}, threshold {oc['threshold']}, "
+               f"max_ratio {oc['max_ratio']}); outlier sets of the two halves of the batches overlap by "
+               f"Jaccard (layers with outliers) {f(t['mean_halves_jaccard'])} on average")
+    return "\n\n".join(out)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .io import load_stats, read_manifest
+
+    path = Path(args.path)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        return _inspect_artifact(manifest, args)
+    if not path.exists():
+        raise QuaffError(f"{args.path!r} does not exist")
+    summary = stats_summary(load_stats(path))
+    print(json.dumps(summary, indent=1) if args.json else render_stats_summary(summary, all_layers=True))
+    return 0
+
+
+def _inspect_artifact(manifest: dict[str, Any], args: argparse.Namespace) -> int:
+    from .report import PassReport
+
+    if args.json:
+        print(json.dumps({k: manifest[k] for k in ("source", "config", "layers", "reports") if k in manifest}, indent=1))
+        return 0
+    print(f"quaff-fx artifact of {manifest.get('source', {}).get('name')} ({manifest['model_config'].get('model_type')}), "
+          f"{len(manifest['layers'])} QuaffLinear layers")
+    for r in manifest.get("reports", []):
+        print(PassReport(r["pass"], r["rows"], r.get("notes", [])).to_table())
+    return 0
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    from .io import load_stats, save_quantized
+    from .transform import transform
+
+    _check_positive(args, "batches", "batch_size", "seq_len")
+    config = _config(args)
+    _check_out(args.out, args.force)
+    if args.stats:
+        from .capture import capture
+        from .models import load_model
+
+        stats = load_stats(args.stats)
+        loaded = load_model(args.model)
+        gm, timing = capture(loaded.model), {}
+    else:
+        loaded, gm, stats, timing = _load_and_calibrate(args, config)
+    t0 = time.perf_counter()
+    result = transform(loaded.model, stats, config, gm=gm)
+    timing["passes_s"] = round(time.perf_counter() - t0, 2)
+    manifest = {"source": loaded.source, "config": config.to_dict(), "layers": result.layers,
+                "reports": [r.to_dict() for r in result.reports]}
+    if args.out:
+        save_quantized(result.model, args.out, manifest, stats, loaded.tokenizer, force=args.force)
+    if args.json:
+        print(json.dumps({"reports": manifest["reports"], **timing, "out": args.out}, indent=1))
+    else:
+        for r in result.reports:
+            print(r.to_table(max_rows=None if args.all_rows else 12), end="\n\n")
+        print(f"passes {timing['passes_s']} s" + (f"; artifact written to {args.out}" if args.out else "; no --out given, nothing written"))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import read_text, tokenize
+    from .evaluate import perplexity
+
+    _check_positive(args, "batch_size", "seq_len", "max_batches")
+    models = _eval_models(args)
+    tokenizer = models[0][2]
+    if tokenizer is None:
+        raise QuaffError("the artifact has no tokenizer folder; it cannot be evaluated on text")
+    ids = tokenize(tokenizer, read_text(args.text, "heldout"))
+    rows = []
+    for label, model, _ in models:
+        r = perplexity(model, ids, args.seq_len, args.batch_size, args.max_batches, source=f"text {args.text or '(bundled gpl-3.0.txt)'}")
+        rows.append({"model": label, **r})
+    base = rows[0]["perplexity"]
+    for r in rows:
+        r["delta_vs_first"] = r["perplexity"] / base - 1.0
+    if args.json:
+        print(json.dumps({"text": args.text or "gpl-3.0.txt (bundled)", "seq_len": args.seq_len, "results": rows}, indent=1))
+    else:
+        from tabulate import tabulate
+
+        print(tabulate([[r["model"], f"{r['perplexity']:.4f}", f"{100 * r['delta_vs_first']:+.2f}%", r["tokens"]] for r in rows],
+                       headers=["model", "perplexity", "vs " + rows[0]["model"], "tokens"]))
+    return 0
+
+
+def _eval_models(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
+    """(label, model, tokenizer) to evaluate: the one given, or with --compare FP32, naive W8A8 and Quaff."""
+    from .models import load_model
+    from .transform import load_quantized
+
+    target = Path(args.model) if args.model else None
+    if target is not None and target.is_dir() and (target / "quaff.json").exists():
+        loaded, manifest = load_quantized(target)
+        if not args.compare:
+            return [("quaff", loaded.model, loaded.tokenizer)]
+        source = manifest.get("source", {})
+        base_name = source.get("name") if source.get("name") == "smollm2" else str(Path(source["path"]) / source.get("gguf_file", ""))
+        fp = load_model(base_name)
+        return _compare_set(fp, args, quaff_model=loaded.model, tokenizer=loaded.tokenizer or fp.tokenizer)
+    fp = load_model(args.model)
+    if not args.compare:
+        return [("fp32", fp.model, fp.tokenizer)]
+    return _compare_set(fp, args)
+
+
+def _compare_set(fp, args: argparse.Namespace, quaff_model=None, tokenizer=None):
+    import copy
+
+    from .capture import capture
+    from .config import QuaffConfig
+    from .hf import naive_w8a8_
+    from .transform import calibrate_text, transform
+
+    config = _config(args)
+    naive = copy.deepcopy(fp.model)
+    naive_w8a8_(naive, config)
+    if quaff_model is None:
+        quaff_model = copy.deepcopy(fp.model)
+        gm = capture(quaff_model)
+        stats = calibrate_text(gm, fp.tokenizer, args.calib, config, 256, 2, 4, _progress("calibrating", 4))
+        transform(quaff_model, stats, config, gm=gm)
+    return [("fp32", fp.model, tokenizer or fp.tokenizer), ("w8a8 naive", naive, None), ("quaff", quaff_model, None)]
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quaff-fx", description="Quaff outlier-scaled int8 quantization as graph passes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = "'smollm2' (default, the embedded SmolLM2-135M-Instruct), a .gguf file or a Hugging Face model folder"
+
+    p = sub.add_parser("calibrate", help="record per-channel activation statistics of every Linear")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    _add_calibration_options(p, "--data")
+    _add_outlier_options(p)
+    p.add_argument("--out", required=True, help="stats file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("inspect", help="summarise a stats file or a quantized artifact")
+    p.add_argument("path", help="stats file or artifact folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("transform", help="calibrate, annotate outliers, rewrite Linear -> QuaffLinear, save")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    _add_calibration_options(p, "--calib")
+    _add_outlier_options(p)
+    p.add_argument("--stats", help="reuse a stats file from `quaff-fx calibrate` instead of calibrating")
+    p.add_argument("--out", help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--all-rows", action="store_true", help="print every row of the reports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_transform)
+
+    p = sub.add_parser("eval", help="perplexity on held-out text; --compare: FP32 vs naive W8A8 vs Quaff")
+    p.add_argument("model", nargs="?", default=None, help=model_help + ", or an artifact folder")
+    p.add_argument("--text", default=None, help="held-out text (default: the bundled gpl-3.0.txt)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--compare", action="store_true", help="evaluate FP32, naive W8A8 and Quaff in one run")
+    p.add_argument("--calib", default=None, help="with --compare on a model: calibration text (default bundled)")
+    _add_outlier_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        return args.func(args)
+    except QuaffError as exc:
+        print(f"quaff-fx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quaff-fx: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

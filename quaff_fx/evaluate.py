@@ -1,0 +1,37 @@
+"""Perplexity of a causal LM on a text, in non-overlapping windows."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import batches
+
+
+def logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable batch -> logits for a HF causal LM or a captured GraphModule."""
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4, max_batches: int | None = None,
+               source: str = "evaluation text") -> dict[str, float]:
+    """exp(mean next-token NLL) over every window of ``seq_len`` tokens of ``ids``."""
+    fn = logits_fn(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches(ids, seq_len, batch_size, max_batches, source):
+            logits = fn(batch).float()
+            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+            count += batch[:, 1:].numel()
+    finally:
+        if was_training:
+            model.train()
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}

@@ -1,0 +1,62 @@
+"""The rewrite applied to a live model by module swap, driven by the graph's annotations, so that
+``generate()``, PEFT and the Trainer keep working on the Hugging Face model itself."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import QuaffConfig
+from .errors import QuaffError
+from .modules import QuaffLinear
+
+
+def eligible_linears(model: nn.Module, config: QuaffConfig) -> list[str]:
+    """Names of the nn.Linear modules of ``model`` the config would quantize."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and config.eligible(n)]
+
+
+def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], config: QuaffConfig) -> list[str]:
+    """Replace each annotated nn.Linear of ``model`` by its QuaffLinear, in place; returns the names."""
+    from quaff_fx.passes import build_quaff_linear
+
+    swapped = []
+    for name, annotation in annotations.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise QuaffError(f"annotation names layer {name!r}, which the model does not have") from None
+        if isinstance(linear, QuaffLinear):
+            continue
+        if not isinstance(linear, nn.Linear):
+            raise QuaffError(f"layer {name!r} is a {type(linear).__name__}, not an nn.Linear")
+        set_submodule(model, name, build_quaff_linear(linear.weight, linear.bias, annotation, config))
+        swapped.append(name)
+    return swapped
+
+
+def naive_w8a8_(model: nn.Module, config: QuaffConfig | None = None) -> list[str]:
+    """The baseline: the same int8 scheme with no outlier handling, on every eligible Linear."""
+    config = config or QuaffConfig()
+    empty = {"outliers": [], "act_max": []}
+    return quantize_model_(model, {n: empty for n in eligible_linears(model, config)}, config)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Put empty QuaffLinears of the recorded shapes in place, ready for ``load_state_dict``."""
+    for name, spec in layers.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise QuaffError(f"artifact names layer {name!r}, which the model does not have") from None
+        if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (spec["in_features"], spec["out_features"]):
+            raise QuaffError(f"artifact layer {name!r} ({spec['in_features']}x{spec['out_features']}) does not match the model's {linear}")
+        set_submodule(model, name, QuaffLinear(linear.in_features, linear.out_features, len(spec["outliers"]),
+                                               linear.bias is not None, linear.weight.dtype, linear.weight.device,
+                                               spec.get("momentum", 0.9), spec.get("exact_grad", False)))

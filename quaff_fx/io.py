@@ -1,0 +1,188 @@
+"""Artifacts: safetensors for tensors, JSON for metadata, a format version in each, atomic writes.
+
+Stats file: one ``.safetensors`` whose header metadata holds the stats JSON under "quaff".
+Model folder: ``quaff.json`` (format, version, load recipe, HF config, quaff config, layer specs,
+reports), ``model.safetensors`` (the rewritten model's state; tied tensors stored once), ``stats.safetensors``,
+and ``tokenizer/``. Loading never unpickles and checks every tensor against the JSON before use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .calibration import CalibrationStats
+from .errors import QuaffError
+
+MODEL_FORMAT = "quaff-fx/model"
+MODEL_VERSION = 1
+MANIFEST = "quaff.json"
+WEIGHTS = "model.safetensors"
+STATS = "stats.safetensors"
+
+
+# -- atomic writes ----------------------------------------------------------------------------------
+def _check_target(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise QuaffError(f"{str(path)!r} exists; pass --force (force=True) to overwrite it")
+    if not path.parent.exists():
+        raise QuaffError(f"folder {str(path.parent)!r} does not exist")
+
+
+@contextmanager
+def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename, on error
+    it is removed, so an interrupted write leaves no half artifact and the old one intact."""
+    path = Path(path)
+    _check_target(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _atomic_file(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=1, sort_keys=True)
+    _atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise QuaffError(f"{str(path)!r} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuaffError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise QuaffError(f"{str(path)!r} does not hold a JSON object")
+    return data
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; any damage becomes a QuaffError."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise QuaffError(f"{str(path)!r} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError, RuntimeError, Exception) as exc:
+        raise QuaffError(f"{str(path)!r} is not a readable safetensors file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+# -- calibration stats ------------------------------------------------------------------------------
+def save_stats(stats: CalibrationStats, path: str | Path, force: bool = False) -> None:
+    path = Path(path)
+    _check_target(path, force)
+    meta = {"quaff": json.dumps(stats.metadata(), sort_keys=True)}
+    _atomic_file(path, lambda tmp: save_file(stats.to_tensors(), tmp, metadata=meta))
+
+
+def load_stats(path: str | Path) -> CalibrationStats:
+    tensors, meta = read_safetensors(Path(path))
+    try:
+        header = json.loads(meta["quaff"])
+    except (KeyError, json.JSONDecodeError):
+        raise QuaffError(f"{str(path)!r} is a safetensors file but holds no quaff-fx calibration stats") from None
+    if not isinstance(header, dict):
+        raise QuaffError(f"{str(path)!r}: malformed stats header")
+    return CalibrationStats.from_parts(header, tensors, where=str(path))
+
+
+# -- quantized models -------------------------------------------------------------------------------
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors (one storage, several names) are stored once; the other names become aliases."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t.detach().contiguous()
+    return unique, aliases
+
+
+def save_quantized(model: nn.Module, out: str | Path, manifest: dict[str, Any], stats: CalibrationStats | None = None,
+                   tokenizer=None, force: bool = False) -> Path:
+    """Write a quantized HF model as an artifact folder; ``manifest`` holds source, config, layers, reports."""
+    state, aliases = _dedupe(model.state_dict())
+    full = {**manifest, "format": MODEL_FORMAT, "version": MODEL_VERSION, "aliases": aliases,
+            "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in state.items()},
+            "model_config": model.config.to_dict() if hasattr(model, "config") else None}
+    with atomic_dir(out, force) as tmp:
+        save_file(state, str(tmp / WEIGHTS))
+        if stats is not None:
+            save_file(stats.to_tensors(), str(tmp / STATS), metadata={"quaff": json.dumps(stats.metadata(), sort_keys=True)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        write_json(tmp / MANIFEST, full)
+    return Path(out)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QuaffError(f"{str(folder)!r} is not a quaff-fx artifact folder")
+    manifest = read_json(folder / MANIFEST)
+    if manifest.get("format") != MODEL_FORMAT:
+        raise QuaffError(f"{str(folder)!r} is not a quaff-fx model artifact (format {manifest.get('format')!r})")
+    if manifest.get("version") != MODEL_VERSION:
+        raise QuaffError(f"{str(folder)!r} has artifact format version {manifest.get('version')!r}; this quaff-fx reads version {MODEL_VERSION}")
+    for key in ("model_config", "layers", "tensors", "config"):
+        if not isinstance(manifest.get(key), dict):
+            raise QuaffError(f"{str(folder / MANIFEST)!r} lacks its {key!r} section")
+    return manifest
+
+
+def load_state_checked(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The artifact's tensors, each checked against the manifest's shape and dtype; aliases filled in."""
+    state, _ = read_safetensors(folder / WEIGHTS)
+    expected = manifest["tensors"]
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise QuaffError(f"{str(folder / WEIGHTS)!r} does not match {MANIFEST}: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, spec in expected.items():
+        t = state[name]
+        if list(t.shape) != list(spec.get("shape", [])) or str(t.dtype).removeprefix("torch.") != spec.get("dtype"):
+            raise QuaffError(f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, {MANIFEST} says {spec}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QuaffError(f"tensor {name!r} in {str(folder / WEIGHTS)!r} holds NaN or Inf")
+    for alias, source in manifest.get("aliases", {}).items():
+        if source not in state:
+            raise QuaffError(f"alias {alias!r} points at {source!r}, which the artifact does not hold")
+        state[alias] = state[source]
+    return state

@@ -1,0 +1,113 @@
+"""The main workflow: calibrate a captured model, run the passes, swap the result into the live model,
+load an artifact back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .calibration import CalibrationStats, calibrate
+from .capture import META_KEY, capture, module_prefix
+from .config import QuaffConfig
+from .data import batches, count_batches, read_text, tokenize
+from .errors import QuaffError
+from .hf import quaff_skeleton_, set_submodule
+from .io import load_state_checked, read_manifest
+from .models import LoadedModel
+from .modules import QuaffLinear
+from .pipeline import run_passes
+from .report import PassReport
+
+
+@dataclass
+class TransformResult:
+    model: nn.Module  # the live model, its Linears swapped for QuaffLinears
+    graph_module: GraphModule  # the rewritten graph
+    reports: list[PassReport]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # module name -> annotation
+
+
+def default_passes(stats: CalibrationStats, config: QuaffConfig) -> list:
+    from quaff_fx.passes import AnnotateOutliers, RewriteLinear
+
+    return [AnnotateOutliers(stats, config), RewriteLinear(config)]
+
+
+def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, config: QuaffConfig, seq_len: int = 256,
+                   batch_size: int = 2, max_batches: int | None = 4, progress: Callable | None = None) -> CalibrationStats:
+    """Calibrate ``gm`` on token windows of a text file (the bundled calibration text when None)."""
+    ids = tokenize(tokenizer, read_text(text_path, "calibration"))
+    source = f"calibration text {str(text_path) if text_path else '(bundled apache-2.0.txt)'}"
+    n = count_batches(ids, seq_len, batch_size, max_batches)
+    stats = calibrate(gm, batches(ids, seq_len, batch_size, max_batches, source), config.outliers, config.eligible,
+                      n_batches=n, progress=progress)
+    stats.info.update({"seq_len": seq_len, "batch_size": batch_size, "tokens": n * seq_len * batch_size,
+                       "text": Path(text_path).name if text_path else "apache-2.0.txt (bundled)"})
+    return stats
+
+
+def transform(model: nn.Module, stats: CalibrationStats, config: QuaffConfig | None = None,
+              gm: GraphModule | None = None, passes: Sequence | None = None) -> TransformResult:
+    """Capture ``model`` (unless ``gm`` is given), run the passes (default: annotate → rewrite), and
+    put the graph's QuaffLinears into the live model, in place."""
+    config = config or QuaffConfig(outliers=stats.outlier_config)
+    gm = capture(model) if gm is None else gm
+    result = run_passes(gm, default_passes(stats, config) if passes is None else passes)
+    layers = adopt_from_graph_(model, result.graph_module, config)
+    if not layers:
+        raise QuaffError("the model has no eligible Linear layer: nothing was quantized (check --include/--exclude)")
+    return TransformResult(model, result.graph_module, result.reports, layers)
+
+
+def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig) -> dict[str, dict[str, Any]]:
+    """Install the rewritten graph's QuaffLinear modules in ``model`` (one object serves both)."""
+    prefix, layers = module_prefix(gm), {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get(META_KEY, {})
+        if node.op != "call_module" or not meta.get("rewritten"):
+            continue
+        module = gm.get_submodule(node.target)
+        set_submodule(model, node.target[len(prefix):], module)
+        layers[meta["module"]] = layer_spec(module, meta, config)
+    return layers
+
+
+def layer_spec(module: QuaffLinear, annotation: dict[str, Any], config: QuaffConfig) -> dict[str, Any]:
+    return {"in_features": module.in_features, "out_features": module.out_features, "outliers": list(annotation["outliers"]),
+            "max_mean_ratio": annotation.get("max_mean_ratio"), "momentum": config.momentum, "exact_grad": config.exact_grad}
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+    """Load an artifact folder written by ``quaff-fx transform``: the HF model with its QuaffLinears,
+    the tokenizer, and the manifest. Needs no calibration data and no original weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    cfg = dict(manifest["model_config"])
+    try:
+        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise QuaffError(f"{str(folder)!r}: cannot rebuild the model config ({exc})") from None
+    state = load_state_checked(folder, manifest)
+    dtype = dtype or _weights_dtype(state)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    quaff_skeleton_(model, manifest["layers"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise QuaffError(f"{str(folder)!r}: the weights do not fit the model: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
+    return LoadedModel(model, tokenizer, dict(manifest.get("source", {}))), manifest
+
+
+def _weights_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    for t in state.values():
+        if t.is_floating_point() and t.dim() == 2:
+            return t.dtype
+    return torch.float32
