@@ -6,6 +6,7 @@ Plain modules go through ``torch.fx.symbolic_trace``, falling back to export whe
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,13 +27,10 @@ class _HFOutput(nn.Module):
         super().__init__()
         self.model = model
 
+        self.kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, use_cache=False) if _accepts_cache(self.model) else self.model(input_ids=input_ids)
-        return out[0] if isinstance(out, (tuple, list)) else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
-
-
-def _accepts_cache(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_decoder", False) or hasattr(model, "generate") and getattr(model.config, "use_cache", None) is not None)
+        return self.model(input_ids=input_ids, **self.kwargs)[0]
 
 
 def is_hf_model(model: nn.Module) -> bool:

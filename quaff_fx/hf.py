@@ -60,3 +60,11 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
         set_submodule(model, name, QuaffLinear(linear.in_features, linear.out_features, len(spec["outliers"]),
                                                linear.bias is not None, linear.weight.dtype, linear.weight.device,
                                                spec.get("momentum", 0.9), spec.get("exact_grad", False)))
+
+
+def register_peft(peft_config):
+    """Let PEFT put LoRA adapters on QuaffLinear targets (the base stays int8 and frozen); returns the config."""
+    from peft.tuners import lora
+
+    peft_config._register_custom_module({QuaffLinear: lora.Linear})
+    return peft_config

@@ -45,6 +45,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     _check_target(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         yield tmp
         if path.exists():

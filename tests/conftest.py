@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-init models of several architectures, a tiny model folder with its own
+tokenizer (trained here on the bundled text), and the real SmolLM2 for the slow tests."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 256
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+    _plant_outliers(model)
+    return model
+
+
+def _plant_outliers(model: torch.nn.Module) -> None:
+    """Give the residual stream a few heavy channels, as trained LLMs have, so outlier selection has work."""
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[:, 3] *= 60
+        emb[:, 17] *= 40
+
+
+TINY = {
+    "llama": lambda: tiny_llama(),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "bert": lambda: BertModel(BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=512)),
+}
+
+
+def make_tiny(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TINY[arch]().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from quaff_fx.data import read_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([read_text(None, "calibration")], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A local Hugging Face model folder (config, safetensors weights, tokenizer) of a tiny Llama."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (slow tests only); tests take a deepcopy before changing it."""
+    from quaff_fx.models import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture()
+def fresh(request):
+    return lambda m: copy.deepcopy(m)
