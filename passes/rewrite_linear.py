@@ -42,6 +42,8 @@ class RewriteLinear(QuaffPass):
                 continue
             weight, bias = weight_and_bias(gm, site)
             quaff = build_quaff_linear(weight, bias, annotation, self.config)
+            # an exported graph was captured in eval mode (and cannot be switched); an fx graph keeps its mode
+            quaff.train(gm.training and gm.meta.get(META_KEY, {}).get("capture") == "fx")
             path = prefix + site.module_name
             set_submodule(gm, path, quaff)
             node = site.node

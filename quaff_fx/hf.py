@@ -30,7 +30,7 @@ def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], co
             continue
         if not isinstance(linear, nn.Linear):
             raise QuaffError(f"layer {name!r} is a {type(linear).__name__}, not an nn.Linear")
-        set_submodule(model, name, build_quaff_linear(linear.weight, linear.bias, annotation, config))
+        set_submodule(model, name, build_quaff_linear(linear.weight, linear.bias, annotation, config).train(linear.training))
         swapped.append(name)
     return swapped
 
@@ -59,7 +59,7 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
             raise QuaffError(f"artifact layer {name!r} ({spec['in_features']}x{spec['out_features']}) does not match the model's {linear}")
         set_submodule(model, name, QuaffLinear(linear.in_features, linear.out_features, len(spec["outliers"]),
                                                linear.bias is not None, linear.weight.dtype, linear.weight.device,
-                                               spec.get("momentum", 0.9), spec.get("exact_grad", False)))
+                                               spec.get("momentum", 0.9), spec.get("exact_grad", False)).train(linear.training))
 
 
 def register_peft(peft_config):

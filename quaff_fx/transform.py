@@ -71,6 +71,7 @@ def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig) ->
         if node.op != "call_module" or not meta.get("rewritten"):
             continue
         module = gm.get_submodule(node.target)
+        module.train(model.training)  # one object serves both: it follows the live model's mode
         set_submodule(model, node.target[len(prefix):], module)
         layers[meta["module"]] = layer_spec(module, meta, config)
     return layers

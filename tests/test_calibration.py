@@ -1,0 +1,144 @@
+import pytest
+import torch
+from torch import nn
+
+from quaff_fx import CalibrationStats, OutlierConfig, QuaffConfig, QuaffError, calibrate, capture, load_stats, save_stats
+from quaff_fx.outliers import batch_counts, jaccard, select
+
+
+def batches(n=4, b=2, s=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (b, s), generator=g) for _ in range(n)]
+
+
+def inputs_by_hooks(model, data):
+    """What the eager model feeds each Linear: the ground truth for the stats."""
+    seen = {}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            seen.setdefault(name, []).append(x)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for ids in data:
+            model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(xs) for n, xs in seen.items()}
+
+
+def test_stats_record_max_mean_and_tokens_of_every_linear_input(llama):
+    data = batches()
+    stats = calibrate(capture(llama), data, n_batches=4)
+    truth = inputs_by_hooks(llama, data)
+    assert set(stats.layers) == set(truth)
+    for name, x in truth.items():
+        layer = stats.layers[name]
+        assert layer.tokens == x.shape[0] == 4 * 2 * 16
+        assert torch.allclose(layer.max_abs, x.abs().amax(0), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(layer.mean_abs, x.abs().mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_planted_outlier_channels_are_found_and_stable_across_halves(llama):
+    cfg = OutlierConfig("mean_times", threshold=10, max_ratio=0.04)  # cap: 2 of 64
+    stats = calibrate(capture(llama), batches(), cfg, n_batches=4)
+    q = stats.outliers("model.layers.0.self_attn.q_proj")
+    counts = stats.layers["model.layers.0.self_attn.q_proj"].total_counts
+    assert q.tolist() == [3, 17] and set(counts.topk(2).indices.tolist()) == {3, 17}
+    assert stats.layers["model.layers.0.self_attn.q_proj"].counts.sum(1).gt(0).all()  # both halves counted
+    assert jaccard(stats.half_outliers("model.layers.0.self_attn.q_proj", 0), stats.half_outliers("model.layers.0.self_attn.q_proj", 1)) == 1.0
+
+
+def test_layer_filter_skips_lm_head_by_default(llama):
+    stats = calibrate(capture(llama), batches(2), layer_filter=QuaffConfig().eligible)
+    assert "lm_head" not in stats.layers and len(stats.layers) == 14
+
+
+def synthetic(tokens=64, channels=200):
+    torch.manual_seed(0)
+    x = torch.randn(tokens, channels)
+    x[:, 7] *= 500
+    x[: tokens // 2, 50] *= 300
+    x[:3, 90] *= 150
+    return x
+
+
+def test_mean_times_counts_tokens_and_select_keeps_most_frequent_under_the_cap():
+    x = synthetic()
+    cfg = OutlierConfig("mean_times", threshold=100, max_ratio=0.01)  # cap: 2 of 200
+    counts = batch_counts(x, cfg)
+    assert counts[7] > counts[50] > 0 and counts[1] == 0
+    chosen = select(counts, x.abs().amax(0), cfg)
+    assert chosen.tolist() == [7, 50]
+
+
+def test_top_abs_zscore_and_static():
+    x = synthetic()
+    top = OutlierConfig("top_abs", max_ratio=0.015)  # 3 channels
+    assert set(select(batch_counts(x, top), x.abs().amax(0), top).tolist()) == {7, 50, 90}
+    z = OutlierConfig("zscore", threshold=20, max_ratio=0.05)
+    assert 7 in select(batch_counts(x, z), x.abs().amax(0), z).tolist()
+    st = OutlierConfig("static", channels=(4, 9, 1000))
+    assert select(batch_counts(x, st), x.abs().amax(0), st).tolist() == [4, 9]  # 1000 is past this layer's width
+
+
+def test_selection_is_deterministic():
+    x = synthetic()
+    cfg = OutlierConfig("mean_times", threshold=5, max_ratio=0.05)
+    runs = [select(batch_counts(x, cfg), x.abs().amax(0), cfg).tolist() for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"threshold": 0}, "threshold must be > 0"),
+    ({"threshold": -3}, "threshold must be > 0"),
+    ({"strategy": "magic"}, "unknown outlier strategy 'magic'"),
+    ({"max_ratio": 2}, "max_ratio must lie in"),
+    ({"strategy": "static"}, "needs a list of channels"),
+])
+def test_bad_outlier_config(kwargs, message):
+    with pytest.raises(QuaffError, match=message):
+        OutlierConfig(**kwargs)
+
+
+def test_stats_roundtrip_and_version_check(llama, tmp_path):
+    stats = calibrate(capture(llama), batches(2), OutlierConfig(threshold=10), n_batches=2)
+    path = tmp_path / "stats.safetensors"
+    save_stats(stats, path)
+    back = load_stats(path)
+    assert back.outlier_config == stats.outlier_config and back.info == stats.info
+    for name, layer in stats.layers.items():
+        assert torch.equal(back.layers[name].counts, layer.counts) and torch.equal(back.layers[name].max_abs, layer.max_abs)
+        assert torch.equal(back.outliers(name), stats.outliers(name))
+    with pytest.raises(QuaffError, match="exists; pass --force"):
+        save_stats(stats, path)
+    meta = stats.metadata()
+    meta["version"] = 99
+    with pytest.raises(QuaffError, match="version 99"):
+        CalibrationStats.from_parts(meta, stats.to_tensors())
+
+
+def test_stats_for_another_model_are_refused(llama):
+    from conftest import tiny_llama
+    from quaff_fx.passes import AnnotateOutliers
+
+    stats = calibrate(capture(llama), batches(1))
+    wider = capture(tiny_llama(hidden_size=96))
+    with pytest.raises(QuaffError, match="have 64 channels, the layer has 96 inputs"):
+        AnnotateOutliers(stats)(wider)
+
+
+def test_other_strategy_needs_new_calibration(llama):
+    stats = calibrate(capture(llama), batches(1))
+    with pytest.raises(QuaffError, match="needs a new calibration"):
+        stats.outliers("model.layers.0.mlp.up_proj", OutlierConfig("zscore", threshold=3))
+
+
+def test_nan_activations_are_reported_with_the_layer(llama):
+    with torch.no_grad():
+        llama.model.layers[0].input_layernorm.weight[0] = float("nan")
+    with pytest.raises(QuaffError, match="model.layers.0.self_attn.q_proj.*NaN"):
+        calibrate(capture(llama), batches(1))
