@@ -171,7 +171,7 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
     cfg = cfg or OutlierConfig()
     sites = [s for s in find_linears(gm) if layer_filter is None or layer_filter(s.module_name)]
     if not sites:
-        raise QuaffError("the model has no Linear layer to calibrate")
+        raise QuaffError("the model has no eligible Linear layer to calibrate (check --include/--exclude)")
     stats = {s.module_name: LayerStats.empty(s.in_features, s.out_features) for s in sites}
     observer = _Observer(gm, {s.node: s.module_name for s in sites}, stats, cfg)
     seen = 0

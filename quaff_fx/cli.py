@@ -67,9 +67,11 @@ def _check_out(path: str | None, force: bool) -> None:
 
 def _load_and_calibrate(args: argparse.Namespace, config):
     from .capture import capture
+    from .data import read_text
     from .models import load_model
     from .transform import calibrate_text
 
+    read_text(args.data, "calibration")  # a bad text file fails now, not after the model has loaded
     loaded = load_model(args.model)
     t0 = time.perf_counter()
     gm = capture(loaded.model)
@@ -214,11 +216,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
 
     _check_positive(args, "batch_size", "seq_len", "max_batches")
+    text = read_text(args.text, "heldout")
     models = _eval_models(args)
     tokenizer = models[0][2]
     if tokenizer is None:
         raise QuaffError("the artifact has no tokenizer folder; it cannot be evaluated on text")
-    ids = tokenize(tokenizer, read_text(args.text, "heldout"))
+    ids = tokenize(tokenizer, text)
     rows = []
     for label, model, _ in models:
         r = perplexity(model, ids, args.seq_len, args.batch_size, args.max_batches, source=f"text {args.text or '(bundled gpl-3.0.txt)'}")
@@ -326,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         return args.func(args)
     except QuaffError as exc:
         print(f"quaff-fx: error: {exc}", file=sys.stderr)

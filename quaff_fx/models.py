@@ -47,7 +47,7 @@ def resolve_source(name: str | None) -> dict:
             raise QuaffError(f"model file {name!r} is not a .gguf file; pass a .gguf file or a Hugging Face model folder")
         return {"kind": "gguf", "path": str(path.parent.resolve()), "gguf_file": path.name, "name": path.stem}
     if not (path / "config.json").is_file():
-        raise QuaffError(f"folder {name!r} is not a Hugging Face model: it has no config.json")
+        raise QuaffError(f"folder {name!r} is not a Hugging Face model (it has no config.json) nor a quaff-fx artifact (no quaff.json)")
     return {"kind": "hf", "path": str(path.resolve()), "name": path.name}
 
 
