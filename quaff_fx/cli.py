@@ -20,9 +20,10 @@ def _progress(desc: str, total: int | None):
 
 def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outlier selection")
-    g.add_argument("--strategy", default="mean_times", help="mean_times | top_abs | zscore | static (default mean_times)")
-    g.add_argument("--threshold", type=float, default=100.0, help="mean_times: multiple of mean|x|; zscore: z bound (default 100)")
-    g.add_argument("--max-ratio", type=float, default=0.01, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
+    g.add_argument("--preset", default="default", help="default (top_abs, 1%%) | paper (mean_times, threshold 100, 1%%)")
+    g.add_argument("--strategy", default=None, help="top_abs | mean_times | zscore | static (overrides the preset)")
+    g.add_argument("--threshold", type=float, default=None, help="mean_times: multiple of mean|x|; zscore: z bound (default 100)")
+    g.add_argument("--max-ratio", type=float, default=None, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
     g.add_argument("--channels", default="", help="static strategy: comma-separated channel list")
     g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
     g.add_argument("--exclude", action="append", help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
@@ -43,7 +44,9 @@ def _config(args: argparse.Namespace):
         channels = tuple(int(c) for c in args.channels.split(",") if c.strip()) if args.channels else ()
     except ValueError:
         raise QuaffError(f"--channels must be a comma-separated list of integers, got {args.channels!r}") from None
-    outliers = OutlierConfig(args.strategy, args.threshold, args.max_ratio, channels)
+    base = OutlierConfig.preset(args.preset)
+    outliers = OutlierConfig(args.strategy or base.strategy, base.threshold if args.threshold is None else args.threshold,
+                             base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
     return QuaffConfig(outliers=outliers, include=tuple(args.include or ("*",)), exclude=tuple(args.exclude or DEFAULT_EXCLUDE))
 
 

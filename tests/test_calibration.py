@@ -142,3 +142,10 @@ def test_nan_activations_are_reported_with_the_layer(llama):
         llama.model.layers[0].input_layernorm.weight[0] = float("nan")
     with pytest.raises(QuaffError, match="model.layers.0.self_attn.q_proj.*NaN"):
         calibrate(capture(llama), batches(1))
+
+
+def test_presets():
+    assert OutlierConfig.preset("paper") == OutlierConfig("mean_times", 100.0, 0.01)
+    assert OutlierConfig.preset("default") == OutlierConfig() == OutlierConfig("top_abs", 100.0, 0.01)
+    with pytest.raises(QuaffError, match="unknown preset 'best'"):
+        OutlierConfig.preset("best")

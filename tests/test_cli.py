@@ -8,7 +8,7 @@ import torch
 from quaff_fx.cli import main
 from quaff_fx.transform import load_quantized
 
-FAST = ["--batches", "2", "--batch-size", "2", "--seq-len", "64", "--threshold", "10", "--max-ratio", "0.05"]
+FAST = ["--batches", "2", "--batch-size", "2", "--seq-len", "64", "--strategy", "mean_times", "--threshold", "10", "--max-ratio", "0.05"]
 
 
 def run(capsys, *argv):
@@ -70,7 +70,7 @@ def test_eval_and_compare(artifact, tiny_model_dir, capsys):
     code, out, _ = run(capsys, "eval", artifact, "--seq-len", "64", "--json")
     res = json.loads(out)["results"]
     assert code == 0 and res[0]["model"] == "quaff" and res[0]["perplexity"] > 1
-    code, out, _ = run(capsys, "eval", tiny_model_dir, "--compare", "--seq-len", "64", "--json", "--threshold", "10", "--max-ratio", "0.05")
+    code, out, _ = run(capsys, "eval", tiny_model_dir, "--compare", "--seq-len", "64", "--json", "--strategy", "mean_times", "--threshold", "10", "--max-ratio", "0.05")
     labels = [r["model"] for r in json.loads(out)["results"]]
     assert code == 0 and labels == ["fp32", "w8a8 naive", "quaff"]
 

@@ -1,0 +1,41 @@
+"""The real SmolLM2-135M-Instruct (slow: a model load and a few hundred MB of compute, ~1-2 min)."""
+import copy
+
+import pytest
+import torch
+
+from quaff_fx import QuaffConfig, capture, calibrate_text, transform
+from quaff_fx.data import read_text, tokenize
+from quaff_fx.evaluate import perplexity
+from quaff_fx.hf import naive_w8a8_
+
+pytestmark = pytest.mark.slow
+
+
+def test_capture_matches_eager(smollm2):
+    gm = capture(smollm2.model)
+    sites = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert len(sites) == 211  # 30 layers x 7 + lm_head
+    for batch, seq in [(1, 5), (2, 64)]:
+        ids = torch.randint(0, 49152, (batch, seq))
+        with torch.no_grad():
+            diff = (gm(ids) - smollm2.model(input_ids=ids, use_cache=False).logits).abs().max().item()
+        assert diff <= 1e-4, (batch, seq, diff)
+
+
+def test_quaff_keeps_perplexity_and_beats_naive_w8a8(smollm2):
+    config = QuaffConfig()
+    ids = tokenize(smollm2.tokenizer, read_text(None, "heldout"))
+    fp = perplexity(smollm2.model, ids, 256, 4)["perplexity"]
+    naive = copy.deepcopy(smollm2.model)
+    naive_w8a8_(naive, config)
+    naive_ppl = perplexity(naive, ids, 256, 4)["perplexity"]
+    del naive
+    quaff = copy.deepcopy(smollm2.model)
+    gm = capture(quaff)
+    stats = calibrate_text(gm, smollm2.tokenizer, None, config)
+    result = transform(quaff, stats, config, gm=gm)
+    assert len(result.layers) == 210
+    quaff_ppl = perplexity(quaff, ids, 256, 4)["perplexity"]
+    assert quaff_ppl < naive_ppl
+    assert quaff_ppl / fp - 1 <= 0.025, (fp, naive_ppl, quaff_ppl)
