@@ -1,0 +1,65 @@
+"""Perplexity of FP32, naive W8A8 and Quaff presets on several held-out texts, in one run.
+
+    python tools/accuracy.py [--model smollm2] [--texts A B ...] [--seq-len 256] [--json]
+
+Calibration is always on the bundled Apache-2.0 text; the default held-out texts are the bundled
+GPL-3 and, where present, Debian's GFDL-1.3 and MPL-2.0 licence texts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from tabulate import tabulate
+
+from quaff_fx import OutlierConfig, QuaffConfig, calibrate_text, capture, transform
+from quaff_fx.data import bundled_text_path, read_text, tokenize
+from quaff_fx.evaluate import perplexity
+from quaff_fx.hf import naive_w8a8_
+from quaff_fx.models import load_model
+
+DEBIAN = Path("/usr/share/common-licenses")
+
+
+def default_texts() -> list[Path]:
+    return [bundled_text_path("heldout")] + [p for p in (DEBIAN / "GFDL-1.3", DEBIAN / "MPL-2.0") if p.is_file()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--texts", nargs="*", type=Path, default=None)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    fp = load_model(args.model)
+    texts = {p.name: tokenize(fp.tokenizer, read_text(p)) for p in (args.texts or default_texts())}
+
+    def evaluate(model) -> dict[str, float]:
+        return {name: perplexity(model, ids, args.seq_len, 4)["perplexity"] for name, ids in texts.items()}
+
+    rows = {"fp32": evaluate(fp.model)}
+    naive = copy.deepcopy(fp.model)
+    naive_w8a8_(naive)
+    rows["w8a8 naive"] = evaluate(naive)
+    del naive
+    for preset in ("paper", "default"):
+        config = QuaffConfig(outliers=OutlierConfig.preset(preset))
+        model = copy.deepcopy(fp.model)
+        gm = capture(model)
+        stats = calibrate_text(gm, fp.tokenizer, None, config)
+        result = transform(model, stats, config, gm=gm)
+        channels = sum(len(l["outliers"]) for l in result.layers.values())
+        rows[f"quaff {preset} ({channels} ch)"] = evaluate(model)
+    base = rows["fp32"]
+    if args.json:
+        print(json.dumps({"seq_len": args.seq_len, "perplexity": rows}, indent=1))
+        return
+    table = [[label] + [f"{v[t]:.3f} ({100 * (v[t] / base[t] - 1):+.2f}%)" for t in texts] for label, v in rows.items()]
+    print(tabulate(table, headers=["model"] + list(texts)))
+
+
+if __name__ == "__main__":
+    main()
