@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.quaff)
-from .kernels.reference import outlier_scale, quantize_weight
+from .kernels.reference import correction_weight, outlier_scale, quantize_weight
 
 
 class QuaffLinear(nn.Module):
@@ -17,13 +17,14 @@ class QuaffLinear(nn.Module):
     act_scale [k] (S_o, fp32). In training the scales follow
         S_o <- momentum * S_o + (1 - momentum) * max(sqrt(max|X_o| / max|W_o|), 1)
     computed on each batch; in eval they are frozen. The base is frozen; adapters train on top.
+    ``prescaled``: the input already arrives divided by S (a norm before the layer absorbed 1/S; eval only).
     """
 
     def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device=None, momentum: float = 0.9, exact_grad: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.momentum, self.exact_grad = momentum, exact_grad
+        self.momentum, self.exact_grad, self.prescaled = momentum, exact_grad, False
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("outlier_idx", torch.zeros(n_outliers, dtype=torch.long, device=device))
@@ -65,8 +66,9 @@ class QuaffLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.outlier_idx.numel():
             self._update_scales(x)
-        return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.w_outlier,
-                                      self.act_scale, self.bias, self.exact_grad)
+        act_div = torch.ones_like(self.act_scale) if self.prescaled else self.act_scale
+        return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, act_div,
+                                      correction_weight(self.w_outlier, self.act_scale), self.bias, self.exact_grad)
 
     @torch.no_grad()
     def _update_scales(self, x: torch.Tensor) -> None:
@@ -76,4 +78,5 @@ class QuaffLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.outlier_idx.numel()}, "
+                + ("prescaled, " if self.prescaled else "") +
                 f"bias={self.bias is not None}, weight=int8[{self.w_scale.numel()} scales], w_outlier={self.w_outlier.dtype}")

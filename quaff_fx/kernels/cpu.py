@@ -16,12 +16,12 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.double() @ b.double()).to(torch.int32)
 
 
-def quaff_linear(x, w_int8, w_scale, outlier_idx, w_outlier, act_scale, bias=None) -> torch.Tensor:
-    x_hat, x_hat_o = scale_activations(x, outlier_idx, act_scale)
+def quaff_linear(x, w_int8, w_scale, outlier_idx, act_div, w_corr, bias=None) -> torch.Tensor:
+    x_hat, x_hat_o = scale_activations(x, outlier_idx, act_div)
     q, sx = quantize_rows(x_hat)
     out = _int_mm(q, w_int8.t()).float().mul_(sx[:, None]).mul_(w_scale[None, :].float())
     if outlier_idx.numel():
-        out.addmm_(x_hat_o, (w_outlier.float() * (act_scale.float() - 1.0)).t())
+        out.addmm_(x_hat_o, w_corr.float().t())
     if bias is not None:
         out.add_(bias.float())
     return out

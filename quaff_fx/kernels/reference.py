@@ -1,8 +1,9 @@
 """The oracle: Quaff's arithmetic in plain PyTorch, integer products taken exactly in float64.
 
 Fast kernels are tested against these functions. Shapes: x [M, K], w_int8 [N, K] (row-major, one row
-per output channel), w_scale [N], outlier_idx [k], w_outlier [N, k] (the FP weight columns of the
-outlier input channels; the paper's W_o rows in its [in, out] layout), act_scale [k] (S_o).
+per output channel), w_scale [N], outlier_idx [k], act_div [k] (what the outlier channels are divided
+by: S_o, or 1 where a norm already did it), w_corr [N, k] = (S_o − 1) · W_o (W_o: the FP weight columns of
+the outlier input channels; the paper's W_o rows in its [in, out] layout).
 """
 from __future__ import annotations
 
@@ -38,23 +39,28 @@ def outlier_scale(x_absmax: torch.Tensor, w_outlier: torch.Tensor) -> torch.Tens
     return torch.sqrt(x_absmax.float() / w_absmax).clamp_min(1.0)
 
 
-def scale_activations(x: torch.Tensor, outlier_idx: torch.Tensor, act_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_activations(x: torch.Tensor, outlier_idx: torch.Tensor, act_div: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """X̂ = X / S (S = 1 outside the outliers) as fp32 [M, K], and its outlier columns X̂_o [M, k]."""
     x = x.float()
     if outlier_idx.numel() == 0:
         return x, x.new_zeros(x.shape[0], 0)
-    x_hat_o = x.index_select(1, outlier_idx) / act_scale.float()
+    x_hat_o = x.index_select(1, outlier_idx) / act_div.float()
     return x.index_copy(1, outlier_idx, x_hat_o), x_hat_o
 
 
-def quaff_linear(x, w_int8, w_scale, outlier_idx, w_outlier, act_scale, bias=None) -> torch.Tensor:
-    """Y = deq(Q(X̂) W_intᵀ) + X̂_o ((S_o − 1) W_o)ᵀ + b, in fp32, for 2-D x."""
-    x_hat, x_hat_o = scale_activations(x, outlier_idx, act_scale)
+def correction_weight(w_outlier: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+    """(S_o − 1) · W_o, [N, k]: what the outlier columns of X̂ are multiplied by to restore X W."""
+    return w_outlier * (act_scale.to(w_outlier.dtype) - 1.0)
+
+
+def quaff_linear(x, w_int8, w_scale, outlier_idx, act_div, w_corr, bias=None) -> torch.Tensor:
+    """Y = deq(Q(X̂) W_intᵀ) + X̂_o w_corrᵀ + b, in fp32, for 2-D x."""
+    x_hat, x_hat_o = scale_activations(x, outlier_idx, act_div)
     q, sx = quantize_rows(x_hat)
     acc = q.double() @ w_int8.double().t()
     out = (acc * sx.double()[:, None] * w_scale.double()[None, :]).float()
     if outlier_idx.numel():
-        out = out + x_hat_o @ (w_outlier.float() * (act_scale.float() - 1.0)).t()
+        out = out + x_hat_o @ w_corr.float().t()
     return out if bias is None else out + bias.float()
 
 
