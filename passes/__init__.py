@@ -4,3 +4,6 @@ from .annotate_outliers import AnnotateOutliers, annotations
 from .rewrite_linear import RewriteLinear, build_quaff_linear
 
 __all__ = ["AnnotateOutliers", "RewriteLinear", "annotations", "build_quaff_linear"]
+from .fuse_scales import FuseScales, fuse_modules  # noqa: E402
+
+__all__ += ["FuseScales", "fuse_modules"]

@@ -7,11 +7,14 @@ from .io import load_stats, save_quantized, save_stats
 from .modules import QuaffLinear
 from .pipeline import QuaffPass, QuaffPassResult, run_passes
 from .report import PassReport
-from .transform import TransformResult, calibrate_text, load_quantized, transform
+from .transform import TransformResult, calibrate_text, default_passes, load_quantized, transform
 
 __all__ = [
     "CalibrationStats", "OutlierConfig", "PassReport", "QuaffConfig", "QuaffError", "QuaffLinear", "QuaffPass",
-    "QuaffPassResult", "TransformResult", "calibrate", "calibrate_text", "capture", "find_linears", "load_quantized",
+    "QuaffPassResult", "TransformResult", "calibrate", "calibrate_text", "capture", "default_passes", "find_linears", "load_quantized",
     "load_stats", "run_passes", "save_quantized", "save_stats", "transform",
 ]
 __version__ = "0.1.0"
+from .backend import make_backend  # noqa: E402  (registers the torch.compile backend "quaff")
+
+__all__ += ["make_backend"]

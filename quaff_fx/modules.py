@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.quaff)
-from .kernels.reference import correction_weight, outlier_scale, quantize_weight
+from .kernels.reference import outlier_scale, quantize_weight
 
 
 class QuaffLinear(nn.Module):
@@ -58,6 +58,18 @@ class QuaffLinear(nn.Module):
             mod.bias.data.copy_(bias.detach())
         return mod
 
+    @classmethod
+    def from_parts(cls, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
+                   exact_grad=False, momentum: float = 0.9) -> "QuaffLinear":
+        """A QuaffLinear around existing tensors (shared, not copied): the arguments of a quaff::linear call."""
+        mod = cls(0, 0, 0, bias=False)
+        mod.in_features, mod.out_features = int(w_int8.shape[1]), int(w_int8.shape[0])
+        for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("outlier_idx", outlier_idx), ("act_scale", act_scale), ("w_outlier", w_outlier)):
+            setattr(mod, name, t)
+        mod.bias = None if bias is None else (bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False))
+        mod.prescaled, mod.exact_grad, mod.momentum = prescaled, exact_grad, momentum
+        return mod.eval()
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (computed; the FP weight is not stored)."""
@@ -66,9 +78,8 @@ class QuaffLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.outlier_idx.numel():
             self._update_scales(x)
-        act_div = torch.ones_like(self.act_scale) if self.prescaled else self.act_scale
-        return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, act_div,
-                                      correction_weight(self.w_outlier, self.act_scale), self.bias, self.exact_grad)
+        return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.act_scale, self.w_outlier,
+                                      self.bias, self.prescaled, self.exact_grad)
 
     @torch.no_grad()
     def _update_scales(self, x: torch.Tensor) -> None:

@@ -1,9 +1,10 @@
 """The ``quaff`` custom ops. Registered through ``torch.library`` with fake kernels and an explicit
 autograd formula, so ``torch.export`` and ``torch.compile`` see one op per layer and no graph break.
 
-quaff::linear(x, w_int8, w_scale, outlier_idx, act_div, w_corr, bias, exact_grad) -> y
-    y = deq(Q_token(X̂) · W_intᵀ) + X̂_o · w_corrᵀ + b,   X̂ = X / S on the outlier channels (act_div),
-    w_corr = (S_o − 1) · W_o. act_div is S_o, or ones where a norm before the layer already divided.
+quaff::linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, exact_grad) -> y
+    y = deq(Q_token(X̂) · W_intᵀ) + X̂_o · ((S_o − 1) · W_o)ᵀ + b,   X̂ = X / S on the outlier channels
+    (``prescaled``: x arrives as X̂ already, a norm before the layer having absorbed 1/S).
+    Every tensor argument is a module buffer, so graph passes can treat them as constants.
 quaff::linear_grad_input(grad, w_int8, w_scale, exact) -> grad_x
     grad_x = grad · W, W the dequantized int8 weight (int8 GEMM on a per-row quantized gradient unless exact)
 quaff::quantize_rows(x) -> (int8, scale)
@@ -37,14 +38,16 @@ def _(x):
 
 
 @torch.library.custom_op("quaff::linear", mutates_args=())
-def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_div: Tensor, w_corr: Tensor,
-           bias: Optional[Tensor] = None, exact_grad: bool = False) -> Tensor:
+def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_scale: Tensor, w_outlier: Tensor,
+           bias: Optional[Tensor] = None, prescaled: bool = False, exact_grad: bool = False) -> Tensor:
+    act_div = torch.ones_like(act_scale) if prescaled else act_scale
+    w_corr = reference.correction_weight(w_outlier, act_scale)
     out = cpu.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_div, w_corr, bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
 
 
 @linear.register_fake
-def _(x, w_int8, w_scale, outlier_idx, act_div, w_corr, bias=None, exact_grad=False):
+def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False):
     torch._check(x.shape[-1] == w_int8.shape[1], lambda: f"quaff::linear: x has {x.shape[-1]} features, the weight {w_int8.shape[1]}")
     return x.new_empty(*x.shape[:-1], w_int8.shape[0])
 
@@ -61,7 +64,7 @@ def _(grad, w_int8, w_scale, exact=False):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_int8, w_scale, _idx, _div, _corr, bias, exact_grad = inputs
+    x, w_int8, w_scale, _idx, _scale, _w_o, bias, _prescaled, exact_grad = inputs
     ctx.save_for_backward(w_int8, w_scale)
     ctx.exact_grad = exact_grad
     ctx.has_bias = bias is not None
@@ -71,7 +74,7 @@ def _backward(ctx, grad):
     w_int8, w_scale = ctx.saved_tensors
     grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad) if ctx.needs_input_grad[0] else None
     grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
-    return grad_x, None, None, None, None, None, grad_b, None
+    return grad_x, None, None, None, None, None, grad_b, None, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)

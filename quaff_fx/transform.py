@@ -15,7 +15,7 @@ from .capture import META_KEY, capture, module_prefix
 from .config import QuaffConfig
 from .data import batches, count_batches, read_text, tokenize
 from .errors import QuaffError
-from .hf import quaff_skeleton_, set_submodule
+from .hf import quantize_model_, quaff_skeleton_, set_submodule
 from .io import load_state_checked, read_manifest
 from .models import LoadedModel
 from .modules import QuaffLinear
@@ -31,10 +31,12 @@ class TransformResult:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # module name -> annotation
 
 
-def default_passes(stats: CalibrationStats, config: QuaffConfig) -> list:
-    from quaff_fx.passes import AnnotateOutliers, RewriteLinear
+def default_passes(stats: CalibrationStats, config: QuaffConfig, fuse: bool = False, fold_norms: bool = False) -> list:
+    """annotate → rewrite (→ fuse, for graphs run for inference or handed to a compiler)."""
+    from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear
 
-    return [AnnotateOutliers(stats, config), RewriteLinear(config)]
+    passes = [AnnotateOutliers(stats, config), RewriteLinear(config)]
+    return passes + [FuseScales(fold_norms=fold_norms)] if fuse or fold_norms else passes
 
 
 def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, config: QuaffConfig, seq_len: int = 256,
@@ -64,10 +66,16 @@ def transform(model: nn.Module, stats: CalibrationStats, config: QuaffConfig | N
 
 
 def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig) -> dict[str, dict[str, Any]]:
-    """Install the rewritten graph's QuaffLinear modules in ``model`` (one object serves both)."""
+    """Install the rewritten graph's QuaffLinear modules in ``model`` (one object serves both). Layers the
+    graph fused are built for the live model from their annotations (the live model keeps them apart)."""
     prefix, layers = module_prefix(gm), {}
     for node in gm.graph.nodes:
         meta = node.meta.get(META_KEY, {})
+        if meta.get("fused") and meta.get("member_annotations"):
+            members = {a["module"]: a for a in meta["member_annotations"] if a}
+            quantize_model_(model, members, config)
+            layers.update({n: layer_spec(model.get_submodule(n), a, config) for n, a in members.items()})
+            continue
         if node.op != "call_module" or not meta.get("rewritten"):
             continue
         module = gm.get_submodule(node.target)

@@ -17,7 +17,7 @@ def layer_and_input(k=96, n=40, dtype=torch.float32, outliers=(5, 11, 60), seed=
 
 
 def op_args(q, x):
-    return (x, q.w_int8, q.w_scale, q.outlier_idx, q.act_scale, reference.correction_weight(q.w_outlier, q.act_scale), q.bias, q.exact_grad)
+    return (x, q.w_int8, q.w_scale, q.outlier_idx, q.act_scale, q.w_outlier, q.bias, q.prescaled, q.exact_grad)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -25,7 +25,8 @@ def test_op_matches_reference(dtype, tol):
     lin, x, q = layer_and_input(dtype=dtype)
     y = q(x)
     assert y.dtype == dtype and y.shape == (3, 7, 40)
-    ref = reference.quaff_linear(x.reshape(-1, 96), *op_args(q, x)[1:7])
+    ref = reference.quaff_linear(x.reshape(-1, 96), q.w_int8, q.w_scale, q.outlier_idx, q.act_scale,
+                                 reference.correction_weight(q.w_outlier, q.act_scale), q.bias)
     assert torch.allclose(y.reshape(-1, 40).float(), ref, atol=tol, rtol=tol)
 
 

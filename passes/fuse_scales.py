@@ -1,0 +1,223 @@
+"""Scale fusion: Quaff layers that read one input share one outlier set, one scale vector and one
+quantized activation; optionally a norm before them absorbs 1/S (inference only).
+
+Siblings are concatenated into one QuaffLinear (one int8 GEMM over N_q + N_k + N_v outputs) followed by a
+split. That was chosen over "quantize once, GEMM three times" because it also turns three small GEMMs into
+one larger one (better use of the int8 units) and needs no new op: the activation is scaled, quantized and
+its outlier columns gathered once instead of once per member. The outlier set is the union of the members';
+where a channel was an outlier for only some members, the others' correction columns come from their
+dequantized int8 weight, so each member computes at least as precisely as before. A channel's scale is the
+largest of its members' scales (any S >= 1 keeps the correction exact; a larger one shrinks the outlier more).
+
+Works on exported graphs (``call_module`` QuaffLinear nodes) and on the graphs torch.compile hands its
+backends (``quaff::linear`` calls whose tensors are placeholders with known constant values).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from quaff_fx.capture import META_KEY, module_prefix
+from quaff_fx.modules import QuaffLinear
+from quaff_fx.pipeline import QuaffPass, QuaffPassResult
+from quaff_fx.report import PassReport
+
+QUAFF_OPS = (torch.ops.quaff.linear.default, torch.ops.quaff.linear)  # torch.compile's graphs hold the packet
+
+
+@dataclass
+class QuaffSite:
+    node: Node
+    module: QuaffLinear  # the node's module, or a view over the op's constant arguments
+    name: str
+
+
+def quaff_sites(gm: GraphModule, constants: dict[Node, torch.Tensor] | None = None) -> list[QuaffSite]:
+    """Every Quaff layer of the graph whose tensors are known."""
+    prefix, sites = module_prefix(gm), []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), QuaffLinear):
+            sites.append(QuaffSite(node, mod, node.meta.get(META_KEY, {}).get("module", node.target[len(prefix):])))
+        elif node.op == "call_function" and node.target in QUAFF_OPS:
+            tensors = [_constant(gm, a, constants or {}) for a in node.args[1:7]]
+            if all(t is not None for t in tensors[:5]) and (node.args[6] is None or tensors[5] is not None):
+                flags = list(node.args[7:9]) + [False] * (2 - len(node.args[7:9]))
+                sites.append(QuaffSite(node, QuaffLinear.from_parts(*tensors[:5], tensors[5], *flags), node.name))
+    return sites
+
+
+def _constant(gm: GraphModule, arg: Any, constants: dict[Node, torch.Tensor]) -> torch.Tensor | None:
+    if not isinstance(arg, Node):
+        return None
+    if arg.op == "get_attr":
+        obj: Any = gm
+        for part in arg.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    if arg.op == "placeholder" and arg in constants and not _mutated(arg):
+        return constants[arg]
+    return None
+
+
+def _mutated(node: Node) -> bool:
+    """Whether the graph writes into ``node`` (a scale updated by momentum is no constant)."""
+    for user in node.users:
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if user.args and user.args[0] is node and name.endswith("_") and not name.startswith("_"):
+            return True
+    return False
+
+
+def fuse_modules(members: list[QuaffLinear]) -> QuaffLinear:
+    """One QuaffLinear computing all ``members`` (same input) side by side, with the union outlier set."""
+    first = members[0]
+    scale: dict[int, float] = {}
+    for m in members:
+        for c, s in zip(m.outlier_idx.tolist(), m.act_scale.tolist()):
+            scale[c] = max(scale.get(c, 1.0), s)
+    union = torch.tensor(sorted(scale), dtype=torch.long)
+    has_bias = any(m.bias is not None for m in members)
+    fused = QuaffLinear(first.in_features, sum(m.out_features for m in members), union.numel(), has_bias,
+                        first.w_outlier.dtype, first.w_int8.device, first.momentum, first.exact_grad)
+    with torch.no_grad():
+        fused.w_int8.copy_(torch.cat([m.w_int8 for m in members]))
+        fused.w_scale.copy_(torch.cat([m.w_scale for m in members]))
+        fused.outlier_idx.copy_(union)
+        fused.w_outlier.copy_(torch.cat([_columns(m, union) for m in members]))
+        fused.act_scale.copy_(torch.tensor([scale[c] for c in union.tolist()], dtype=torch.float32))
+        if has_bias:
+            fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=fused.bias.dtype)
+                                        for m in members]))
+    return fused.train(first.training)
+
+
+def _columns(module: QuaffLinear, channels: torch.Tensor) -> torch.Tensor:
+    """Weight columns [N, len(channels)]: the FP copy where the module kept one, else the dequantized int8."""
+    cols = (module.w_int8.index_select(1, channels).float() * module.w_scale[:, None]).to(module.w_outlier.dtype)
+    own = {c: i for i, c in enumerate(module.outlier_idx.tolist())}
+    for j, c in enumerate(channels.tolist()):
+        if c in own:
+            cols[:, j] = module.w_outlier[:, own[c]]
+    return cols
+
+
+class FuseScales(QuaffPass):
+    """Fuse sibling Quaff layers; with ``fold_norms`` (inference with frozen scales) fold 1/S into an
+    RMSNorm weight (``mul(weight, x)``) or a LayerNorm's weight and bias that feeds only one Quaff layer.
+    ``constants`` maps placeholders to their tensors (what a torch.compile backend is given)."""
+
+    name = "fuse_scales"
+
+    def __init__(self, fold_norms: bool = False, constants: dict[Node, torch.Tensor] | None = None):
+        self.fold_norms, self.constants = fold_norms, constants
+
+    def call(self, gm: GraphModule) -> QuaffPassResult:
+        report = PassReport(self.name)
+        groups: dict[Node, list[QuaffSite]] = {}
+        for site in quaff_sites(gm, self.constants):
+            groups.setdefault(site.node.args[0], []).append(site)
+        for x, members in groups.items():
+            if len(members) > 1 and _compatible(members):
+                self._fuse(gm, x, members, report)
+        if self.fold_norms:
+            for site in quaff_sites(gm, self.constants):
+                self._fold(gm, site, report)
+        modified = bool(report.rows)
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+        return QuaffPassResult(gm, modified, report)
+
+    def _fuse(self, gm: GraphModule, x: Node, members: list[QuaffSite], report: PassReport) -> None:
+        mods = [s.module for s in members]
+        fused = fuse_modules(mods)
+        parent, leaves = _fused_name(members)
+        path = f"{module_prefix(gm)}{parent}.fused_{'_'.join(leaves)}" if parent else f"_quaff_fused_{'_'.join(leaves)}"
+        gm.add_submodule(path, fused)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first = min((s.node for s in members), key=order.__getitem__)
+        with gm.graph.inserting_before(first):
+            new = gm.graph.call_module(path, (x,))
+            split = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (new, [m.out_features for m in mods], -1))
+            parts = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(members))]
+        member_annotations = [site.node.meta.get(META_KEY) for site in members]
+        for site, part in zip(members, parts):
+            part.meta = dict(site.node.meta)
+            site.node.replace_all_uses_with(part)
+            gm.graph.erase_node(site.node)
+        module_name = path[len(module_prefix(gm)):]
+        new.meta[META_KEY] = {"fused": True, "module": module_name, "members": [s.name for s in members],
+                              "member_annotations": member_annotations,
+                              "outliers": fused.outlier_idx.tolist()}
+        before = sum(_bytes(m) for m in mods)
+        report.add(node=new.name, module=module_name, in_features=fused.in_features, out_features=fused.out_features,
+                   members=",".join(leaves), outliers=fused.outlier_idx.numel(), ops_removed=len(members) - 1,
+                   bytes_before=before, bytes_after=_bytes(fused), bytes_saved=before - _bytes(fused), status="fused")
+
+    def _fold(self, gm: GraphModule, site: QuaffSite, report: PassReport) -> None:
+        module, node, norm = site.module, site.node, site.node.args[0]
+        if node.op != "call_module" or module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1:
+            return
+        targets = _norm_params(gm, norm, module.in_features, self.constants or {})
+        if targets is None:
+            return
+        inv = torch.ones(module.in_features, dtype=torch.float32, device=module.act_scale.device)
+        inv[module.outlier_idx] = 1.0 / module.act_scale.float()
+        for arg_pos, tensor in targets:
+            name = f"_quaff_folded_{norm.name}_{arg_pos}"
+            gm.register_buffer(name, (tensor.detach().float() * inv.to(tensor.device)).to(tensor.dtype))
+            with gm.graph.inserting_before(norm):
+                norm.update_arg(arg_pos, gm.graph.get_attr(name))
+        owned = _graph_owned(module)
+        owned.prescaled = True
+        gm.add_submodule(node.target, owned)
+        report.add(node=node.name, module=site.name, in_features=module.in_features, out_features=module.out_features,
+                   outliers=module.outlier_idx.numel(), ops_removed=1, folded_into=norm.name,
+                   bytes_before=0, bytes_after=0, bytes_saved=0, status="fused")
+
+
+def _compatible(members: list[QuaffSite]) -> bool:
+    key = {(s.module.w_outlier.dtype, s.module.momentum, s.module.exact_grad, s.module.prescaled, s.module.in_features,
+            s.module.training) for s in members}
+    return len(key) == 1
+
+
+def _fused_name(members: list[QuaffSite]) -> tuple[str, list[str]]:
+    """The common parent of the members' module names and their leaf names."""
+    parts = [s.name.rpartition(".") for s in members]
+    parents = {p[0] for p in parts}
+    return (parents.pop() if len(parents) == 1 else ""), [p[2] for p in parts]
+
+
+def _norm_params(gm: GraphModule, norm: Node, width: int, constants) -> list[tuple[int, torch.Tensor]] | None:
+    """(argument position, tensor) of the per-channel parameters of an RMSNorm ``mul(weight, x)`` or a
+    ``layer_norm(x, shape, weight, bias)`` node; None for anything else."""
+    def param(arg) -> torch.Tensor | None:
+        t = _constant(gm, arg, constants)
+        return t if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == width else None
+
+    if norm.op != "call_function":
+        return None
+    if norm.target == torch.ops.aten.mul.Tensor:
+        found = [(i, t) for i, t in ((i, param(a)) for i, a in enumerate(norm.args[:2])) if t is not None]
+        return found if len(found) == 1 else None
+    if norm.target == torch.ops.aten.layer_norm.default and len(norm.args) >= 4:
+        found = [(i, param(norm.args[i])) for i in (2, 3)]
+        return found if all(t is not None for _, t in found) else None
+    return None
+
+
+def _graph_owned(module: QuaffLinear) -> QuaffLinear:
+    """A QuaffLinear of the graph's own that shares ``module``'s tensors but not its flags."""
+    owned = copy.copy(module)
+    owned._buffers, owned._parameters, owned._modules = dict(module._buffers), dict(module._parameters), dict(module._modules)
+    return owned
+
+
+def _bytes(module: QuaffLinear) -> int:
+    return sum(t.numel() * t.element_size() for t in module.buffers())

@@ -1,0 +1,167 @@
+"""Scale fusion, the default pipeline, the torch.compile backend and compiled training."""
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny, tiny_llama
+from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, default_passes, run_passes, transform
+from quaff_fx.backend import LAST_REPORTS, make_backend
+from quaff_fx.hf import register_peft
+from quaff_fx.passes import FuseScales
+
+CFG = QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.05))
+GROUPS = {
+    "llama": {"q_proj,k_proj,v_proj": 2, "gate_proj,up_proj": 2},
+    "qwen2": {"q_proj,k_proj,v_proj": 2, "gate_proj,up_proj": 2},
+    "phi3": {},  # qkv_proj and gate_up_proj are fused in the model already: nothing to group
+}
+
+
+def quantized_graph(arch, passes_fuse=False, fold=False):
+    model = make_tiny(arch) if arch != "llama" else tiny_llama()
+    gm = capture(model)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], CFG.outliers, CFG.eligible, n_batches=2)
+    result = run_passes(gm, default_passes(stats, CFG, fuse=passes_fuse, fold_norms=fold))
+    return model, result
+
+
+def quaff_modules(gm):
+    return [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuaffLinear)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_fusion_groups_and_numerics(arch):
+    _, unfused = quantized_graph(arch)
+    gm = unfused.graph_module
+    ids = torch.randint(0, 256, (2, 21))
+    before = gm(ids).detach()
+    n_before = len(quaff_modules(gm))
+    fused = copy.deepcopy(gm)
+    result = FuseScales()(fused)
+    groups = {}
+    for row in result.report.rows:
+        groups[row["members"]] = groups.get(row["members"], 0) + 1
+    assert groups == GROUPS[arch]
+    fused.recompile()
+    n_fused = sum(len(r["members"].split(",")) - 1 for r in result.report.rows)
+    assert len(quaff_modules(fused)) == n_before - n_fused
+    if arch != "phi3":
+        mod = fused.get_submodule("model.model.layers.0.self_attn.fused_q_proj_k_proj_v_proj")
+        assert mod.out_features == 64 + 32 + 32
+    after = fused(ids)
+    # the union outlier set and the shared scale only change rounding: within 1% of the logits' range
+    assert (after - before).abs().max() <= 0.01 * before.abs().max()
+    assert FuseScales()(fused).modified is False
+
+
+def test_norm_folding_removes_the_division_and_keeps_outputs():
+    model, result = quaffed = quantized_graph("llama", passes_fuse=True)
+    gm = result.graph_module
+    ids = torch.randint(0, 256, (2, 21))
+    fused_out = gm(ids).detach()
+    folded = FuseScales(fold_norms=True)(gm)
+    gm.recompile()
+    assert len([r for r in folded.report.rows if "folded_into" in r]) == 4  # input and post-attention norms, 2 layers
+    prescaled = [m for m in quaff_modules(gm) if m.prescaled]
+    assert len(prescaled) == 4
+    assert torch.allclose(gm(ids), fused_out, atol=1e-4, rtol=1e-4)
+    # the live model's modules are untouched by folding
+    assert not any(m.prescaled for m in model.modules() if isinstance(m, QuaffLinear))
+
+
+def _quantize_graph(model):
+    gm = capture(model)
+    stats = calibrate(gm, [torch.randint(0, 256, (2, 16))], CFG.outliers, CFG.eligible)
+    return run_passes(gm, default_passes(stats, CFG, fuse=True)).graph_module
+
+
+def test_layernorm_folding_on_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=512, word_embed_proj_dim=64)).eval()
+    gm = _quantize_graph(model)
+    ids = torch.randint(0, 256, (2, 12))
+    before = gm(ids).detach()
+    result = FuseScales(fold_norms=True)(gm)
+    gm.recompile()
+    folded = [r for r in result.report.rows if "folded_into" in r]
+    assert len(folded) == 4  # pre-attention and pre-MLP LayerNorm (weight and bias), 2 layers
+    assert torch.allclose(gm(ids), before, atol=1e-4, rtol=1e-4)
+
+
+def test_no_folding_where_the_norm_also_feeds_the_residual():
+    """BERT is post-LN: a LayerNorm's output is the next block's input *and* its residual."""
+    gm = _quantize_graph(make_tiny("bert"))
+    ids = torch.randint(0, 256, (2, 12))
+    before = gm(ids).detach()
+    assert FuseScales(fold_norms=True)(gm).modified is False
+    assert torch.equal(gm(ids), before)
+
+
+@pytest.fixture()
+def quantized_llama():
+    model = tiny_llama()
+    gm = capture(model)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], CFG.outliers, CFG.eligible, n_batches=2)
+    transform(model, stats, CFG, gm=gm)
+    return model
+
+
+def test_quaff_backend_fuses_and_matches_eager(quantized_llama):
+    ids = torch.randint(0, 256, (2, 19))
+    with torch.no_grad():
+        eager = quantized_llama(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(quantized_llama, backend="quaff", fullgraph=True)
+        out = compiled(input_ids=ids, use_cache=False).logits
+    fused = [r for rep in LAST_REPORTS for r in rep.rows if r["status"] == "fused"]
+    assert len(fused) == 4
+    assert (out - eager).abs().max() <= 0.01 * eager.abs().max()
+    torch._dynamo.reset()
+
+
+def test_no_graph_breaks(quantized_llama):
+    ids = torch.randint(0, 256, (2, 19))
+    explanation = torch._dynamo.explain(quantized_llama)(input_ids=ids, use_cache=False)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_backend_with_user_passes_runs_them_in_order(quantized_llama):
+    seen = []
+
+    def first(gm):
+        seen.append("first")
+
+    def second(gm):
+        seen.append(sum(1 for n in gm.graph.nodes if n.op == "call_module"))
+
+    backend = make_backend([first, FuseScales, second], inner="eager")
+    with torch.no_grad():
+        torch.compile(quantized_llama, backend=backend, fullgraph=True)(input_ids=torch.randint(0, 256, (1, 8)), use_cache=False)
+    assert seen == ["first", 4]  # four fused modules appear as call_module after FuseScales
+    torch._dynamo.reset()
+
+
+def test_compiled_lora_training_step_fullgraph(quantized_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(quantized_llama, register_peft(LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    model.train()
+    eager_model = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="quaff", fullgraph=True)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    loss_c = compiled(input_ids=ids, labels=ids).loss
+    loss_c.backward()
+    loss_e = eager_model(input_ids=ids, labels=ids).loss
+    loss_e.backward()
+    assert abs(loss_c.item() - loss_e.item()) < 1e-3
+    grads_c = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads_e = {n: p.grad for n, p in eager_model.named_parameters() if p.requires_grad}
+    assert grads_c.keys() == grads_e.keys() and all(g is not None for g in grads_c.values())
+    for n in grads_c:
+        assert torch.allclose(grads_c[n], grads_e[n], atol=1e-3, rtol=1e-2), n
+    torch._dynamo.reset()
