@@ -44,11 +44,30 @@ def quaff_sites(gm: GraphModule, constants: dict[Node, torch.Tensor] | None = No
         if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), QuaffLinear):
             sites.append(QuaffSite(node, mod, node.meta.get(META_KEY, {}).get("module", node.target[len(prefix):])))
         elif node.op == "call_function" and node.target in QUAFF_OPS:
-            tensors = [_constant(gm, a, constants or {}) for a in node.args[1:7]]
-            if all(t is not None for t in tensors[:5]) and (node.args[6] is None or tensors[5] is not None):
-                flags = list(node.args[7:9]) + [False] * (2 - len(node.args[7:9]))
-                sites.append(QuaffSite(node, QuaffLinear.from_parts(*tensors[:5], tensors[5], *flags), node.name))
+            args = op_arguments(node)
+            tensors = [_constant(gm, a, constants or {}) for a in args[1:7]]
+            if all(t is not None for t in tensors[:5]) and (args[6] is None or tensors[5] is not None):
+                sites.append(QuaffSite(node, QuaffLinear.from_parts(*tensors, *args[7:9]), _op_site_name(gm, args[1], node)))
     return sites
+
+
+def _op_site_name(gm: GraphModule, w_int8: Node, node: Node) -> str:
+    """The module a quaff::linear call came from: the path of its int8 weight attribute, when it has one."""
+    if w_int8.op == "get_attr" and w_int8.target.endswith(".w_int8"):
+        name = w_int8.target[: -len(".w_int8")]
+        prefix = module_prefix(gm)
+        return name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return node.name
+
+
+_OP_PARAMS = ("x", "w_int8", "w_scale", "outlier_idx", "act_scale", "w_outlier", "bias", "prescaled", "exact_grad")
+_OP_DEFAULTS = {"bias": None, "prescaled": False, "exact_grad": False}
+
+
+def op_arguments(node: Node) -> list[Any]:
+    """The nine arguments of a quaff::linear call, positional, defaults filled in (export drops them)."""
+    given = dict(zip(_OP_PARAMS, node.args)) | dict(node.kwargs)
+    return [given.get(p, _OP_DEFAULTS.get(p)) for p in _OP_PARAMS]
 
 
 def _constant(gm: GraphModule, arg: Any, constants: dict[Node, torch.Tensor]) -> torch.Tensor | None:
@@ -150,7 +169,7 @@ class FuseScales(QuaffPass):
             part.meta = dict(site.node.meta)
             site.node.replace_all_uses_with(part)
             gm.graph.erase_node(site.node)
-        module_name = path[len(module_prefix(gm)):]
+        module_name = path[len(module_prefix(gm)):] if path.startswith(module_prefix(gm)) else path
         new.meta[META_KEY] = {"fused": True, "module": module_name, "members": [s.name for s in members],
                               "member_annotations": member_annotations,
                               "outliers": fused.outlier_idx.tolist()}
@@ -161,7 +180,7 @@ class FuseScales(QuaffPass):
 
     def _fold(self, gm: GraphModule, site: QuaffSite, report: PassReport) -> None:
         module, node, norm = site.module, site.node, site.node.args[0]
-        if node.op != "call_module" or module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1:
+        if module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1:
             return
         targets = _norm_params(gm, norm, module.in_features, self.constants or {})
         if targets is None:
@@ -173,9 +192,12 @@ class FuseScales(QuaffPass):
             gm.register_buffer(name, (tensor.detach().float() * inv.to(tensor.device)).to(tensor.dtype))
             with gm.graph.inserting_before(norm):
                 norm.update_arg(arg_pos, gm.graph.get_attr(name))
-        owned = _graph_owned(module)
-        owned.prescaled = True
-        gm.add_submodule(node.target, owned)
+        if node.op == "call_module":
+            owned = _graph_owned(module)
+            owned.prescaled = True
+            gm.add_submodule(node.target, owned)
+        else:
+            node.args, node.kwargs = tuple(op_arguments(node)[:7]) + (True, module.exact_grad), {}
         report.add(node=node.name, module=site.name, in_features=module.in_features, out_features=module.out_features,
                    outliers=module.outlier_idx.numel(), ops_removed=1, folded_into=norm.name,
                    bytes_before=0, bytes_after=0, bytes_saved=0, status="fused")

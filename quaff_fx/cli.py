@@ -162,6 +162,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if path.is_dir():
         manifest = read_manifest(path)
         return _inspect_artifact(manifest, args)
+    if args.graph or args.dot or args.fuse:
+        raise QuaffError("--graph, --dot and --fuse need an artifact folder from `quaff-fx transform`, not a stats file")
     if not path.exists():
         raise QuaffError(f"{args.path!r} does not exist")
     summary = stats_summary(load_stats(path))
@@ -172,6 +174,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _inspect_artifact(manifest: dict[str, Any], args: argparse.Namespace) -> int:
     from .report import PassReport
 
+    if args.graph or args.dot or args.fuse:
+        return _inspect_graph(args)
     if args.json:
         print(json.dumps({k: manifest[k] for k in ("source", "config", "layers", "reports") if k in manifest}, indent=1))
         return 0
@@ -179,6 +183,30 @@ def _inspect_artifact(manifest: dict[str, Any], args: argparse.Namespace) -> int
           f"{len(manifest['layers'])} QuaffLinear layers")
     for r in manifest.get("reports", []):
         print(PassReport(r["pass"], r["rows"], r.get("notes", [])).to_table())
+    return 0
+
+
+def _inspect_graph(args: argparse.Namespace) -> int:
+    """Load the artifact, capture it, optionally fuse, and show the graph."""
+    from .capture import capture
+    from .graphview import graph_summary, graph_text, write_dot
+    from .passes import FuseScales
+    from .transform import load_quantized
+
+    loaded, _ = load_quantized(args.path)
+    gm = capture(loaded.model)
+    fused = FuseScales(fold_norms=True)(gm) if args.fuse else None
+    gm.recompile()
+    if args.dot:
+        write_dot(gm, args.dot)
+    summary = graph_summary(gm)
+    if args.json:
+        print(json.dumps({**summary, "fused": fused.report.to_dict() if fused else None, "dot": args.dot}, indent=1))
+    elif args.graph:
+        print(graph_text(gm, quaff_only=args.quaff_only))
+        print(f"\n{summary['nodes']} nodes, {summary['quaff_nodes']} quaff nodes (marked ◆)" + (f"; drawing written to {args.dot}" if args.dot else ""))
+    else:
+        print(f"{summary['nodes']} nodes, {summary['quaff_nodes']} quaff nodes; drawing written to {args.dot}")
     return 0
 
 
@@ -281,6 +309,29 @@ def _compare_set(fp, args: argparse.Namespace, quaff_model=None, tokenizer=None)
     return [("fp32", fp.model, tokenizer or fp.tokenizer), ("w8a8 naive", naive, None), ("quaff", quaff_model, None)]
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .bench import bench_inference
+
+    _check_positive(args, "batch", "seq_len", "repeats")
+    rows = bench_inference(args.model, args.batch, args.seq_len, args.repeats, compiled=not args.no_compile,
+                           progress=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps({"batch": args.batch, "seq_len": args.seq_len, "threads": torch_threads(), "rows": rows}, indent=1))
+    else:
+        print(f"forward of batch {args.batch} x {args.seq_len} tokens, {torch_threads()} threads, median of {args.repeats}")
+        print(tabulate([[r["variant"], f"{r['seconds']:.3f}", f"{r['speedup_vs_fp32_eager']:.2f}x"] for r in rows],
+                       headers=["variant", "seconds", "speed vs fp32 eager"]))
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 # -- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quaff-fx", description="Quaff outlier-scaled int8 quantization as graph passes.")
@@ -299,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a stats file or a quantized artifact")
     p.add_argument("path", help="stats file or artifact folder")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--graph", action="store_true", help="artifact: print the captured graph, quaff nodes marked ◆")
+    p.add_argument("--quaff-only", action="store_true", help="with --graph: only the quaff nodes")
+    p.add_argument("--fuse", action="store_true", help="with --graph/--dot: apply scale fusion and norm folding first")
+    p.add_argument("--dot", metavar="FILE", help="artifact: write a Graphviz drawing (.dot; .svg/.png need graphviz)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("transform", help="calibrate, annotate outliers, rewrite Linear -> QuaffLinear, save")
@@ -323,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_outlier_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="time FP32 vs Quaff forward (eager, fused, compiled) side by side")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -155,3 +155,19 @@ def test_bad_artifacts(artifact, tmp_path, capsys):
     for edit, message in cases:
         code, _, err = run(capsys, "eval", broken(edit))
         assert code == 2 and message in err, (message, err)
+
+
+def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
+    code, out, _ = run(capsys, "inspect", artifact, "--graph")
+    marked = [l for l in out.splitlines() if l.startswith("◆")]
+    assert code == 0 and len(marked) == 14 and all("quaff.linear" in l for l in marked)
+    code, out, _ = run(capsys, "inspect", artifact, "--graph", "--quaff-only", "--fuse")
+    marked = [l for l in out.splitlines() if l.startswith("◆")]
+    assert code == 0 and len(marked) == 14 - 6  # q/k/v and gate/up fused in 2 layers
+    dot = tmp_path / "g.dot"
+    code, out, _ = run(capsys, "inspect", artifact, "--dot", dot, "--json")
+    assert code == 0 and json.loads(out)["quaff_nodes"] == 14
+    text = dot.read_text()
+    assert text.startswith("digraph") and text.count("#ffb347") == 14
+    code, _, err = run(capsys, "inspect", artifact / "stats.safetensors", "--graph")
+    assert code == 2 and "need an artifact folder" in err
