@@ -10,8 +10,12 @@ from . import ops  # noqa: F401  (registers torch.ops.quaff)
 from .kernels.reference import outlier_scale, quantize_weight
 
 
-class QuaffLinear(nn.Module):
+class QuaffLinear(nn.Linear):
     """y = x Wᵀ + b with W kept as int8 (the FP weight is dropped) plus FP copies of the outlier columns W_o.
+
+    It is an ``nn.Linear`` to the outside (``in_features``, ``out_features``, ``bias``, a read-only
+    ``weight`` that dequantizes on demand), so PEFT's LoRA and IA3 and other Linear-aware code take it
+    as it is; it never stores the FP weight.
 
     Buffers: w_int8 [out, in], w_scale [out], outlier_idx [k], w_outlier [out, k] (compute dtype),
     act_scale [k] (S_o, fp32). In training the scales follow
@@ -22,7 +26,7 @@ class QuaffLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device=None, momentum: float = 0.9, exact_grad: bool = False):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the FP weight
         self.in_features, self.out_features = in_features, out_features
         self.momentum, self.exact_grad, self.prescaled = momentum, exact_grad, False
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
