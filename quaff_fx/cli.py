@@ -309,6 +309,85 @@ def _compare_set(fp, args: argparse.Namespace, quaff_model=None, tokenizer=None)
     return [("fp32", fp.model, tokenizer or fp.tokenizer), ("w8a8 naive", naive, None), ("quaff", quaff_model, None)]
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .data import read_text, tokenize
+    from .finetune import FinetuneConfig, make_peft_model, perplexity_of, save_adapter, train
+
+    cfg = FinetuneConfig(args.peft, args.steps, args.batch_size, args.seq_len, args.lr, args.rank, args.alpha,
+                         args.virtual_tokens, args.checkpoint_every, args.seed)
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.force):
+        raise QuaffError(f"{args.out!r} exists; pass --resume to continue its training or --force to start over")
+    if not out.resolve().parent.is_dir():
+        raise QuaffError(f"folder {str(out.resolve().parent)!r} does not exist")
+    text = read_text(args.data, "calibration")
+    heldout = read_text(args.eval_text, "heldout")
+    model, tokenizer, source = _finetune_base(args)
+    ids = tokenize(tokenizer, text)
+    if args.force and out.exists() and not args.resume:
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(exist_ok=True)
+    peft_model = make_peft_model(model, cfg)
+    log = train(peft_model, ids, cfg, out, resume=args.resume, progress=_progress(f"finetune {cfg.peft}", cfg.steps))
+    log["heldout_perplexity"] = perplexity_of(peft_model, tokenize(tokenizer, heldout), cfg.seq_len)
+    log["trainable_parameters"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    save_adapter(peft_model, out, log, {"source": source, "quantized": not args.fp32, "finetune": log["config"]})
+    if args.merge:
+        _save_merged(peft_model, out / "merged", source, tokenizer, cfg)
+    losses = log["losses"]
+    summary = {"steps": len(losses), "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+               "heldout_perplexity": log["heldout_perplexity"], "seconds": round(log["seconds"], 2),
+               "trainable_parameters": log["trainable_parameters"], "out": args.out}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"{cfg.peft} on {'fp32' if args.fp32 else 'quaff int8'} base: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} "
+              f"in {summary['steps']} steps ({summary['seconds']} s), held-out perplexity {summary['heldout_perplexity']:.3f}; "
+              f"{summary['trainable_parameters']} trainable parameters; adapter, loss.json and loss.svg in {args.out}")
+    return 0
+
+
+def _finetune_base(args: argparse.Namespace):
+    """The model to train: an artifact as saved, or a model quantized here (or left FP32 with --fp32)."""
+    from .models import load_model
+    from .transform import load_quantized
+
+    target = Path(args.model) if args.model else None
+    if target is not None and target.is_dir() and (target / "quaff.json").exists():
+        if args.fp32:
+            raise QuaffError("--fp32 needs a model, not a quantized artifact")
+        loaded, manifest = load_quantized(target)
+        return loaded.model, loaded.tokenizer, {"artifact": str(target.resolve()), **manifest.get("source", {})}
+    loaded = load_model(args.model)
+    if not args.fp32:
+        from .capture import capture
+        from .config import OutlierConfig, QuaffConfig
+        from .transform import calibrate_text, transform
+
+        config = QuaffConfig(outliers=OutlierConfig.preset("default"))
+        gm = capture(loaded.model)
+        stats = calibrate_text(gm, loaded.tokenizer, None, config, progress=_progress("calibrating", 4))
+        transform(loaded.model, stats, config, gm=gm)
+    return loaded.model, loaded.tokenizer, loaded.source
+
+
+def _save_merged(peft_model, folder: Path, source: dict, tokenizer, cfg) -> None:
+    from .config import QuaffConfig
+    from .io import save_quantized
+    from .modules import QuaffLinear
+
+    if cfg.peft != "lora":
+        raise QuaffError("--merge works with --peft lora only")
+    merged = peft_model.merge_and_unload()
+    layers = {n: {"in_features": m.in_features, "out_features": m.out_features, "outliers": m.outlier_idx.tolist(),
+                  "momentum": m.momentum, "exact_grad": m.exact_grad}
+              for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
+    save_quantized(merged, folder, {"source": source, "config": QuaffConfig().to_dict(), "layers": layers, "reports": []},
+                   tokenizer=tokenizer, force=True)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -378,6 +457,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_outlier_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("finetune", help="PEFT fine-tuning (LoRA, IA3, prompt, prefix) on the int8 Quaff base")
+    p.add_argument("model", nargs="?", default=None, help=model_help + ", or an artifact folder")
+    p.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
+    p.add_argument("--eval-text", default=None, help="held-out text for the final perplexity (default: bundled gpl-3.0.txt)")
+    p.add_argument("--peft", default="lora", help="lora | ia3 | prompt | prefix (default lora)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
+    p.add_argument("--virtual-tokens", type=int, default=16, help="prompt/prefix tuning length")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="quaff-finetune", help="output folder (default quaff-finetune)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="start over in an existing --out")
+    p.add_argument("--fp32", action="store_true", help="fine-tune the unquantized model (the baseline)")
+    p.add_argument("--merge", action="store_true", help="LoRA: also save the merged, re-quantized model in OUT/merged")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("bench", help="time FP32 vs Quaff forward (eager, fused, compiled) side by side")
     p.add_argument("model", nargs="?", default=None, help=model_help)
     p.add_argument("--batch", type=int, default=4)

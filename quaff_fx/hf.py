@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import QuaffConfig
@@ -63,8 +64,31 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
 
 
 def register_peft(peft_config):
-    """Let PEFT put LoRA adapters on QuaffLinear targets (the base stays int8 and frozen); returns the config."""
+    """Let PEFT put LoRA adapters on QuaffLinear targets (the base stays int8 and frozen) with a merge that
+    re-quantizes; returns the config. Without it PEFT's merge would write into a dequantized copy."""
+    peft_config._register_custom_module({QuaffLinear: _quaff_lora_class()})
+    return peft_config
+
+
+def _quaff_lora_class():
     from peft.tuners import lora
 
-    peft_config._register_custom_module({QuaffLinear: lora.Linear})
-    return peft_config
+    class QuaffLoraLinear(lora.Linear):
+        """LoRA on a QuaffLinear: merging adds B·A·scaling to the weight and re-quantizes it."""
+
+        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+            from peft.tuners.tuners_utils import check_adapters_to_merge
+
+            base = self.get_base_layer()
+            for name in check_adapters_to_merge(self, adapter_names):
+                if name in self.lora_A:
+                    delta = self.get_delta_weight(name)
+                    if safe_merge and not torch.isfinite(delta).all():
+                        raise QuaffError(f"adapter {name!r} has non-finite weights; not merged")
+                    base.add_delta_(delta)
+                    self.merged_adapters.append(name)
+
+        def unmerge(self) -> None:
+            raise QuaffError("a merge into an int8 QuaffLinear re-quantizes the weight and cannot be undone; reload the base")
+
+    return QuaffLoraLinear

@@ -76,8 +76,19 @@ class QuaffLinear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight (computed; the FP weight is not stored)."""
+        """The dequantized weight (computed; the FP weight is not stored, so writing into it changes nothing:
+        use ``add_delta_`` to change the layer)."""
         return (self.w_int8.float() * self.w_scale[:, None]).to(self.w_outlier.dtype)
+
+    @torch.no_grad()
+    def add_delta_(self, delta: torch.Tensor) -> None:
+        """W <- W + delta, re-quantized (a merged LoRA update). The outlier columns stay exact in FP; the
+        granularity (per channel or per tensor) is kept."""
+        granularity = "tensor" if self.w_scale.numel() > 1 and bool((self.w_scale == self.w_scale[0]).all()) else "channel"
+        w_int8, w_scale = quantize_weight(self.weight.float() + delta.float(), granularity)
+        self.w_int8.copy_(w_int8)
+        self.w_scale.copy_(w_scale)
+        self.w_outlier.add_(delta.index_select(1, self.outlier_idx).to(self.w_outlier.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.outlier_idx.numel():
