@@ -70,3 +70,120 @@ def bench_inference(model_name: str | None = None, batch: int = 4, seq_len: int 
     for r in rows:
         r["speedup_vs_fp32_eager"] = base / r["seconds"]
     return rows
+
+
+# -- training -------------------------------------------------------------------------------------------
+TRAIN_VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 autocast", "quaff eager", "quaff compiled")
+
+
+class _PeakRSS:
+    """Samples this process's resident memory every few ms while active: the peak of a phase."""
+
+    def __init__(self, interval: float = 0.005):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def train_step_variant(variant: str, model_name: str | None, batch: int, seq_len: int, steps: int, profile: bool = False) -> dict:
+    """Time ``steps`` LoRA training steps of one variant (after a warm-up step) and its peak memory."""
+    import gc
+
+    from .finetune import FinetuneConfig, make_peft_model
+
+    loaded = load_model(model_name)
+    model = loaded.model
+    if variant.startswith("quaff"):
+        config = QuaffConfig()
+        gm = capture(model)
+        stats = calibrate_text(gm, loaded.tokenizer, None, config)
+        transform(model, stats, config, gm=gm)
+        del gm
+    gc.collect()
+    peft_model = make_peft_model(model, FinetuneConfig(rank=8))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    fn = torch.compile(peft_model) if variant.endswith("compiled") else peft_model
+    ids = torch.randint(0, int(model.config.vocab_size), (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    peft_model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
+            loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()
+    warmup = time.perf_counter() - t0
+    times = []
+    with _PeakRSS() as mem:
+        base = mem.peak
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    result = {"variant": variant, "seconds": statistics.median(times), "warmup_seconds": warmup,
+              "rss_before_steps": base, "peak_rss": mem.peak,
+              "model_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return result
+
+
+def bench_train(model_name: str | None = None, batch: int = 4, seq_len: int = 256, steps: int = 3,
+                variants: tuple[str, ...] = TRAIN_VARIANTS, profile: bool = False, progress=print) -> list[dict]:
+    """Each variant in its own process (so peak memory is its own), one after the other, in one run."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for v in variants:
+        cmd = [sys.executable, "-m", "quaff_fx.bench", v, str(model_name or "smollm2"), str(batch), str(seq_len), str(steps),
+               "1" if profile and v == "quaff eager" else "0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench variant {v!r} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        progress(f"{v}: {rows[-1]['seconds']:.3f} s/step, peak {rows[-1]['peak_rss'] / 2**20:.0f} MiB")
+    base = rows[0]
+    for r in rows:
+        r["speedup_vs_fp32"] = base["seconds"] / r["seconds"]
+        r["peak_memory_vs_fp32"] = r["peak_rss"] / base["peak_rss"]
+    return rows
+
+
+if __name__ == "__main__":  # one training variant, for bench_train's subprocesses
+    import json
+    import sys
+
+    variant, name, b, s, n, prof = sys.argv[1:7]
+    torch.manual_seed(0)
+    print(json.dumps(train_step_variant(variant, None if name == "smollm2" else name, int(b), int(s), int(n), prof == "1")))

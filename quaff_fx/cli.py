@@ -363,10 +363,9 @@ def _finetune_base(args: argparse.Namespace):
     loaded = load_model(args.model)
     if not args.fp32:
         from .capture import capture
-        from .config import OutlierConfig, QuaffConfig
         from .transform import calibrate_text, transform
 
-        config = QuaffConfig(outliers=OutlierConfig.preset("default"))
+        config = _config(args)
         gm = capture(loaded.model)
         stats = calibrate_text(gm, loaded.tokenizer, None, config, progress=_progress("calibrating", 4))
         transform(loaded.model, stats, config, gm=gm)
@@ -388,12 +387,97 @@ def _save_merged(peft_model, folder: Path, source: dict, tokenizer, cfg) -> None
                    tokenizer=tokenizer, force=True)
 
 
+def cmd_ossh(args: argparse.Namespace) -> int:
+    """LoRA fine-tuning with every QuaffLinear's outliers tracked against the calibrated ones."""
+    from tabulate import tabulate
+
+    from .data import read_text, tokenize
+    from .finetune import FinetuneConfig, make_peft_model, train
+    from .io import write_json
+    from .ossh import OutlierTracker, plot
+
+    cfg = FinetuneConfig("lora", args.steps, args.batch_size, args.seq_len, args.lr)
+    _check_out(args.out, args.force)
+    text = read_text(args.data, "calibration")
+    args.fp32 = False
+    model, tokenizer, _ = _finetune_base(args)
+    peft_model = make_peft_model(model, cfg)
+    tracker = OutlierTracker(peft_model, every=args.every)
+    try:
+        log = train(peft_model, tokenize(tokenizer, text), cfg, progress=_progress("ossh", cfg.steps),
+                    on_step=lambda step, loss: tracker.record(step, loss))
+    finally:
+        tracker.close()
+    summary = tracker.summary()
+    summary["losses"] = log["losses"]
+    out = Path(args.out)
+    plot(summary, out)
+    write_json(out.with_suffix(".json"), summary)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_layer"}, indent=1))
+    else:
+        print(tabulate([[k, f"{sum(v['jaccard']) / len(v['jaccard']):.3f}", f"{min(v['jaccard']):.3f}", f"{v['jaccard'][-1]:.3f}"]
+                        for k, v in sorted(summary["per_kind"].items())],
+                       headers=["layer kind", "mean Jaccard", "min", "last step"]))
+        print(f"{summary['layers']} layers over {cfg.steps} steps: mean Jaccard {summary['mean_jaccard']:.3f}, "
+              f"mean recall {summary['mean_recall']:.3f}; plot {out}, data {out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export an artifact to ONNX, then check it in onnxruntime against PyTorch."""
+    import torch
+
+    from .io import read_manifest
+    from .onnx_export import export_onnx, onnx_logits
+    from .transform import load_quantized
+
+    path = Path(args.artifact)
+    if not path.is_dir() or not (path / "quaff.json").is_file():
+        raise QuaffError(f"{args.artifact!r} is not a quaff-fx artifact folder (no quaff.json); run `quaff-fx transform --out DIR` first")
+    read_manifest(path)
+    from .onnx_export import MAX_OPSET, MIN_OPSET
+
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise QuaffError(f"opset {args.opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
+    _check_out(args.out, args.force)
+    loaded, _ = load_quantized(path)
+    out = export_onnx(loaded.model, args.out, args.opset, force=args.force)
+    ids = torch.randint(0, int(loaded.model.config.vocab_size), (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = loaded.model(input_ids=ids).logits
+    got = onnx_logits(out, ids)
+    result = {"out": str(out), "bytes": out.stat().st_size, "opset": args.opset,
+              "max_abs_diff_vs_pytorch": float((got - ref).abs().max()), "logits_max_abs": float(ref.abs().max())}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"wrote {out} ({result['bytes'] / 2**20:.1f} MiB, opset {args.opset}); passes onnx.checker (full); "
+              f"onnxruntime vs PyTorch logits: max |diff| {result['max_abs_diff_vs_pytorch']:.3g} (logits up to {result['logits_max_abs']:.3g})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .bench import bench_inference
+    from .bench import bench_inference, bench_train
 
     _check_positive(args, "batch", "seq_len", "repeats")
+    if args.train:
+        rows = bench_train(args.model, args.batch, args.seq_len, args.repeats, profile=args.profile,
+                           progress=lambda m: print(m, file=sys.stderr))
+        if args.json:
+            print(json.dumps({"batch": args.batch, "seq_len": args.seq_len, "threads": torch_threads(), "rows": rows}, indent=1))
+            return 0
+        print(f"one LoRA training step (r=8 on every quantized layer kind), batch {args.batch} x {args.seq_len} tokens, "
+              f"{torch_threads()} threads, median of {args.repeats} after a warm-up step; peak RSS during the steps")
+        print(tabulate([[r["variant"], f"{r['seconds']:.3f}", f"{r['speedup_vs_fp32']:.2f}x", f"{r['peak_rss'] / 2**20:.0f} MiB",
+                         f"{r['peak_memory_vs_fp32']:.2f}x"] for r in rows],
+                       headers=["variant", "s/step", "speed vs fp32", "peak memory", "memory vs fp32"]))
+        for r in rows:
+            if "profile" in r:
+                print(f"\nprofile of one {r['variant']} step:\n{r['profile']}")
+        return 0
     rows = bench_inference(args.model, args.batch, args.seq_len, args.repeats, compiled=not args.no_compile,
                            progress=lambda m: print(m, file=sys.stderr))
     if args.json:
@@ -476,8 +560,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start over in an existing --out")
     p.add_argument("--fp32", action="store_true", help="fine-tune the unquantized model (the baseline)")
     p.add_argument("--merge", action="store_true", help="LoRA: also save the merged, re-quantized model in OUT/merged")
+    _add_outlier_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("ossh", help="track outlier channels during LoRA fine-tuning against the calibrated ones")
+    p.add_argument("model", nargs="?", default=None, help=model_help + ", or an artifact folder")
+    p.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--every", type=int, default=1, help="record every N steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", default="ossh.png", help="PNG plot (the data goes beside it as .json)")
+    p.add_argument("--force", action="store_true")
+    _add_outlier_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ossh)
+
+    p = sub.add_parser("export-onnx", help="export a Quaff artifact to ONNX (int8 MatMulInteger) and check it in onnxruntime")
+    p.add_argument("artifact", help="artifact folder from `quaff-fx transform`")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("bench", help="time FP32 vs Quaff forward (eager, fused, compiled) side by side")
     p.add_argument("model", nargs="?", default=None, help=model_help)
@@ -485,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--train", action="store_true", help="time one LoRA training step instead (each variant in its own process)")
+    p.add_argument("--profile", action="store_true", help="with --train: print the op profile of a Quaff eager step")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

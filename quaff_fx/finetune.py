@@ -138,7 +138,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def train(model, ids: torch.Tensor, cfg: FinetuneConfig, out: Path | None = None, resume: bool = False,
-          progress: Callable | None = None) -> dict[str, Any]:
+          progress: Callable | None = None, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``model`` (a PEFT model) on windows of ``ids`` for ``cfg.steps`` steps; returns the loss log."""
     win = windows(ids, cfg.seq_len)
     if win.shape[0] < 1:
@@ -163,6 +163,8 @@ def train(model, ids: torch.Tensor, cfg: FinetuneConfig, out: Path | None = None
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(s, losses[-1])
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if out is not None and ((s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps):

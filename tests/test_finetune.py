@@ -102,3 +102,17 @@ def test_cli_finetune_saves_adapter_and_refuses_to_overwrite(tiny_model_dir, tmp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert main(argv[:-2]) == 2 and "pass --resume" in capsys.readouterr().err
     assert main(["eval", str(out / "merged"), "--seq-len", "32", "--json"]) == 0
+
+
+def test_ossh_tracks_outliers_and_plots(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ossh.png"
+    assert main(["ossh", str(tiny_model_dir), "--steps", "4", "--seq-len", "32", "--batch-size", "2", "--out", str(out), "--json",
+                 "--max-ratio", "0.05"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["layers"] == 14 and all(len(rows) == 4 for rows in data["per_layer"].values())
+    assert 0.0 <= summary["mean_jaccard"] <= 1.0
+    # the planted residual-stream outliers (channels 3 and 17) stay outliers of q_proj throughout
+    q = data["per_layer"]["base_model.model.model.layers.0.self_attn.q_proj.base_layer"]
+    assert all({3, 17} <= set(r["channels"]) for r in q)

@@ -1,0 +1,92 @@
+"""ONNX export of a Quaff model: ``quaff::linear`` lowered to standard ONNX ops.
+
+Per layer: X̂ = X / S (S scattered over the input channels), per-token symmetric int8 quantization
+(ReduceMax, Div, Round, Clip, Cast), ``MatMulInteger`` with the int8 weight (an int8 initializer),
+dequantization by the token and channel scales, the outlier correction ``MatMul(Gather(X̂), ((S-1)·W_o)ᵀ)``
+and the bias. Batch and sequence axes are dynamic. Validated with ``onnx.checker`` (full check).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .capture import _HFOutput
+from .errors import QuaffError
+from .modules import QuaffLinear
+
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18
+
+
+def _translation(opset: int):
+    import onnxscript
+    from onnxscript import ir
+
+    op = onnxscript.values.Opset("", opset)
+
+    def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False):
+        dtype = x.dtype
+        k = op.Shape(w_int8, start=1, end=2)
+        if not prescaled:
+            ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), x), k)
+            x = op.Div(x, op.ScatterElements(ones, outlier_idx, op.CastLike(act_scale, x), axis=0))
+        absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+        zero = op.CastLike(op.Constant(value_float=0.0), x)
+        step = op.Where(op.Greater(absmax, zero), op.Div(absmax, op.CastLike(op.Constant(value_float=127.0), x)),
+                        op.CastLike(op.Constant(value_float=1.0), x))
+        lo, hi = op.CastLike(op.Constant(value_float=-127.0), x), op.CastLike(op.Constant(value_float=127.0), x)
+        q = op.Cast(op.Clip(op.Round(op.Div(x, step)), lo, hi), to=ir.DataType.INT8)
+        acc = op.MatMulInteger(q, op.Transpose(w_int8, perm=[1, 0]))
+        y = op.Mul(op.Mul(op.CastLike(acc, x), step), op.CastLike(w_scale, x))
+        corr_w = op.Mul(op.CastLike(w_outlier, x), op.Sub(op.CastLike(act_scale, x), op.CastLike(op.Constant(value_float=1.0), x)))
+        y = op.Add(y, op.MatMul(op.Gather(x, outlier_idx, axis=-1), op.Transpose(corr_w, perm=[1, 0])))
+        if bias is not None:
+            y = op.Add(y, op.CastLike(bias, x))
+        return y
+
+    return {torch.ops.quaff.linear.default: quaff_linear}
+
+
+def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET, seq_len: int = 16,
+                force: bool = False) -> Path:
+    """Export a Hugging Face model holding QuaffLinear layers (input_ids -> logits) to ``out``."""
+    import onnx
+
+    out = Path(out)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise QuaffError(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
+    if not any(isinstance(m, QuaffLinear) for m in model.modules()):
+        raise QuaffError("the model has no QuaffLinear layer: it is not a Quaff model (run `quaff-fx transform` first)")
+    if out.exists() and not force:
+        raise QuaffError(f"{str(out)!r} exists; pass --force to overwrite it")
+    if not out.resolve().parent.is_dir():
+        raise QuaffError(f"folder {str(out.resolve().parent)!r} does not exist")
+    model.eval()
+    wrapper = _HFOutput(model).eval()
+    ids = torch.randint(0, int(model.config.vocab_size), (2, seq_len), generator=torch.Generator().manual_seed(0))
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=int(
+        getattr(model.config, "max_position_embeddings", 4096)))
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(wrapper, (ids,), dynamo=True, opset_version=opset, input_names=["input_ids"],
+                                        output_names=["logits"], dynamic_shapes=({0: batch, 1: seq},),
+                                        custom_translation_table=_translation(opset), optimize=True, verbose=False)
+        program.save(str(tmp), external_data=False)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        tmp.replace(out)
+    except QuaffError:
+        raise
+    except Exception as exc:
+        raise QuaffError(f"ONNX export failed: {str(exc).splitlines()[0][:300]}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def onnx_logits(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    """Run the exported model in onnxruntime (CPU) on ``ids``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0])
