@@ -49,10 +49,10 @@ class RewriteLinear(QuaffPass):
             node = site.node
             if node.op == "call_function":
                 with gm.graph.inserting_before(node):
-                    new = gm.graph.call_module(path, (node.args[0],))
+                    new = gm.graph.call_module(path, (site.input_node,))
                 new.meta = dict(node.meta)
                 node.replace_all_uses_with(new)
-                dead = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
+                dead = [a for a in node.args if isinstance(a, torch.fx.Node) and a is not site.input_node]
                 gm.graph.erase_node(node)
                 for a in dead:
                     if not a.users:

@@ -137,16 +137,16 @@ class CalibrationStats:
 class _Observer(Interpreter):
     """Runs the graph node by node and feeds each observed Linear's input to its LayerStats."""
 
-    def __init__(self, gm: GraphModule, observed: dict[Node, str], stats: dict[str, LayerStats], cfg: OutlierConfig):
+    def __init__(self, gm: GraphModule, observed: dict[Node, tuple[str, Node]], stats: dict[str, LayerStats], cfg: OutlierConfig):
         super().__init__(gm)
         self.observed, self.stats, self.cfg = observed, stats, cfg
         self.half = 0
 
     def run_node(self, n: Node) -> Any:
-        name = self.observed.get(n)
-        if name is not None:
-            x = self.env[n.args[0]]
-            self._record(name, x)
+        seen = self.observed.get(n)
+        if seen is not None:
+            name, input_node = seen
+            self._record(name, self.env[input_node])
         return super().run_node(n)
 
     def _record(self, name: str, x: torch.Tensor) -> None:
@@ -173,7 +173,7 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
     if not sites:
         raise QuaffError("the model has no eligible Linear layer to calibrate (check --include/--exclude)")
     stats = {s.module_name: LayerStats.empty(s.in_features, s.out_features) for s in sites}
-    observer = _Observer(gm, {s.node: s.module_name for s in sites}, stats, cfg)
+    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg)
     seen = 0
     iterable = progress(batches) if progress else batches
     with torch.no_grad():

@@ -50,6 +50,11 @@ class LinearSite:
     in_features: int
     out_features: int
     has_bias: bool
+    transposed: bool = False  # weight stored [in, out] (GPT-2's Conv1D: addmm(bias, x, W))
+
+    @property
+    def input_node(self) -> Node:
+        return self.node.args[1] if self.transposed else self.node.args[0]
 
 
 def capture(model: nn.Module, example_inputs: Sequence[Any] | None = None, dynamic: bool = True) -> GraphModule:
@@ -140,6 +145,8 @@ def _linear_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
         if type(mod) is nn.Linear:
             return LinearSite(node, _strip(node.target, prefix), mod.in_features, mod.out_features, mod.bias is not None)
         return None
+    if node.op == "call_function" and node.target == torch.ops.aten.addmm.default:
+        return _addmm_site(gm, node, prefix)
     if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default, torch.nn.functional.linear):
         return None
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -151,6 +158,20 @@ def _linear_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     module_name = _strip(weight.target[: -len(".weight")], prefix)
     return LinearSite(node, module_name, int(w.shape[1]), int(w.shape[0]), bias is not None)
+
+
+def _addmm_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
+    """``addmm(bias, x, W)`` on parameters of one module: a Linear whose weight is stored [in, out]."""
+    if len(node.args) != 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    bias, weight = node.args[0], node.args[2]
+    if not all(isinstance(a, Node) and a.op == "get_attr" for a in (bias, weight)) or not weight.target.endswith(".weight"):
+        return None
+    module = weight.target[: -len(".weight")]
+    w = _attr(gm, weight.target)
+    if bias.target != module + ".bias" or w.dim() != 2:
+        return None
+    return LinearSite(node, _strip(module, prefix), int(w.shape[0]), int(w.shape[1]), True, transposed=True)
 
 
 def _attr(gm: GraphModule, target: str) -> torch.Tensor:
@@ -166,6 +187,8 @@ def weight_and_bias(gm: GraphModule, site: LinearSite) -> tuple[torch.Tensor, to
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         return mod.weight, mod.bias
+    if site.transposed:
+        return _attr(gm, node.args[2].target).t(), _attr(gm, node.args[0].target)
     weight = _attr(gm, node.args[1].target)
     bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     bias = _attr(gm, bias_node.target) if isinstance(bias_node, Node) and bias_node.op == "get_attr" else None

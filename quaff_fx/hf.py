@@ -12,9 +12,18 @@ from .errors import QuaffError
 from .modules import QuaffLinear
 
 
+def fp_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias) of an nn.Linear or a transformers Conv1D (weight stored [in, out]); else None."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return module.weight.t(), module.bias
+    return None
+
+
 def eligible_linears(model: nn.Module, config: QuaffConfig) -> list[str]:
-    """Names of the nn.Linear modules of ``model`` the config would quantize."""
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and config.eligible(n)]
+    """Names of the Linear (and Conv1D) modules of ``model`` the config would quantize."""
+    return [n for n, m in model.named_modules() if fp_linear(m) is not None and config.eligible(n)]
 
 
 def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], config: QuaffConfig) -> list[str]:
@@ -29,9 +38,10 @@ def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], co
             raise QuaffError(f"annotation names layer {name!r}, which the model does not have") from None
         if isinstance(linear, QuaffLinear):
             continue
-        if not isinstance(linear, nn.Linear):
+        wb = fp_linear(linear)
+        if wb is None:
             raise QuaffError(f"layer {name!r} is a {type(linear).__name__}, not an nn.Linear")
-        set_submodule(model, name, build_quaff_linear(linear.weight, linear.bias, annotation, config).train(linear.training))
+        set_submodule(model, name, build_quaff_linear(wb[0], wb[1], annotation, config).train(linear.training))
         swapped.append(name)
     return swapped
 
@@ -56,10 +66,12 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
             linear = model.get_submodule(name)
         except AttributeError:
             raise QuaffError(f"artifact names layer {name!r}, which the model does not have") from None
-        if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (spec["in_features"], spec["out_features"]):
+        wb = fp_linear(linear)
+        if wb is None or tuple(wb[0].shape) != (spec["out_features"], spec["in_features"]):
             raise QuaffError(f"artifact layer {name!r} ({spec['in_features']}x{spec['out_features']}) does not match the model's {linear}")
-        set_submodule(model, name, QuaffLinear(linear.in_features, linear.out_features, len(spec["outliers"]),
-                                               linear.bias is not None, linear.weight.dtype, linear.weight.device,
+        weight, bias = wb
+        set_submodule(model, name, QuaffLinear(spec["in_features"], spec["out_features"], len(spec["outliers"]),
+                                               bias is not None, weight.dtype, weight.device,
                                                spec.get("momentum", 0.9), spec.get("exact_grad", False)).train(linear.training))
 
 

@@ -1,0 +1,58 @@
+"""The architecture matrix: transform, evaluate (logits close to FP32) and fine-tune one LoRA step on a
+tiny random-init model of each family the README lists."""
+import copy
+
+import pytest
+import torch
+from transformers import (BertConfig, BertModel, GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, transform
+from quaff_fx.finetune import FinetuneConfig, make_peft_model, train
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256)
+ARCHS = {
+    # name: (builder, quantized layers expected)
+    "llama": (lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2)), 14),
+    "llama-tied-bias": (lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=True,
+                                                             attention_bias=True, mlp_bias=True)), 14),
+    "mistral": (lambda: MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2)), 14),
+    "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2)), 14),
+    "phi3": (lambda: Phi3ForCausalLM(Phi3Config(**COMMON, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)), 8),
+    "gemma": (lambda: GemmaForCausalLM(GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16)), 14),
+    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256)), 8),
+    "opt": (lambda: OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)), 12),
+    "bert": (lambda: BertModel(BertConfig(**COMMON)), 12),
+}
+CFG = QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.05))
+
+
+def forward(model, ids):
+    return model(input_ids=ids)[0]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_transform_eval_finetune(arch):
+    build, expected = ARCHS[arch]
+    torch.manual_seed(0)
+    model = build().eval()
+    reference = copy.deepcopy(model)
+    gm = capture(model)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], CFG.outliers, CFG.eligible, n_batches=2)
+    result = transform(model, stats, CFG, gm=gm)
+    assert len(result.layers) == expected
+    assert sum(isinstance(m, QuaffLinear) for m in model.modules()) == expected
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        fp, q = forward(reference, ids), forward(model, ids)
+    assert torch.isfinite(q).all()
+    assert (q - fp).abs().max() <= 0.05 * fp.abs().max(), arch
+    if arch == "bert":
+        return  # an encoder: no causal-LM fine-tuning
+    cfg = FinetuneConfig(steps=2, seq_len=16, batch_size=2)
+    log = train(make_peft_model(model, cfg), torch.randint(0, 256, (512,)), cfg)
+    assert len(log["losses"]) == 2 and all(l == l for l in log["losses"])
