@@ -81,15 +81,17 @@ def _capture_hf(model: nn.Module, example_inputs: Sequence[Any] | None, dynamic:
         example_inputs = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
     example_inputs = tuple(t.to(_device_of(model)) for t in example_inputs)
     shapes = None
+    limit = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 4096)
     if dynamic:
-        limit = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 4096))
         batch = torch.export.Dim("batch", min=1, max=1024)
         seq = torch.export.Dim("seq", min=1, max=limit)
         shapes = ({0: batch, 1: seq},)
     was_training = model.training
     model.eval()
     try:
-        return _export(_HFOutput(model), example_inputs, shapes, prefix=WRAPPER_PREFIX)
+        gm = _export(_HFOutput(model), example_inputs, shapes, prefix=WRAPPER_PREFIX)
+        gm.meta[META_KEY]["max_seq_len"] = limit
+        return gm
     finally:
         model.train(was_training)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import batches
+from .errors import QuaffError
 
 
 def logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -21,6 +22,7 @@ def logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
 def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4, max_batches: int | None = None,
                source: str = "evaluation text") -> dict[str, float]:
     """exp(mean next-token NLL) over every window of ``seq_len`` tokens of ``ids``."""
+    check_seq_len(model, seq_len)
     fn = logits_fn(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -34,4 +36,14 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4
     finally:
         if was_training:
             model.train()
+    if not math.isfinite(total):
+        raise QuaffError(f"the model produced NaN or Inf logits on the {source}; its weights or inputs are broken")
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Windows longer than the model's position limit would fail deep inside it: refuse them here."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and seq_len > int(limit):
+        raise QuaffError(f"sequence length {seq_len} is past the model's limit of {limit} positions; pass a smaller --seq-len")

@@ -146,6 +146,7 @@ def save_quantized(model: nn.Module, out: str | Path, manifest: dict[str, Any], 
             "model_config": model.config.to_dict() if hasattr(model, "config") else None}
     with atomic_dir(out, force) as tmp:
         save_file(state, str(tmp / WEIGHTS))
+        full["weights_sha256"] = sha256(tmp / WEIGHTS)
         if stats is not None:
             save_file(stats.to_tensors(), str(tmp / STATS), metadata={"quaff": json.dumps(stats.metadata(), sort_keys=True)})
         if tokenizer is not None:
@@ -169,8 +170,23 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_state_checked(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The artifact's tensors, each checked against the manifest's shape and dtype; aliases filled in."""
+    """The artifact's tensors, each checked against the manifest's shape and dtype; aliases filled in.
+    The weights file must have the checksum the manifest recorded (a flipped bit is caught here)."""
+    if not (folder / WEIGHTS).is_file():
+        raise QuaffError(f"{str(folder / WEIGHTS)!r} is missing")
+    if manifest.get("weights_sha256") != sha256(folder / WEIGHTS):
+        raise QuaffError(f"{str(folder / WEIGHTS)!r} does not match the checksum in {MANIFEST}: the file is damaged or was edited")
     state, _ = read_safetensors(folder / WEIGHTS)
     expected = manifest["tensors"]
     if set(state) != set(expected):

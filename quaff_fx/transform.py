@@ -42,6 +42,9 @@ def default_passes(stats: CalibrationStats, config: QuaffConfig, fuse: bool = Fa
 def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, config: QuaffConfig, seq_len: int = 256,
                    batch_size: int = 2, max_batches: int | None = 4, progress: Callable | None = None) -> CalibrationStats:
     """Calibrate ``gm`` on token windows of a text file (the bundled calibration text when None)."""
+    limit = gm.meta.get(META_KEY, {}).get("max_seq_len")
+    if limit is not None and seq_len > limit:
+        raise QuaffError(f"sequence length {seq_len} is past the model's limit of {limit} positions; pass a smaller --seq-len")
     ids = tokenize(tokenizer, read_text(text_path, "calibration"))
     source = f"calibration text {str(text_path) if text_path else '(bundled apache-2.0.txt)'}"
     n = count_batches(ids, seq_len, batch_size, max_batches)
@@ -93,10 +96,17 @@ def layer_spec(module: QuaffLinear, annotation: dict[str, Any], config: QuaffCon
 def load_quantized(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[LoadedModel, dict[str, Any]]:
     """Load an artifact folder written by ``quaff-fx transform``: the HF model with its QuaffLinears,
     the tokenizer, and the manifest. Needs no calibration data and no original weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     folder = Path(folder)
     manifest = read_manifest(folder)
+    try:
+        return _load_quantized(folder, manifest, dtype)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise QuaffError(f"{str(folder)!r}: the artifact's manifest is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _load_quantized(folder: Path, manifest: dict[str, Any], dtype: torch.dtype | None) -> tuple[LoadedModel, dict[str, Any]]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     cfg = dict(manifest["model_config"])
     try:
         hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -111,7 +121,10 @@ def load_quantized(folder: str | Path, dtype: torch.dtype | None = None) -> tupl
     except RuntimeError as exc:
         raise QuaffError(f"{str(folder)!r}: the weights do not fit the model: {str(exc).splitlines()[0]}") from None
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QuaffError(f"{str(folder / 'tokenizer')!r} cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
     return LoadedModel(model, tokenizer, dict(manifest.get("source", {}))), manifest
 
 
