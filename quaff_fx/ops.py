@@ -78,3 +78,27 @@ def _backward(ctx, grad):
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_cuda() -> bool:
+    """Triton kernels for the CUDA dispatch key, where CUDA and Triton exist; the CPU path is unchanged."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from .kernels import triton_kernels as tk
+    except ImportError:
+        return False
+
+    @torch.library.register_kernel("quaff::linear", "cuda")
+    def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False):
+        out = tk.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled)
+        return out.reshape(*x.shape[:-1], w_int8.shape[0])
+
+    @torch.library.register_kernel("quaff::linear_grad_input", "cuda")
+    def _(grad, w_int8, w_scale, exact=False):
+        return tk.grad_input(_flat(grad), w_int8, w_scale, exact).reshape(*grad.shape[:-1], w_int8.shape[1])
+
+    return True
+
+
+CUDA_KERNELS = _register_cuda()

@@ -1,0 +1,90 @@
+"""GPU layer benchmark: one Linear forward + backward (grad_X; the weight is frozen) in bf16 against
+QuaffLinear on the Triton kernels, at Llama/Phi-3 sizes, plus the int8 GEMM's throughput. Ratios from one run.
+
+    python tools/gpu_bench.py [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from quaff_fx.kernels import triton_kernels as tk
+from quaff_fx.modules import QuaffLinear
+
+SHAPES = [(2048, 2048), (4096, 4096), (4096, 14336), (14336, 4096), (3072, 8192)]
+TOKENS = [2048, 4096, 8192, 16384]
+PEAK_INT8_TOPS = 1979.0  # H100 SXM dense int8 tensor-core peak
+
+
+def cuda_time(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    args = ap.parse_args()
+    rows = []
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        idx = torch.randperm(k, device="cuda")[: k // 100]
+        act_max = torch.ones(k, device="cuda") * 3
+        act_max[idx] = 300
+        quaff = QuaffLinear.from_weight(w, None, idx, act_max=act_max).eval()
+        for m in args.tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x[:, idx] *= 100
+            x.requires_grad_(True)
+            g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+            def bf16_step():
+                F.linear(x, w).backward(g)
+
+            def quaff_step():
+                quaff(x).backward(g)
+
+            def quaff_fwd():
+                with torch.no_grad():
+                    quaff(x)
+
+            def bf16_fwd():
+                with torch.no_grad():
+                    F.linear(x, w)
+
+            q, sx = tk.quantize_rows(x.detach(), torch.ones(k, device="cuda"))
+            t_gemm = cuda_time(lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16))
+            t_intmm = cuda_time(lambda: torch._int_mm(q, quaff.w_int8.t()))
+            t_b, t_q = cuda_time(bf16_step), cuda_time(quaff_step)
+            t_bf, t_qf = cuda_time(bf16_fwd), cuda_time(quaff_fwd)
+            tops = 2 * m * n * k / t_gemm / 1e12
+            rows.append({"K": k, "N": n, "M": m, "bf16_fwd_bwd_ms": t_b * 1e3, "quaff_fwd_bwd_ms": t_q * 1e3,
+                         "speedup_fwd_bwd": t_b / t_q, "bf16_fwd_ms": t_bf * 1e3, "quaff_fwd_ms": t_qf * 1e3,
+                         "speedup_fwd": t_bf / t_qf, "int8_gemm_tops": tops, "torch_int_mm_tops": 2 * m * n * k / t_intmm / 1e12,
+                         "int8_roofline_fraction": tops / PEAK_INT8_TOPS})
+            r = rows[-1]
+            print(f"K={k:5d} N={n:5d} M={m:5d}  fwd+bwd bf16 {r['bf16_fwd_bwd_ms']:.3f} ms quaff {r['quaff_fwd_bwd_ms']:.3f} ms "
+                  f"({r['speedup_fwd_bwd']:.2f}x)  fwd {r['speedup_fwd']:.2f}x  int8 GEMM {tops:.0f} TOPS "
+                  f"(_int_mm {r['torch_int_mm_tops']:.0f})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
