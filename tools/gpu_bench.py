@@ -35,6 +35,31 @@ def cuda_time(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def breakdown(k: int = 4096, n: int = 14336, m: int = 8192) -> None:
+    """Where a Quaff layer's time goes, part by part, next to the bf16 GEMMs it replaces."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    idx = torch.randperm(k, device="cuda")[: k // 100]
+    quaff = QuaffLinear.from_weight(w, None, idx, act_max=torch.full((k,), 300.0, device="cuda")).eval()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    inv = torch.ones(k, device="cuda")
+    q, sx = tk.quantize_rows(x, inv)
+    qg, sg = tk.quantize_rows(g, quaff.w_scale)
+    x_o, w_c = x[:, idx].contiguous(), w[:, idx].contiguous()
+    parts = {
+        "bf16 forward GEMM": lambda: F.linear(x, w),
+        "bf16 grad_X GEMM": lambda: g @ w,
+        "quantize X (Triton)": lambda: tk.quantize_rows(x, inv),
+        "int8 GEMM + epilogue (fwd)": lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16),
+        "outlier correction (cuBLAS, bf16)": lambda: x_o @ w_c.t(),
+        "quantize grad (Triton)": lambda: tk.quantize_rows(g, quaff.w_scale),
+        "int8 GEMM grad_X (B row-major)": lambda: tk.int8_gemm(qg, quaff.w_int8, sg, None, torch.bfloat16, b_is_nk=False),
+    }
+    print(f"\nbreakdown at K={k} N={n} M={m}:")
+    for name, fn in parts.items():
+        print(f"  {name:36s} {cuda_time(fn) * 1e3:.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -81,6 +106,7 @@ def main() -> None:
             print(f"K={k:5d} N={n:5d} M={m:5d}  fwd+bwd bf16 {r['bf16_fwd_bwd_ms']:.3f} ms quaff {r['quaff_fwd_bwd_ms']:.3f} ms "
                   f"({r['speedup_fwd_bwd']:.2f}x)  fwd {r['speedup_fwd']:.2f}x  int8 GEMM {tops:.0f} TOPS "
                   f"(_int_mm {r['torch_int_mm_tops']:.0f})", flush=True)
+    breakdown()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -124,9 +124,10 @@ def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=Non
     q, sx = quantize_rows(x, inv)
     residual = None
     if has_outliers:
-        x_hat_o = x.index_select(1, outlier_idx).float() * inv.index_select(0, outlier_idx)
-        w_corr = w_outlier.float() * (act_scale.float() - 1.0)
-        residual = (x_hat_o @ w_corr.t()).to(x.dtype) if x.dtype != torch.float32 else x_hat_o @ w_corr.t()
+        # the correction X̂_o ((S_o - 1) W_o)ᵀ, a skinny [M, k] x [k, N] product, on cuBLAS in x's dtype
+        x_hat_o = (x.index_select(1, outlier_idx).float() * inv.index_select(0, outlier_idx)).to(x.dtype)
+        w_corr = (w_outlier.float() * (act_scale.float() - 1.0)).to(x.dtype)
+        residual = x_hat_o @ w_corr.t()
     return int8_gemm(q, w_int8, sx, w_scale, x.dtype, bias, residual, b_is_nk=True)
 
 
