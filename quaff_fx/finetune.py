@@ -29,7 +29,7 @@ class FinetuneConfig:
     steps: int = 20
     batch_size: int = 4
     seq_len: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-4
     rank: int = 8
     alpha: int = 16
     virtual_tokens: int = 16
