@@ -313,10 +313,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import read_text, tokenize
     from .finetune import FinetuneConfig, make_peft_model, perplexity_of, save_adapter, train
 
+    from .distributed import init_from_env
+
     cfg = FinetuneConfig(args.peft, args.steps, args.batch_size, args.seq_len, args.lr, args.rank, args.alpha,
                          args.virtual_tokens, args.checkpoint_every, args.seed)
+    rank, size = init_from_env()  # torchrun / accelerate launch set the environment; one process otherwise
     out = Path(args.out)
-    if out.exists() and not (args.resume or args.force):
+    if out.exists() and not (args.resume or args.force) and not (size > 1 and rank > 0):
         raise QuaffError(f"{args.out!r} exists; pass --resume to continue its training or --force to start over")
     if not out.resolve().parent.is_dir():
         raise QuaffError(f"folder {str(out.resolve().parent)!r} does not exist")
@@ -324,15 +327,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     heldout = read_text(args.eval_text, "heldout")
     model, tokenizer, source = _finetune_base(args)
     ids = tokenize(tokenizer, text)
-    if args.force and out.exists() and not args.resume:
-        import shutil
+    if rank == 0:
+        if args.force and out.exists() and not args.resume:
+            import shutil
 
-        shutil.rmtree(out)
-    out.mkdir(exist_ok=True)
+            shutil.rmtree(out)
+        out.mkdir(exist_ok=True)
     peft_model = make_peft_model(model, cfg)
-    log = train(peft_model, ids, cfg, out, resume=args.resume, progress=_progress(f"finetune {cfg.peft}", cfg.steps))
+    log = train(peft_model, ids, cfg, out, resume=args.resume, progress=_progress(f"finetune {cfg.peft}", cfg.steps) if rank == 0 else None,
+                distributed="ddp" if size > 1 else None)
     log["heldout_perplexity"] = perplexity_of(peft_model, tokenize(tokenizer, heldout), cfg.seq_len)
     log["trainable_parameters"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    log["world_size"] = size
+    if rank > 0:
+        return 0  # rank 0 writes and reports
     save_adapter(peft_model, out, log, {"source": source, "quantized": not args.fp32, "finetune": log["config"]})
     if args.merge:
         _save_merged(peft_model, out / "merged", source, tokenizer, cfg)

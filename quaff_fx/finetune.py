@@ -91,8 +91,13 @@ def batch_for_step(win: torch.Tensor, step: int, cfg: FinetuneConfig) -> torch.T
     return win[idx]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a sharded one (FSDP2's DTensor), else the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _full(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def scale_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,20 +121,27 @@ def save_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, step: int, 
     save_file(trainable_state(model), str(folder / "adapter.safetensors"))
     save_file(scale_state(model) or {"_empty": torch.zeros(0)}, str(folder / "scales.safetensors"))
     state = opt.state_dict()
-    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    tensors = {f"{idx}.{k}": _full(v).contiguous() for idx, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
     save_file(tensors or {"_empty": torch.zeros(0)}, str(folder / "optimizer.safetensors"))
     write_json(folder / "state.json", {"step": step, "losses": losses, "param_groups": state["param_groups"],
                                        "state_keys": {str(i): sorted(s) for i, s in state["state"].items()}})
 
 
-def load_checkpoint(folder: Path, model, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+def load_checkpoint(folder: Path, model, opt: torch.optim.Optimizer | None = None) -> tuple[int, list[float]]:
+    """Adapter weights and scales into ``model``; the optimizer state into ``opt`` when given."""
     meta = read_json(folder / "state.json")
     _load_into(model, read_safetensors(folder / "adapter.safetensors")[0], str(folder))
     _load_into(model, {k: v for k, v in read_safetensors(folder / "scales.safetensors")[0].items() if k != "_empty"}, str(folder))
+    if opt is not None:
+        load_optimizer(folder, opt)
+    return int(meta["step"]), list(meta["losses"])
+
+
+def load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> None:
+    meta = read_json(folder / "state.json")
     tensors = read_safetensors(folder / "optimizer.safetensors")[0]
     state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"]), list(meta["losses"])
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -138,36 +150,51 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def train(model, ids: torch.Tensor, cfg: FinetuneConfig, out: Path | None = None, resume: bool = False,
-          progress: Callable | None = None, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train ``model`` (a PEFT model) on windows of ``ids`` for ``cfg.steps`` steps; returns the loss log."""
+          progress: Callable | None = None, on_step: Callable[[int, float], None] | None = None,
+          distributed: str | None = None) -> dict[str, Any]:
+    """Train ``model`` (a PEFT model) on windows of ``ids`` for ``cfg.steps`` steps; returns the loss log.
+
+    Under torch.distributed (``distributed`` = "ddp" or "fsdp") each rank takes its slice of the same global
+    batch of ``cfg.batch_size`` windows; the logged loss is the global one; rank 0 writes checkpoints."""
+    from .distributed import global_mean, world, wrap
+
+    rank, size = world()
+    if cfg.batch_size % size:
+        raise QuaffError(f"batch size {cfg.batch_size} does not split over {size} processes")
     win = windows(ids, cfg.seq_len)
     if win.shape[0] < 1:
         raise QuaffError(f"training text has {ids.numel()} tokens, too few for one window of {cfg.seq_len}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise QuaffError("the model has no trainable parameter: nothing to fine-tune")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     step, losses = 0, []
-    if resume and out is not None and (ckpt := latest_checkpoint(out)) is not None:
-        step, losses = load_checkpoint(ckpt, model, opt)
+    ckpt = latest_checkpoint(out) if resume and out is not None else None
+    if ckpt is not None and distributed == "fsdp" and size > 1:
+        raise QuaffError("resuming under FSDP is not supported yet; resume with DDP or in one process")
+    if ckpt is not None:
+        step, losses = load_checkpoint(ckpt, model)  # before wrapping: DDP then broadcasts rank 0's state
+    net = wrap(model, distributed) if distributed and size > 1 else model
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    if ckpt is not None:
+        load_optimizer(ckpt, opt)
     model.train()
     steps = range(step, cfg.steps)
     bar = progress(steps) if progress else steps
     t0 = time.perf_counter()
     for s in bar:
-        batch = batch_for_step(win, s, cfg)
-        loss = model(input_ids=batch, labels=batch).loss
+        batch = batch_for_step(win, s, cfg)[rank::size]
+        loss = net(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
             raise QuaffError(f"the loss became {loss.item()} at step {s}; lower --lr")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(global_mean(loss.item()))
         if on_step is not None:
             on_step(s, losses[-1])
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if out is not None and ((s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps):
+        if out is not None and rank == 0 and ((s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps):
             save_checkpoint(out / "checkpoints" / f"step-{s + 1:06d}", model, opt, s + 1, losses)
     model.eval()
     return {"losses": losses, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
