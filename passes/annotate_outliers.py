@@ -6,7 +6,7 @@ from typing import Any
 from torch.fx import GraphModule
 
 from quaff_fx.calibration import CalibrationStats
-from quaff_fx.capture import META_KEY, find_linears, quaff_sites
+from quaff_fx.capture import META_KEY, find_linears, quaff_sites, unmatched_linears
 from quaff_fx.config import QuaffConfig
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport, quaff_bytes
@@ -49,6 +49,8 @@ class AnnotateOutliers(QuaffPass):
             report.add(**row, outliers=k, outlier_ratio=k / site.in_features, max_mean_ratio=annotation["max_mean_ratio"],
                        bytes_before=before, bytes_after=after, bytes_saved=before - after,
                        outlier_bytes=k * site.out_features * dtype_bytes, status="annotated", outlier_channels=annotation["outliers"])
+        for node in unmatched_linears(gm):
+            report.add(node=node.name, module="", status="skipped: not a Linear on a parameter (e.g. a computed weight)")
         return QuaffPassResult(gm, modified, report)
 
 

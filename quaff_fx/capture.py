@@ -132,6 +132,15 @@ def find_linears(gm: GraphModule) -> list[LinearSite]:
     return sites
 
 
+LINEAR_TARGETS = (torch.ops.aten.linear.default, torch.nn.functional.linear, torch.ops.aten.addmm.default)
+
+
+def unmatched_linears(gm: GraphModule) -> list[Node]:
+    """Linear-like nodes that are not layers quaff-fx can quantize (a computed weight, say); reported, left alone."""
+    matched = {s.node for s in find_linears(gm)}
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS and n not in matched]
+
+
 def quaff_sites(gm: GraphModule) -> list[LinearSite]:
     """The nodes that already call a QuaffLinear (after the rewrite)."""
     from .modules import QuaffLinear

