@@ -90,3 +90,22 @@ def onnx_logits(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0])
+
+
+def onnx_perplexity(path: str | Path, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4,
+                    max_batches: int | None = None) -> float:
+    """Perplexity of the exported model in onnxruntime, in the same windows as ``evaluate.perplexity``."""
+    import math
+
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from .data import batches
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    total, count = 0.0, 0
+    for batch in batches(ids, seq_len, batch_size, max_batches):
+        logits = torch.from_numpy(session.run(["logits"], {"input_ids": batch.numpy()})[0])
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)

@@ -151,7 +151,7 @@ def test_bad_artifacts(artifact, tmp_path, capsys):
     cases = [(set_version, "format version 7"), (other_format, "not a quaff-fx model artifact"),
              (lambda d: (d / "model.safetensors").unlink(), "model.safetensors' is missing"),
              (lambda d: (d / "quaff.json").unlink(), "nor a quaff-fx artifact (no quaff.json)"),
-             (truncate, "not a readable safetensors file")]
+             (truncate, "does not match the checksum")]
     for edit, message in cases:
         code, _, err = run(capsys, "eval", broken(edit))
         assert code == 2 and message in err, (message, err)

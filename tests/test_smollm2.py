@@ -23,7 +23,18 @@ def test_capture_matches_eager(smollm2):
         assert diff <= 1e-4, (batch, seq, diff)
 
 
-def test_quaff_keeps_perplexity_and_beats_naive_w8a8(smollm2):
+@pytest.fixture(scope="module")
+def quaff_smollm2(smollm2):
+    config = QuaffConfig()
+    quaff = copy.deepcopy(smollm2.model)
+    gm = capture(quaff)
+    stats = calibrate_text(gm, smollm2.tokenizer, None, config)
+    result = transform(quaff, stats, config, gm=gm)
+    assert len(result.layers) == 210
+    return quaff
+
+
+def test_quaff_keeps_perplexity_and_beats_naive_w8a8(smollm2, quaff_smollm2):
     config = QuaffConfig()
     ids = tokenize(smollm2.tokenizer, read_text(None, "heldout"))
     fp = perplexity(smollm2.model, ids, 256, 4)["perplexity"]
@@ -31,11 +42,17 @@ def test_quaff_keeps_perplexity_and_beats_naive_w8a8(smollm2):
     naive_w8a8_(naive, config)
     naive_ppl = perplexity(naive, ids, 256, 4)["perplexity"]
     del naive
-    quaff = copy.deepcopy(smollm2.model)
-    gm = capture(quaff)
-    stats = calibrate_text(gm, smollm2.tokenizer, None, config)
-    result = transform(quaff, stats, config, gm=gm)
-    assert len(result.layers) == 210
-    quaff_ppl = perplexity(quaff, ids, 256, 4)["perplexity"]
+    quaff_ppl = perplexity(quaff_smollm2, ids, 256, 4)["perplexity"]
     assert quaff_ppl < naive_ppl
     assert quaff_ppl / fp - 1 <= 0.025, (fp, naive_ppl, quaff_ppl)
+
+
+def test_onnx_export_keeps_perplexity(smollm2, quaff_smollm2, tmp_path):
+    from quaff_fx.onnx_export import export_onnx, onnx_perplexity
+
+    path = export_onnx(quaff_smollm2, tmp_path / "smollm2.onnx")
+    ids = tokenize(smollm2.tokenizer, read_text(None, "heldout"))
+    torch_ppl = perplexity(quaff_smollm2, ids, 256, 4, max_batches=3)["perplexity"]
+    onnx_ppl = onnx_perplexity(path, ids, 256, 4, max_batches=3)
+    assert abs(onnx_ppl / torch_ppl - 1) <= 0.005, (torch_ppl, onnx_ppl)
+    assert path.stat().st_size < 0.5 * sum(p.numel() * 4 for p in smollm2.model.parameters())

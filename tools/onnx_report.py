@@ -6,29 +6,18 @@ model, logits difference, held-out perplexity in onnxruntime vs PyTorch, and CPU
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 from quaff_fx.data import batches, read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.models import load_model
-from quaff_fx.onnx_export import export_onnx
+from quaff_fx.onnx_export import export_onnx, onnx_perplexity
 from quaff_fx.transform import load_quantized
-
-
-def ort_perplexity(session, ids: torch.Tensor, seq_len: int) -> float:
-    total, count = 0.0, 0
-    for batch in batches(ids, seq_len, 4):
-        logits = torch.from_numpy(session.run(["logits"], {"input_ids": batch.numpy()})[0])
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def median_time(fn, n: int = 5) -> float:
@@ -57,7 +46,7 @@ def main() -> None:
     ids = tokenize(loaded.tokenizer, read_text(None, "heldout"))
     session = ort.InferenceSession(str(quaff_path), providers=["CPUExecutionProvider"])
     pt_ppl = perplexity(loaded.model, ids, args.seq_len, 4)["perplexity"]
-    ort_ppl = ort_perplexity(session, ids, args.seq_len)
+    ort_ppl = onnx_perplexity(quaff_path, ids, args.seq_len)
     probe = next(batches(ids, args.seq_len, 4))
     with torch.no_grad():
         ref = loaded.model(input_ids=probe).logits
