@@ -54,13 +54,19 @@ class OutlierTracker:
         kinds: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for name, rows in self.history.items():
             for r in rows:
-                kinds[name.rsplit(".", 1)[-1]][r["step"]].append(r["jaccard"])
+                kinds[_kind(name)][r["step"]].append(r["jaccard"])
         per_kind = {k: {"steps": sorted(v), "jaccard": [sum(v[s]) / len(v[s]) for s in sorted(v)]} for k, v in kinds.items()}
         all_j = [r["jaccard"] for rows in self.history.values() for r in rows]
         all_r = [r["recall"] for rows in self.history.values() for r in rows]
         return {"layers": len(self.history), "mean_jaccard": sum(all_j) / max(len(all_j), 1),
                 "mean_recall": sum(all_r) / max(len(all_r), 1), "per_kind": per_kind,
                 "per_layer": {n: rows for n, rows in self.history.items()}}
+
+
+def _kind(name: str) -> str:
+    """q_proj, down_proj, ...: the layer's own name, past PEFT's ``.base_layer`` wrapper."""
+    parts = [p for p in name.split(".") if p != "base_layer"]
+    return parts[-1]
 
 
 def plot(summary: dict[str, Any], path: str | Path, layer: str | None = None) -> Path:
