@@ -54,6 +54,9 @@ def breakdown(k: int = 4096, n: int = 14336, m: int = 8192) -> None:
         "outlier correction (cuBLAS, bf16)": lambda: x_o @ w_c.t(),
         "quantize grad (Triton)": lambda: tk.quantize_rows(g, quaff.w_scale),
         "int8 GEMM grad_X (B row-major)": lambda: tk.int8_gemm(qg, quaff.w_int8, sg, None, torch.bfloat16, b_is_nk=False),
+        "transpose W (int8 copy)": lambda: quaff.w_int8.t().contiguous(),
+        "int8 GEMM grad_X (on Wᵀ copy)": lambda: tk.int8_gemm(qg, quaff.w_int8.t().contiguous(), sg, None, torch.bfloat16),
+        "quaff grad_input op (all of it)": lambda: torch.ops.quaff.linear_grad_input(g, quaff.w_int8, quaff.w_scale, False),
     }
     print(f"\nbreakdown at K={k} N={n} M={m}:")
     for name, fn in parts.items():
