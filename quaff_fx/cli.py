@@ -465,6 +465,37 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .models import load_model
+    from .sweep import plot, sweep
+
+    texts = {Path(t).name: Path(t) for t in args.texts} if args.texts else {"gpl-3.0.txt (bundled)": None}
+    for t in texts.values():
+        if t is not None:
+            read_text_checked(t)
+    loaded = load_model(args.model)
+    rows = sweep(loaded.model, loaded.tokenizer, texts, args.strategies, args.ratios, args.alphas, args.calib,
+                 seq_len=args.seq_len, eval_batches=args.eval_batches, progress=lambda m: print(m, file=sys.stderr))
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    names = list(rows[0]["perplexity"])
+    print(tabulate([[r["method"], r["channels"], f"{r['fp_bytes'] / 2**10:.0f} KiB"]
+                    + [f"{r['perplexity'][t]:.3f} ({100 * r['delta'][t]:+.2f}%)" for t in names] for r in rows],
+                   headers=["method", "FP channels", "FP columns"] + names))
+    return 0
+
+
+def read_text_checked(path: Path) -> None:
+    from .data import read_text
+
+    read_text(path)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -593,6 +624,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("sweep", help="accuracy of FP32, naive, SmoothQuant, LLM.int8 and Quaff settings on several texts")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("--texts", nargs="*", default=None, help="held-out texts (default: the bundled gpl-3.0.txt)")
+    p.add_argument("--calib", default=None, help="calibration text (default: the bundled apache-2.0.txt)")
+    p.add_argument("--strategies", nargs="*", default=["top_abs", "mean_times"])
+    p.add_argument("--ratios", nargs="*", type=float, default=[0.005, 0.01, 0.02])
+    p.add_argument("--alphas", nargs="*", type=float, default=[0.5])
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches of each text")
+    p.add_argument("--plot", default=None, help="PNG of perplexity delta vs outlier budget")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="time FP32 vs Quaff forward (eager, fused, compiled) side by side")
     p.add_argument("model", nargs="?", default=None, help=model_help)

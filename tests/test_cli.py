@@ -171,3 +171,14 @@ def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
     assert text.startswith("digraph") and text.count("#ffb347") == 14
     code, _, err = run(capsys, "inspect", artifact / "stats.safetensors", "--graph")
     assert code == 2 and "need an artifact folder" in err
+
+
+def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    plot = tmp_path / "sweep.png"
+    code, out, _ = run(capsys, "sweep", tiny_model_dir, "--seq-len", "64", "--ratios", "0.05", "--strategies", "top_abs",
+                       "--alphas", "0.5", "--plot", plot, "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["method"] for r in rows] == ["fp32", "w8a8 naive", "smoothquant a=0.5", "llm.int8 (|x|>6 in FP)",
+                                                          "quaff top_abs 0.05"]
+    assert rows[0]["delta"]["gpl-3.0.txt (bundled)"] == 0.0 and all(r["perplexity"]["gpl-3.0.txt (bundled)"] > 1 for r in rows)
+    assert rows[-1]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
