@@ -36,15 +36,20 @@ class SmoothQuantLinear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def smoothquant_(model: nn.Module, stats, alpha: float, eligible) -> int:
-    """Replace every calibrated, eligible Linear by its SmoothQuant version; returns how many."""
-    n = 0
+def _calibrated_linears(model: nn.Module, stats, eligible):
+    """(name, module, weight [out, in], bias, layer stats) of every calibrated, eligible Linear."""
     for name, layer in stats.layers.items():
         module = model.get_submodule(name)
         wb = fp_linear(module)
-        if wb is None or not eligible(name):
-            continue
-        set_submodule(model, name, SmoothQuantLinear(wb[0], wb[1], layer.max_abs, alpha))
+        if wb is not None and eligible(name):
+            yield name, module, wb[0], wb[1], layer
+
+
+def smoothquant_(model: nn.Module, stats, alpha: float, eligible) -> int:
+    """Replace every calibrated, eligible Linear by its SmoothQuant version; returns how many."""
+    n = 0
+    for name, _, weight, bias, layer in list(_calibrated_linears(model, stats, eligible)):
+        set_submodule(model, name, SmoothQuantLinear(weight, bias, layer.max_abs, alpha))
         n += 1
     return n
 
@@ -54,13 +59,9 @@ def llm_int8_(model: nn.Module, stats, eligible, threshold: float = LLM_INT8_THR
     the rest in int8. Expressed as a QuaffLinear whose outlier scale is so large (1e6) that those channels
     leave the int8 GEMM and come back exactly through the FP correction. Returns the FP channel count."""
     kept = 0
-    for name, layer in stats.layers.items():
-        module = model.get_submodule(name)
-        wb = fp_linear(module)
-        if wb is None or not eligible(name):
-            continue
+    for name, module, weight, bias, layer in list(_calibrated_linears(model, stats, eligible)):
         idx = torch.nonzero(layer.max_abs > threshold).flatten()
-        q = QuaffLinear.from_weight(wb[0], wb[1], idx).train(module.training)
+        q = QuaffLinear.from_weight(weight, bias, idx).train(module.training)
         q.act_scale.fill_(1e6)
         set_submodule(model, name, q)
         kept += idx.numel()

@@ -471,10 +471,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .models import load_model
     from .sweep import plot, sweep
 
+    from .data import read_text
+
     texts = {Path(t).name: Path(t) for t in args.texts} if args.texts else {"gpl-3.0.txt (bundled)": None}
     for t in texts.values():
-        if t is not None:
-            read_text_checked(t)
+        read_text(t, "heldout")  # a bad text fails before the model loads
     loaded = load_model(args.model)
     rows = sweep(loaded.model, loaded.tokenizer, texts, args.strategies, args.ratios, args.alphas, args.calib,
                  seq_len=args.seq_len, eval_batches=args.eval_batches, progress=lambda m: print(m, file=sys.stderr))
@@ -488,12 +489,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     + [f"{r['perplexity'][t]:.3f} ({100 * r['delta'][t]:+.2f}%)" for t in names] for r in rows],
                    headers=["method", "FP channels", "FP columns"] + names))
     return 0
-
-
-def read_text_checked(path: Path) -> None:
-    from .data import read_text
-
-    read_text(path)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -580,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_outlier_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("finetune", help="PEFT fine-tuning (LoRA, IA3, prompt, prefix) on the int8 Quaff base")
     p.add_argument("model", nargs="?", default=None, help=model_help + ", or an artifact folder")
     p.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
