@@ -42,7 +42,8 @@ def test_annotate_marks_eligible_linears_and_reports(calibrated):
     data_json = json.loads(result.report.to_json())
     assert data_json["totals"]["transformed"] == 14 and data_json["totals"]["skipped"] == 1
     table = result.report.to_table()
-    assert "model.layers.1.mlp.down_proj" in table and "annotated" in table
+    assert "model.layers.1.mlp.down_proj" in table and "annotated" in table and "% of the int8 weights" in table
+    assert data_json["totals"]["int8_weight_bytes"] == sum(r["in_features"] * r["out_features"] for r in rows.values() if r["status"] == "annotated")
     assert AnnotateOutliers(stats, CFG)(gm).modified is False  # idempotent
 
 
