@@ -40,6 +40,8 @@ class AnnotateOutliers(QuaffPass):
             annotation = {"module": site.module_name, "outliers": outliers.tolist(),
                           "act_max": layer.max_abs.index_select(0, outliers).tolist(),
                           "max_mean_ratio": layer.max_mean_ratio()}
+            if self.config.smooth_alpha is not None:
+                annotation["act_max_all"] = layer.max_abs.tolist()
             if site.node.meta.get(META_KEY) != annotation:
                 site.node.meta[META_KEY] = annotation
                 modified = True

@@ -180,7 +180,8 @@ class FuseScales(QuaffPass):
 
     def _fold(self, gm: GraphModule, site: QuaffSite, report: PassReport) -> None:
         module, node, norm = site.module, site.node, site.node.args[0]
-        if module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1:
+        if module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1 \
+                or module.inv_smooth is not None:
             return
         targets = _norm_params(gm, norm, module.in_features, self.constants or {})
         if targets is None:
@@ -206,7 +207,8 @@ class FuseScales(QuaffPass):
 def _compatible(members: list[QuaffSite]) -> bool:
     key = {(s.module.w_outlier.dtype, s.module.momentum, s.module.exact_grad, s.module.prescaled, s.module.in_features,
             s.module.training) for s in members}
-    return len(key) == 1
+    smoothed = any(s.module.inv_smooth is not None for s in members)  # each member smooths by its own W
+    return len(key) == 1 and not smoothed
 
 
 def _fused_name(members: list[QuaffSite]) -> tuple[str, list[str]]:

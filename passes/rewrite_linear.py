@@ -17,11 +17,14 @@ from quaff_fx.report import PassReport, quaff_bytes
 def build_quaff_linear(weight: torch.Tensor, bias: torch.Tensor | None, annotation: dict[str, Any], config: QuaffConfig) -> QuaffLinear:
     """The QuaffLinear for one annotated layer; shared by the graph rewrite and the live-model swap."""
     act_max = None
-    if annotation["outliers"]:
+    if "act_max_all" in annotation:
+        act_max = torch.tensor(annotation["act_max_all"])
+    elif annotation["outliers"]:
         act_max = torch.zeros(weight.shape[1])
         act_max[annotation["outliers"]] = torch.tensor(annotation["act_max"])
+    smooth = config.smooth_alpha if "act_max_all" in annotation else None
     return QuaffLinear.from_weight(weight, bias, annotation["outliers"], act_max, config.weight_granularity,
-                                   config.momentum, config.exact_grad)
+                                   config.momentum, config.exact_grad, smooth)
 
 
 class RewriteLinear(QuaffPass):

@@ -27,6 +27,7 @@ def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", default="", help="static strategy: comma-separated channel list")
     g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
     g.add_argument("--exclude", action="append", help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
+    g.add_argument("--smooth-alpha", type=float, default=None, help="also smooth the non-outlier channels SmoothQuant-style (e.g. 0.5)")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
@@ -47,7 +48,8 @@ def _config(args: argparse.Namespace):
     base = OutlierConfig.preset(args.preset)
     outliers = OutlierConfig(args.strategy or base.strategy, base.threshold if args.threshold is None else args.threshold,
                              base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
-    return QuaffConfig(outliers=outliers, include=tuple(args.include or ("*",)), exclude=tuple(args.exclude or DEFAULT_EXCLUDE))
+    return QuaffConfig(outliers=outliers, include=tuple(args.include or ("*",)), exclude=tuple(args.exclude or DEFAULT_EXCLUDE),
+                       smooth_alpha=args.smooth_alpha)
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -389,7 +391,7 @@ def _save_merged(peft_model, folder: Path, source: dict, tokenizer, cfg) -> None
         raise QuaffError("--merge works with --peft lora only")
     merged = peft_model.merge_and_unload()
     layers = {n: {"in_features": m.in_features, "out_features": m.out_features, "outliers": m.outlier_idx.tolist(),
-                  "momentum": m.momentum, "exact_grad": m.exact_grad}
+                  "momentum": m.momentum, "exact_grad": m.exact_grad, "smoothed": m.inv_smooth is not None}
               for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
     save_quantized(merged, folder, {"source": source, "config": QuaffConfig().to_dict(), "layers": layers, "reports": []},
                    tokenizer=tokenizer, force=True)

@@ -70,6 +70,7 @@ class QuaffConfig:
                         0 means the scale is recomputed from each batch. Frozen in eval.
     exact_grad:         compute grad_X with the dequantized weight in the compute dtype instead of an
                         int8 GEMM with the gradient quantized per row.
+    smooth_alpha:       also smooth the non-outlier channels SmoothQuant-style with this α (None: off).
     include / exclude:  fnmatch patterns on module names; exclude wins. Embeddings and lm_head are
                         excluded by default.
     """
@@ -80,12 +81,15 @@ class QuaffConfig:
     exact_grad: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in ("channel", "tensor"):
             raise QuaffError(f"weight_granularity must be 'channel' or 'tensor', got {self.weight_granularity!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise QuaffError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
+            raise QuaffError(f"smooth_alpha must lie in (0, 1), got {self.smooth_alpha}")
 
     def eligible(self, module_name: str) -> bool:
         """Whether the Linear called ``module_name`` is to be quantized."""

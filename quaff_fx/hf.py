@@ -72,7 +72,8 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
         weight, bias = wb
         set_submodule(model, name, QuaffLinear(spec["in_features"], spec["out_features"], len(spec["outliers"]),
                                                bias is not None, weight.dtype, weight.device,
-                                               spec.get("momentum", 0.9), spec.get("exact_grad", False)).train(linear.training))
+                                               spec.get("momentum", 0.9), spec.get("exact_grad", False),
+                                               spec.get("smoothed", False)).train(linear.training))
 
 
 def register_peft(peft_config):

@@ -22,10 +22,13 @@ class QuaffLinear(nn.Linear):
         S_o <- momentum * S_o + (1 - momentum) * max(sqrt(max|X_o| / max|W_o|), 1)
     computed on each batch; in eval they are frozen. The base is frozen; adapters train on top.
     ``prescaled``: the input already arrives divided by S (a norm before the layer absorbed 1/S; eval only).
+    ``smoothed``: SmoothQuant-style smoothing of the other channels: x is multiplied by ``inv_smooth`` = 1/s
+    and the int8 weight holds W·s (s = 1 on the outlier channels, which Quaff's scaling handles).
     """
 
     def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None, momentum: float = 0.9, exact_grad: bool = False):
+                 dtype: torch.dtype = torch.float32, device=None, momentum: float = 0.9, exact_grad: bool = False,
+                 smoothed: bool = False):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the FP weight
         self.in_features, self.out_features = in_features, out_features
         self.momentum, self.exact_grad, self.prescaled = momentum, exact_grad, False
@@ -35,6 +38,7 @@ class QuaffLinear(nn.Linear):
         self.register_buffer("w_outlier", torch.zeros(out_features, n_outliers, dtype=dtype, device=device))
         self.register_buffer("act_scale", torch.ones(n_outliers, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.register_buffer("inv_smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smoothed else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, outlier_channels: Sequence[int] | torch.Tensor = (),
@@ -46,11 +50,23 @@ class QuaffLinear(nn.Linear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, outlier_channels=(), act_max=None,
-                    weight_granularity: str = "channel", momentum: float = 0.9, exact_grad: bool = False) -> "QuaffLinear":
+                    weight_granularity: str = "channel", momentum: float = 0.9, exact_grad: bool = False,
+                    smooth_alpha: float | None = None) -> "QuaffLinear":
+        """``smooth_alpha`` (needs the full per-channel ``act_max``): also smooth the non-outlier channels,
+        s = max|X|^α / max|W|^(1−α) (SmoothQuant), folded into the int8 weight."""
         weight = weight.detach()
         idx = torch.as_tensor(outlier_channels, dtype=torch.long, device=weight.device).flatten()
         out_f, in_f = weight.shape
-        mod = cls(in_f, out_f, idx.numel(), bias is not None, weight.dtype, weight.device, momentum, exact_grad)
+        mod = cls(in_f, out_f, idx.numel(), bias is not None, weight.dtype, weight.device, momentum, exact_grad,
+                  smoothed=smooth_alpha is not None)
+        if smooth_alpha is not None:
+            if act_max is None:
+                raise ValueError("smoothing needs the calibrated max|x| of every input channel")
+            act_max = act_max.to(weight.device).float()
+            s = (act_max.clamp_min(1e-5) ** smooth_alpha / weight.float().abs().amax(0).clamp_min(1e-5) ** (1 - smooth_alpha)).clamp_min(1e-5)
+            s[idx] = 1.0
+            mod.inv_smooth.copy_(1.0 / s)
+            weight = (weight.float() * s[None, :]).to(weight.dtype)
         w_int8, w_scale = quantize_weight(weight, weight_granularity)
         mod.w_int8.copy_(w_int8)
         mod.w_scale.copy_(w_scale)
@@ -78,19 +94,24 @@ class QuaffLinear(nn.Linear):
     def weight(self) -> torch.Tensor:
         """The dequantized weight (computed; the FP weight is not stored, so writing into it changes nothing:
         use ``add_delta_`` to change the layer)."""
-        return (self.w_int8.float() * self.w_scale[:, None]).to(self.w_outlier.dtype)
+        w = self.w_int8.float() * self.w_scale[:, None]
+        return (w if self.inv_smooth is None else w * self.inv_smooth[None, :]).to(self.w_outlier.dtype)
 
     @torch.no_grad()
     def add_delta_(self, delta: torch.Tensor) -> None:
         """W <- W + delta, re-quantized (a merged LoRA update). The outlier columns stay exact in FP; the
         granularity (per channel or per tensor) is kept."""
         granularity = "tensor" if self.w_scale.numel() > 1 and bool((self.w_scale == self.w_scale[0]).all()) else "channel"
-        w_int8, w_scale = quantize_weight(self.weight.float() + delta.float(), granularity)
+        if self.inv_smooth is not None:  # the int8 weight holds W·s
+            delta = delta.float() / self.inv_smooth[None, :]
+        w_int8, w_scale = quantize_weight(self.w_int8.float() * self.w_scale[:, None] + delta.float(), granularity)
         self.w_int8.copy_(w_int8)
         self.w_scale.copy_(w_scale)
         self.w_outlier.add_(delta.index_select(1, self.outlier_idx).to(self.w_outlier.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth.to(x.dtype)
         if self.training and self.outlier_idx.numel():
             self._update_scales(x)
         return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.act_scale, self.w_outlier,
@@ -108,5 +129,5 @@ class QuaffLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.outlier_idx.numel()}, "
-                + ("prescaled, " if self.prescaled else "") +
+                + ("prescaled, " if self.prescaled else "") + ("smoothed, " if self.inv_smooth is not None else "") +
                 f"bias={self.bias is not None}, weight=int8[{self.w_scale.numel()} scales], w_outlier={self.w_outlier.dtype}")

@@ -48,15 +48,16 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
     m = copy.deepcopy(model)
     kept = llm_int8_(m, max_stats, base.eligible)
     rows.append({"method": "llm.int8 (|x|>6 in FP)", "channels": kept, "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
-    for strategy in strategies:
-        for ratio in ratios:
-            cfg = QuaffConfig(outliers=OutlierConfig(strategy, 100.0, ratio))
-            m = copy.deepcopy(model)
-            gm, stats = stats_for(m, cfg)
-            result = transform(m, stats, cfg, gm=gm)
-            rows.append({"method": f"quaff {strategy} {ratio:g}", "channels": sum(len(l["outliers"]) for l in result.layers.values()),
-                         "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
-            progress(f"quaff {strategy} {ratio:g} done")
+    grid = [(s, r, None) for s in strategies for r in ratios] + [("top_abs", 0.01, a) for a in alphas]
+    for strategy, ratio, alpha in grid:
+        cfg = QuaffConfig(outliers=OutlierConfig(strategy, 100.0, ratio), smooth_alpha=alpha)
+        m = copy.deepcopy(model)
+        gm, stats = stats_for(m, cfg)
+        result = transform(m, stats, cfg, gm=gm)
+        label = f"quaff {strategy} {ratio:g}" + (f" + smoothing a={alpha}" if alpha is not None else "")
+        rows.append({"method": label, "channels": sum(len(l["outliers"]) for l in result.layers.values()),
+                     "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
+        progress(f"{label} done")
     fp = rows[0]["perplexity"]
     for r in rows:
         r["delta"] = {t: r["perplexity"][t] / fp[t] - 1 for t in fp}

@@ -90,7 +90,8 @@ def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig) ->
 
 def layer_spec(module: QuaffLinear, annotation: dict[str, Any], config: QuaffConfig) -> dict[str, Any]:
     return {"in_features": module.in_features, "out_features": module.out_features, "outliers": list(annotation["outliers"]),
-            "max_mean_ratio": annotation.get("max_mean_ratio"), "momentum": config.momentum, "exact_grad": config.exact_grad}
+            "max_mean_ratio": annotation.get("max_mean_ratio"), "momentum": config.momentum, "exact_grad": config.exact_grad,
+            "smoothed": module.inv_smooth is not None}
 
 
 def load_quantized(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[LoadedModel, dict[str, Any]]:

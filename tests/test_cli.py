@@ -179,6 +179,17 @@ def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
                        "--alphas", "0.5", "--plot", plot, "--json")
     rows = json.loads(out)
     assert code == 0 and [r["method"] for r in rows] == ["fp32", "w8a8 naive", "smoothquant a=0.5", "llm.int8 (|x|>6 in FP)",
-                                                          "quaff top_abs 0.05"]
+                                                          "quaff top_abs 0.05", "quaff top_abs 0.01 + smoothing a=0.5"]
     assert rows[0]["delta"]["gpl-3.0.txt (bundled)"] == 0.0 and all(r["perplexity"]["gpl-3.0.txt (bundled)"] > 1 for r in rows)
-    assert rows[-1]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert rows[-2]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "smooth"
+    assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST, "--smooth-alpha", "0.5"]) == 0
+    capsys.readouterr()
+    loaded, manifest = load_quantized(out)
+    assert all(spec["smoothed"] for spec in manifest["layers"].values())
+    q = loaded.model.model.layers[0].self_attn.q_proj
+    assert q.inv_smooth is not None and not torch.equal(q.inv_smooth, torch.ones_like(q.inv_smooth))
+    assert main(["eval", str(out), "--seq-len", "64", "--json"]) == 0

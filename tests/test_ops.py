@@ -143,3 +143,19 @@ def test_compile_fullgraph_and_export_see_one_op():
     ep = torch.export.export(q, (x,))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.quaff.linear.default) == 1
+
+
+def test_smoothing_keeps_x_w_and_merges():
+    lin, x, _ = layer_and_input()
+    act_max = x.abs().reshape(-1, 96).amax(0)
+    q = QuaffLinear.from_linear(lin, [5, 11, 60], act_max=act_max)
+    s = QuaffLinear.from_weight(lin.weight, lin.bias, [5, 11, 60], act_max, smooth_alpha=0.5).eval()
+    exact = lin(x)
+    assert (s(x) - exact).abs().max() / exact.abs().max() < 0.02
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(s.weight, lin.weight) < 0.02
+    assert torch.equal(s.inv_smooth[[5, 11, 60]], torch.ones(3))  # Quaff's scaling owns the outliers
+    delta = torch.randn(40, 96) * 0.01
+    s.add_delta_(delta)
+    assert rel(s.weight, lin.weight + delta) < 0.02
+    assert "smoothed" in repr(s) and q.inv_smooth is None
