@@ -45,14 +45,14 @@ def main() -> None:
     naive_w8a8_(naive)
     rows["w8a8 naive"] = evaluate(naive)
     del naive
-    for preset in ("paper", "default"):
-        config = QuaffConfig(outliers=OutlierConfig.preset(preset))
+    for preset, alpha in (("paper", None), ("default", None), ("default", 0.5)):
+        config = QuaffConfig(outliers=OutlierConfig.preset(preset), smooth_alpha=alpha)
         model = copy.deepcopy(fp.model)
         gm = capture(model)
         stats = calibrate_text(gm, fp.tokenizer, None, config)
         result = transform(model, stats, config, gm=gm)
         channels = sum(len(l["outliers"]) for l in result.layers.values())
-        rows[f"quaff {preset} ({channels} ch)"] = evaluate(model)
+        rows[f"quaff {preset}{' + smoothing a=%g' % alpha if alpha else ''} ({channels} ch)"] = evaluate(model)
     base = rows["fp32"]
     if args.json:
         print(json.dumps({"seq_len": args.seq_len, "perplexity": rows}, indent=1))
