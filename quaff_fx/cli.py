@@ -38,6 +38,15 @@ def _add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None
     g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
 
 
+def _add_training_options(p: argparse.ArgumentParser, lr: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+
+
 def _config(args: argparse.Namespace):
     from .config import DEFAULT_EXCLUDE, OutlierConfig, QuaffConfig
 
@@ -580,13 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="PEFT fine-tuning (LoRA, IA3, prompt, prefix) on the int8 Quaff base")
     p.add_argument("model", nargs="?", default=None, help=model_help + ", or an artifact folder")
-    p.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
+    _add_training_options(p, lr=2e-4)
     p.add_argument("--eval-text", default=None, help="held-out text for the final perplexity (default: bundled gpl-3.0.txt)")
     p.add_argument("--peft", default="lora", help="lora | ia3 | prompt | prefix (default lora)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
     p.add_argument("--virtual-tokens", type=int, default=16, help="prompt/prefix tuning length")
@@ -603,12 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ossh", help="track outlier channels during LoRA fine-tuning against the calibrated ones")
     p.add_argument("model", nargs="?", default=None, help=model_help + ", or an artifact folder")
-    p.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
-    p.add_argument("--steps", type=int, default=20)
+    _add_training_options(p, lr=1e-3)
     p.add_argument("--every", type=int, default=1, help="record every N steps")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", default="ossh.png", help="PNG plot (the data goes beside it as .json)")
     p.add_argument("--force", action="store_true")
     _add_outlier_options(p)
