@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from quaff_fx.capture import META_KEY, module_prefix
+from quaff_fx.capture import META_KEY, attr, module_prefix
 from quaff_fx.modules import QuaffLinear
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport
@@ -74,10 +74,7 @@ def _constant(gm: GraphModule, arg: Any, constants: dict[Node, torch.Tensor]) ->
     if not isinstance(arg, Node):
         return None
     if arg.op == "get_attr":
-        obj: Any = gm
-        for part in arg.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return attr(gm, arg.target)
     if arg.op == "placeholder" and arg in constants and not _mutated(arg):
         return constants[arg]
     return None

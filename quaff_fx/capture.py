@@ -163,7 +163,7 @@ def _linear_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     if not isinstance(weight, Node) or weight.op != "get_attr" or not weight.target.endswith(".weight"):
         return None  # a linear on a computed weight is no layer we can quantize
-    w = _attr(gm, weight.target)
+    w = attr(gm, weight.target)
     if w.dim() != 2:
         return None
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -179,13 +179,14 @@ def _addmm_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
     if not all(isinstance(a, Node) and a.op == "get_attr" for a in (bias, weight)) or not weight.target.endswith(".weight"):
         return None
     module = weight.target[: -len(".weight")]
-    w = _attr(gm, weight.target)
+    w = attr(gm, weight.target)
     if bias.target != module + ".bias" or w.dim() != 2:
         return None
     return LinearSite(node, _strip(module, prefix), int(w.shape[0]), int(w.shape[1]), True, transposed=True)
 
 
-def _attr(gm: GraphModule, target: str) -> torch.Tensor:
+def attr(gm: GraphModule, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` node's dotted target names."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -199,8 +200,8 @@ def weight_and_bias(gm: GraphModule, site: LinearSite) -> tuple[torch.Tensor, to
         mod = gm.get_submodule(node.target)
         return mod.weight, mod.bias
     if site.transposed:
-        return _attr(gm, node.args[2].target).t(), _attr(gm, node.args[0].target)
-    weight = _attr(gm, node.args[1].target)
+        return attr(gm, node.args[2].target).t(), attr(gm, node.args[0].target)
+    weight = attr(gm, node.args[1].target)
     bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    bias = _attr(gm, bias_node.target) if isinstance(bias_node, Node) and bias_node.op == "get_attr" else None
+    bias = attr(gm, bias_node.target) if isinstance(bias_node, Node) and bias_node.op == "get_attr" else None
     return weight, bias

@@ -70,13 +70,10 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def _check_out(path: str | None, force: bool) -> None:
     """Refuse early, before minutes of work, to overwrite an output or to write into a missing folder."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.exists() and not force:
-        raise QuaffError(f"{path!r} exists; pass --force to overwrite it")
-    if not p.resolve().parent.is_dir():
-        raise QuaffError(f"folder {str(p.resolve().parent)!r} does not exist")
+    from .io import check_target
+
+    if path is not None:
+        check_target(path, force)
 
 
 def _load_and_calibrate(args: argparse.Namespace, config):
@@ -305,7 +302,6 @@ def _compare_set(fp, args: argparse.Namespace, quaff_model=None, tokenizer=None)
     import copy
 
     from .capture import capture
-    from .config import QuaffConfig
     from .hf import naive_w8a8_
     from .transform import calibrate_text, transform
 
@@ -332,8 +328,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not (args.resume or args.force) and not (size > 1 and rank > 0):
         raise QuaffError(f"{args.out!r} exists; pass --resume to continue its training or --force to start over")
-    if not out.resolve().parent.is_dir():
-        raise QuaffError(f"folder {str(out.resolve().parent)!r} does not exist")
+    _check_out(args.out, force=True)  # the folder it goes in must exist
     text = read_text(args.data, "calibration")
     heldout = read_text(args.eval_text, "heldout")
     model, tokenizer, source = _finetune_base(args)
@@ -395,13 +390,12 @@ def _save_merged(peft_model, folder: Path, source: dict, tokenizer, cfg) -> None
     from .config import QuaffConfig
     from .io import save_quantized
     from .modules import QuaffLinear
+    from .transform import layer_spec
 
     if cfg.peft != "lora":
         raise QuaffError("--merge works with --peft lora only")
     merged = peft_model.merge_and_unload()
-    layers = {n: {"in_features": m.in_features, "out_features": m.out_features, "outliers": m.outlier_idx.tolist(),
-                  "momentum": m.momentum, "exact_grad": m.exact_grad, "smoothed": m.inv_smooth is not None}
-              for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
+    layers = {n: layer_spec(m) for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
     save_quantized(merged, folder, {"source": source, "config": QuaffConfig().to_dict(), "layers": layers, "reports": []},
                    tokenizer=tokenizer, force=True)
 
@@ -448,17 +442,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     from .io import read_manifest
-    from .onnx_export import export_onnx, onnx_logits
+    from .onnx_export import check_opset, export_onnx, onnx_logits
     from .transform import load_quantized
 
     path = Path(args.artifact)
     if not path.is_dir() or not (path / "quaff.json").is_file():
         raise QuaffError(f"{args.artifact!r} is not a quaff-fx artifact folder (no quaff.json); run `quaff-fx transform --out DIR` first")
     read_manifest(path)
-    from .onnx_export import MAX_OPSET, MIN_OPSET
-
-    if not MIN_OPSET <= args.opset <= MAX_OPSET:
-        raise QuaffError(f"opset {args.opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
+    check_opset(args.opset)
     _check_out(args.out, args.force)
     loaded, _ = load_quantized(path)
     out = export_onnx(loaded.model, args.out, args.opset, force=args.force)

@@ -44,6 +44,9 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4
 def check_seq_len(model, seq_len: int) -> None:
     """Windows longer than the model's position limit would fail deep inside it: refuse them here."""
     config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    check_seq_limit(seq_len, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
+
+
+def check_seq_limit(seq_len: int, limit: int | None) -> None:
     if limit is not None and seq_len > int(limit):
         raise QuaffError(f"sequence length {seq_len} is past the model's limit of {limit} positions; pass a smaller --seq-len")

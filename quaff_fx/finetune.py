@@ -4,7 +4,6 @@ exactly (data order is a function of the seed and the step), adapters saved as s
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass

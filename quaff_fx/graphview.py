@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import QuaffError
+from .io import check_target
 from .modules import QuaffLinear
 
 MARK = "◆"
@@ -86,8 +87,7 @@ def graph_dot(gm: GraphModule) -> str:
 def write_dot(gm: GraphModule, path: str | Path) -> Path:
     """Write DOT text, or SVG/PNG when the name asks for it and Graphviz's ``dot`` is installed."""
     path = Path(path)
-    if not path.resolve().parent.is_dir():
-        raise QuaffError(f"folder {str(path.resolve().parent)!r} does not exist")
+    check_target(path, force=True)  # overwriting a drawing is fine; a missing folder is not
     dot = graph_dot(gm)
     if path.suffix in (".svg", ".png"):
         exe = shutil.which("dot")

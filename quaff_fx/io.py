@@ -30,11 +30,13 @@ STATS = "stats.safetensors"
 
 
 # -- atomic writes ----------------------------------------------------------------------------------
-def _check_target(path: Path, force: bool) -> None:
+def check_target(path: str | Path, force: bool) -> None:
+    """An output may be written: it does not exist (or ``force``) and its folder does."""
+    path = Path(path)
     if path.exists() and not force:
         raise QuaffError(f"{str(path)!r} exists; pass --force (force=True) to overwrite it")
-    if not path.parent.exists():
-        raise QuaffError(f"folder {str(path.parent)!r} does not exist")
+    if not path.resolve().parent.is_dir():
+        raise QuaffError(f"folder {str(path.resolve().parent)!r} does not exist")
 
 
 @contextmanager
@@ -42,7 +44,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename, on error
     it is removed, so an interrupted write leaves no half artifact and the old one intact."""
     path = Path(path)
-    _check_target(path, force)
+    check_target(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
@@ -105,9 +107,13 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 # -- calibration stats ------------------------------------------------------------------------------
 def save_stats(stats: CalibrationStats, path: str | Path, force: bool = False) -> None:
     path = Path(path)
-    _check_target(path, force)
-    meta = {"quaff": json.dumps(stats.metadata(), sort_keys=True)}
-    _atomic_file(path, lambda tmp: save_file(stats.to_tensors(), tmp, metadata=meta))
+    check_target(path, force)
+    _atomic_file(path, lambda tmp: _write_stats(stats, tmp))
+
+
+def _write_stats(stats: CalibrationStats, path: str | Path) -> None:
+    """The stats tensors, with their JSON metadata in the safetensors header under "quaff"."""
+    save_file(stats.to_tensors(), str(path), metadata={"quaff": json.dumps(stats.metadata(), sort_keys=True)})
 
 
 def load_stats(path: str | Path) -> CalibrationStats:
@@ -147,7 +153,7 @@ def save_quantized(model: nn.Module, out: str | Path, manifest: dict[str, Any], 
         save_file(state, str(tmp / WEIGHTS))
         full["weights_sha256"] = sha256(tmp / WEIGHTS)
         if stats is not None:
-            save_file(stats.to_tensors(), str(tmp / STATS), metadata={"quaff": json.dumps(stats.metadata(), sort_keys=True)})
+            _write_stats(stats, tmp / STATS)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         write_json(tmp / MANIFEST, full)

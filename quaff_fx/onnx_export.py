@@ -13,6 +13,7 @@ import torch
 
 from .capture import _HFOutput
 from .errors import QuaffError
+from .io import check_target
 from .modules import QuaffLinear
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18
@@ -25,7 +26,6 @@ def _translation(opset: int):
     op = onnxscript.values.Opset("", opset)
 
     def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False):
-        dtype = x.dtype
         k = op.Shape(w_int8, start=1, end=2)
         if not prescaled:
             ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), x), k)
@@ -47,20 +47,21 @@ def _translation(opset: int):
     return {torch.ops.quaff.linear.default: quaff_linear}
 
 
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise QuaffError(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
+
+
 def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET, seq_len: int = 16,
                 force: bool = False) -> Path:
     """Export a Hugging Face model holding QuaffLinear layers (input_ids -> logits) to ``out``."""
     import onnx
 
     out = Path(out)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise QuaffError(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
+    check_opset(opset)
     if not any(isinstance(m, QuaffLinear) for m in model.modules()):
         raise QuaffError("the model has no QuaffLinear layer: it is not a Quaff model (run `quaff-fx transform` first)")
-    if out.exists() and not force:
-        raise QuaffError(f"{str(out)!r} exists; pass --force to overwrite it")
-    if not out.resolve().parent.is_dir():
-        raise QuaffError(f"folder {str(out.resolve().parent)!r} does not exist")
+    check_target(out, force)
     model.eval()
     wrapper = _HFOutput(model).eval()
     ids = torch.randint(0, int(model.config.vocab_size), (2, seq_len), generator=torch.Generator().manual_seed(0))

@@ -42,9 +42,9 @@ def default_passes(stats: CalibrationStats, config: QuaffConfig, fuse: bool = Fa
 def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, config: QuaffConfig, seq_len: int = 256,
                    batch_size: int = 2, max_batches: int | None = 4, progress: Callable | None = None) -> CalibrationStats:
     """Calibrate ``gm`` on token windows of a text file (the bundled calibration text when None)."""
-    limit = gm.meta.get(META_KEY, {}).get("max_seq_len")
-    if limit is not None and seq_len > limit:
-        raise QuaffError(f"sequence length {seq_len} is past the model's limit of {limit} positions; pass a smaller --seq-len")
+    from .evaluate import check_seq_limit
+
+    check_seq_limit(seq_len, gm.meta.get(META_KEY, {}).get("max_seq_len"))
     ids = tokenize(tokenizer, read_text(text_path, "calibration"))
     source = f"calibration text {str(text_path) if text_path else '(bundled apache-2.0.txt)'}"
     n = count_batches(ids, seq_len, batch_size, max_batches)
@@ -77,21 +77,22 @@ def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig) ->
         if meta.get("fused") and meta.get("member_annotations"):
             members = {a["module"]: a for a in meta["member_annotations"] if a}
             quantize_model_(model, members, config)
-            layers.update({n: layer_spec(model.get_submodule(n), a, config) for n, a in members.items()})
+            layers.update({n: layer_spec(model.get_submodule(n), a) for n, a in members.items()})
             continue
         if node.op != "call_module" or not meta.get("rewritten"):
             continue
         module = gm.get_submodule(node.target)
         module.train(model.training)  # one object serves both: it follows the live model's mode
         set_submodule(model, node.target[len(prefix):], module)
-        layers[meta["module"]] = layer_spec(module, meta, config)
+        layers[meta["module"]] = layer_spec(module, meta)
     return layers
 
 
-def layer_spec(module: QuaffLinear, annotation: dict[str, Any], config: QuaffConfig) -> dict[str, Any]:
-    return {"in_features": module.in_features, "out_features": module.out_features, "outliers": list(annotation["outliers"]),
-            "max_mean_ratio": annotation.get("max_mean_ratio"), "momentum": config.momentum, "exact_grad": config.exact_grad,
-            "smoothed": module.inv_smooth is not None}
+def layer_spec(module: QuaffLinear, annotation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an artifact records of one layer: enough to build its empty QuaffLinear before loading."""
+    return {"in_features": module.in_features, "out_features": module.out_features, "outliers": module.outlier_idx.tolist(),
+            "max_mean_ratio": (annotation or {}).get("max_mean_ratio"), "momentum": module.momentum,
+            "exact_grad": module.exact_grad, "smoothed": module.inv_smooth is not None}
 
 
 def load_quantized(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[LoadedModel, dict[str, Any]]:

@@ -1,5 +1,4 @@
 """Fine-tuning on a Quaff model: every PEFT method, the Trainer, resume, merge, the CLI."""
-import copy
 import json
 
 import pytest

@@ -57,7 +57,7 @@ def test_fusion_groups_and_numerics(arch):
 
 
 def test_norm_folding_removes_the_division_and_keeps_outputs():
-    model, result = quaffed = quantized_graph("llama", passes_fuse=True)
+    model, result = quantized_graph("llama", passes_fuse=True)
     gm = result.graph_module
     ids = torch.randint(0, 256, (2, 21))
     fused_out = gm(ids).detach()

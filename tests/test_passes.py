@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture, run_passes, transform
 from quaff_fx.hf import quantize_model_, register_peft
 from quaff_fx.passes import AnnotateOutliers, RewriteLinear, annotations

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_llama
-from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture
+from quaff_fx import OutlierConfig, QuaffError, QuaffLinear, calibrate, capture
 from quaff_fx.cli import main
 from quaff_fx.evaluate import perplexity
 from quaff_fx.kernels import reference
