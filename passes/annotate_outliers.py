@@ -8,8 +8,10 @@ from torch.fx import GraphModule
 from quaff_fx.calibration import CalibrationStats
 from quaff_fx.capture import META_KEY, find_linears, quaff_sites, unmatched_linears
 from quaff_fx.config import QuaffConfig
+from quaff_fx.errors import QuaffError
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport, quaff_bytes
+from quaff_fx.smoothing import group_w_max, pick_alpha, sibling_groups
 
 
 class AnnotateOutliers(QuaffPass):
@@ -27,6 +29,7 @@ class AnnotateOutliers(QuaffPass):
         sites = find_linears(gm)
         self.stats.check_matches(sites + quaff_sites(gm))
         dtype_bytes = _dtype_bytes(gm)
+        groups = sibling_groups([s for s in sites if self.config.eligible(s.module_name) and s.module_name in self.stats.layers])
         for site in sites:
             row = {"node": site.node.name, "module": site.module_name, "in_features": site.in_features, "out_features": site.out_features}
             layer = self.stats.layers.get(site.module_name)
@@ -40,8 +43,10 @@ class AnnotateOutliers(QuaffPass):
             annotation = {"module": site.module_name, "outliers": outliers.tolist(),
                           "act_max": layer.max_abs.index_select(0, outliers).tolist(),
                           "max_mean_ratio": layer.max_mean_ratio()}
-            if self.config.smooth_alpha is not None:
-                annotation["act_max_all"] = layer.max_abs.tolist()
+            alpha = self._alpha(site.module_name)
+            if alpha is not None:
+                annotation.update(act_max_all=layer.max_abs.tolist(), smooth_alpha=alpha,
+                                  smooth_w_max=group_w_max(gm, groups[site.input_node]).tolist())
             if site.node.meta.get(META_KEY) != annotation:
                 site.node.meta[META_KEY] = annotation
                 modified = True
@@ -49,11 +54,22 @@ class AnnotateOutliers(QuaffPass):
             before = site.in_features * site.out_features * dtype_bytes
             after = quaff_bytes(site.in_features, site.out_features, k, dtype_bytes)
             report.add(**row, outliers=k, outlier_ratio=k / site.in_features, max_mean_ratio=annotation["max_mean_ratio"],
+                       smooth_alpha="off" if alpha is None else alpha,
                        bytes_before=before, bytes_after=after, bytes_saved=before - after,
                        outlier_bytes=k * site.out_features * dtype_bytes, status="annotated", outlier_channels=annotation["outliers"])
         for node in unmatched_linears(gm):
             report.add(node=node.name, module="", status="skipped: not a Linear on a parameter (e.g. a computed weight)")
         return QuaffPassResult(gm, modified, report)
+
+    def _alpha(self, name: str) -> float | None:
+        """The layer's smoothing α: the config's, or with "auto" the one of least measured error."""
+        if not self.config.searches_smoothing:
+            return self.config.smooth_alpha
+        errors = self.stats.layers[name].smooth_error
+        if errors is None:
+            raise QuaffError(f"the calibration stats have no smoothing search for {name!r} (gathered with smooth_grid=None "
+                             "or by an older quaff-fx): calibrate again, or choose smoothing yourself (--smooth-alpha off or a number)")
+        return pick_alpha(errors, self.stats.info["smooth_grid"])
 
 
 def _dtype_bytes(gm: GraphModule) -> int:

@@ -99,8 +99,11 @@ def fuse_modules(members: list[QuaffLinear]) -> QuaffLinear:
     union = torch.tensor(sorted(scale), dtype=torch.long)
     has_bias = any(m.bias is not None for m in members)
     fused = QuaffLinear(first.in_features, sum(m.out_features for m in members), union.numel(), has_bias,
-                        first.w_outlier.dtype, first.w_int8.device, first.momentum, first.exact_grad)
+                        first.w_outlier.dtype, first.w_int8.device, first.momentum, first.exact_grad,
+                        smoothed=first.inv_smooth is not None)
     with torch.no_grad():
+        if first.inv_smooth is not None:  # _compatible: every member divides x by the same s
+            fused.inv_smooth.copy_(first.inv_smooth)
         fused.w_int8.copy_(torch.cat([m.w_int8 for m in members]))
         fused.w_scale.copy_(torch.cat([m.w_scale for m in members]))
         fused.outlier_idx.copy_(union)
@@ -177,13 +180,16 @@ class FuseScales(QuaffPass):
 
     def _fold(self, gm: GraphModule, site: QuaffSite, report: PassReport) -> None:
         module, node, norm = site.module, site.node, site.node.args[0]
-        if module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1 \
-                or module.inv_smooth is not None:
+        if module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1:
             return
+        if module.inv_smooth is not None and node.op != "call_module":
+            return  # the smoothing multiply sits before the op in such graphs
         targets = _norm_params(gm, norm, module.in_features, self.constants or {})
         if targets is None:
             return
         inv = torch.ones(module.in_features, dtype=torch.float32, device=module.act_scale.device)
+        if module.inv_smooth is not None:  # the norm absorbs the smoothing too (s = 1 on the outliers)
+            inv = module.inv_smooth.float().clone()
         inv[module.outlier_idx] = 1.0 / module.act_scale.float()
         for arg_pos, tensor in targets:
             name = f"_quaff_folded_{norm.name}_{arg_pos}"
@@ -193,6 +199,7 @@ class FuseScales(QuaffPass):
         if node.op == "call_module":
             owned = _graph_owned(module)
             owned.prescaled = True
+            owned._buffers["inv_smooth"] = None  # folded into the norm with 1/S
             gm.add_submodule(node.target, owned)
         else:
             node.args, node.kwargs = tuple(op_arguments(node)[:7]) + (True, module.exact_grad), {}
@@ -204,8 +211,10 @@ class FuseScales(QuaffPass):
 def _compatible(members: list[QuaffSite]) -> bool:
     key = {(s.module.w_outlier.dtype, s.module.momentum, s.module.exact_grad, s.module.prescaled, s.module.in_features,
             s.module.training) for s in members}
-    smoothed = any(s.module.inv_smooth is not None for s in members)  # each member smooths by its own W
-    return len(key) == 1 and not smoothed
+    smooth = [s.module.inv_smooth for s in members]
+    same_smoothing = all(t is None for t in smooth) or (
+        all(t is not None for t in smooth) and all(torch.equal(smooth[0], t) for t in smooth[1:]))
+    return len(key) == 1 and same_smoothing
 
 
 def _fused_name(members: list[QuaffSite]) -> tuple[str, list[str]]:

@@ -22,9 +22,10 @@ def build_quaff_linear(weight: torch.Tensor, bias: torch.Tensor | None, annotati
     elif annotation["outliers"]:
         act_max = torch.zeros(weight.shape[1])
         act_max[annotation["outliers"]] = torch.tensor(annotation["act_max"])
-    smooth = config.smooth_alpha if "act_max_all" in annotation else None
+    smooth = annotation.get("smooth_alpha") if "act_max_all" in annotation else None
+    w_max = torch.tensor(annotation["smooth_w_max"]) if smooth is not None and "smooth_w_max" in annotation else None
     return QuaffLinear.from_weight(weight, bias, annotation["outliers"], act_max, config.weight_granularity,
-                                   config.momentum, config.exact_grad, smooth)
+                                   config.momentum, config.exact_grad, smooth, w_max)
 
 
 class RewriteLinear(QuaffPass):

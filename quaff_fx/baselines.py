@@ -7,7 +7,7 @@ from torch import nn
 
 from .hf import fp_linear, set_submodule
 from .kernels import cpu
-from .kernels.reference import quantize_rows
+from .kernels.reference import quantize_rows, smooth_factors
 from .modules import QuaffLinear
 
 LLM_INT8_THRESHOLD = 6.0  # the LLM.int8 paper's outlier magnitude
@@ -19,8 +19,7 @@ class SmoothQuantLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_max: torch.Tensor, alpha: float):
         super().__init__()
         w = weight.detach().float()
-        s = (act_max.float().clamp_min(1e-5) ** alpha) / (w.abs().amax(0).clamp_min(1e-5) ** (1 - alpha))
-        s = s.clamp_min(1e-5)
+        s = smooth_factors(act_max, w.abs().amax(0), alpha, torch.zeros(0, dtype=torch.long))
         q, scale = quantize_rows(w * s[None, :])
         self.register_buffer("inv_smooth", 1.0 / s)
         self.register_buffer("w_int8", q)

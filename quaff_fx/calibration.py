@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from .capture import LinearSite, find_linears
+from .capture import LinearSite, device_of, find_linears
 from .config import OutlierConfig
 from .errors import QuaffError
 from .outliers import batch_counts, select
@@ -29,6 +29,7 @@ class LayerStats:
     sum_abs: torch.Tensor  # [C] float64
     counts: torch.Tensor  # [HALVES, C] int64: outlier counts in the first and second half of the batches
     tokens: int = 0
+    smooth_error: torch.Tensor | None = None  # [len(info["smooth_grid"])] float64: output error per smoothing α
 
     @classmethod
     def empty(cls, in_features: int, out_features: int) -> "LayerStats":
@@ -84,6 +85,8 @@ class CalibrationStats:
             out[f"{name}.max_abs"] = layer.max_abs.contiguous()
             out[f"{name}.sum_abs"] = layer.sum_abs.contiguous()
             out[f"{name}.counts"] = layer.counts.contiguous()
+            if layer.smooth_error is not None:
+                out[f"{name}.smooth_error"] = layer.smooth_error.contiguous()
         return out
 
     def metadata(self) -> dict[str, Any]:
@@ -115,7 +118,13 @@ class CalibrationStats:
                         got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
                         raise QuaffError(f"{where}: tensor '{name}.{key}' should be {shape} {dtype}, is {got}")
                     parts[key] = t
-                layers[name] = LayerStats(c, int(m["out_features"]), parts["max_abs"], parts["sum_abs"], parts["counts"], int(m["tokens"]))
+                smooth = tensors.get(f"{name}.smooth_error")
+                grid = meta.get("info", {}).get("smooth_grid")
+                if smooth is not None and (grid is None or tuple(smooth.shape) != (len(grid),) or smooth.dtype != torch.float64):
+                    raise QuaffError(f"{where}: tensor '{name}.smooth_error' should be ({len(grid or ())},) float64 "
+                                     f"(one error per smoothing α of the info's smooth_grid), is {tuple(smooth.shape)} {smooth.dtype}")
+                layers[name] = LayerStats(c, int(m["out_features"]), parts["max_abs"], parts["sum_abs"], parts["counts"],
+                                          int(m["tokens"]), smooth)
         except (KeyError, TypeError, ValueError) as exc:
             raise QuaffError(f"{where}: malformed stats metadata ({exc!r})") from None
         return cls(layers, cfg, dict(meta.get("info", {})))
@@ -137,16 +146,21 @@ class CalibrationStats:
 class _Observer(Interpreter):
     """Runs the graph node by node and feeds each observed Linear's input to its LayerStats."""
 
-    def __init__(self, gm: GraphModule, observed: dict[Node, tuple[str, Node]], stats: dict[str, LayerStats], cfg: OutlierConfig):
+    def __init__(self, gm: GraphModule, observed: dict[Node, tuple[str, Node]], stats: dict[str, LayerStats], cfg: OutlierConfig,
+                 rows_per_batch: int = 0):
         super().__init__(gm)
         self.observed, self.stats, self.cfg = observed, stats, cfg
         self.half = 0
+        self.rows_per_batch, self.batch_index = rows_per_batch, 0
+        self.rows: dict[Node, list[torch.Tensor]] = {}  # sampled input rows per input node, for the smoothing search
 
     def run_node(self, n: Node) -> Any:
         seen = self.observed.get(n)
         if seen is not None:
             name, input_node = seen
             self._record(name, self.env[input_node])
+            if self.rows_per_batch and len(self.rows.setdefault(input_node, [])) < self.batch_index + 1:
+                self.rows[input_node].append(_spread_rows(self.env[input_node], self.rows_per_batch))
         return super().run_node(n)
 
     def _record(self, name: str, x: torch.Tensor) -> None:
@@ -161,26 +175,46 @@ class _Observer(Interpreter):
         layer.tokens += x2d.shape[0]
 
 
+def _spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` rows of x (as [tokens, C], fp32, CPU) spread evenly over its tokens: deterministic, no RNG."""
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    idx = torch.linspace(0, x2d.shape[0] - 1, min(n, x2d.shape[0]), device=x2d.device).round().long()
+    return x2d.index_select(0, idx).float().cpu()
+
+
 def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConfig | None = None,
-              layer_filter=None, n_batches: int | None = None, progress=None) -> CalibrationStats:
+              layer_filter=None, n_batches: int | None = None, progress=None,
+              smooth_grid: Sequence[float | None] | None = None, sample_rows: int = 512) -> CalibrationStats:
     """Run ``batches`` through ``gm`` and collect per-channel statistics of every Linear input.
 
     ``layer_filter(module_name) -> bool`` picks the layers (default: all). ``n_batches`` (if known)
     splits the batches into two halves for the stability measure; ``progress`` wraps the iterable.
+    ``smooth_grid``: the smoothing strengths whose output error is measured per layer on ``sample_rows``
+    rows of its input (see ``quaff_fx.smoothing``; what ``smooth_alpha="auto"`` chooses from, usually
+    ``config.SMOOTH_GRID``); None (the default) skips it.
     """
     cfg = cfg or OutlierConfig()
     sites = [s for s in find_linears(gm) if layer_filter is None or layer_filter(s.module_name)]
     if not sites:
         raise QuaffError("the model has no eligible Linear layer to calibrate (check --include/--exclude)")
     stats = {s.module_name: LayerStats.empty(s.in_features, s.out_features) for s in sites}
-    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg)
-    seen = 0
+    per_batch = -(-sample_rows // max(n_batches or 1, 1)) if smooth_grid else 0
+    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg, per_batch)
+    seen, device = 0, device_of(gm)
     iterable = progress(batches) if progress else batches
     with torch.no_grad():
         for i, batch in enumerate(iterable):
             observer.half = 0 if n_batches is None or i < max(n_batches // 2, 1) else 1
-            observer.run(batch)
+            observer.batch_index = i
+            observer.run(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
             seen += 1
     if seen == 0:
         raise QuaffError("calibration got no batch")
-    return CalibrationStats(stats, cfg, {"batches": seen})
+    result = CalibrationStats(stats, cfg, {"batches": seen})
+    if smooth_grid:
+        from . import smoothing
+
+        rows = {node: torch.cat(parts)[:sample_rows] for node, parts in observer.rows.items()}
+        smoothing.search(gm, sites, result, rows, cfg, list(smooth_grid))
+        result.info.update({"smooth_grid": list(smooth_grid), "smooth_rows": min(sample_rows, max((len(r) for r in rows.values()), default=0))})
+    return result

@@ -79,7 +79,7 @@ def _capture_hf(model: nn.Module, example_inputs: Sequence[Any] | None, dynamic:
     if example_inputs is None:
         vocab = int(getattr(model.config, "vocab_size", 100))
         example_inputs = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
-    example_inputs = tuple(t.to(_device_of(model)) for t in example_inputs)
+    example_inputs = tuple(t.to(device_of(model)) for t in example_inputs)
     shapes = None
     limit = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 4096)
     if dynamic:
@@ -106,7 +106,7 @@ def _export(module: nn.Module, args: tuple, shapes: Any, prefix: str) -> GraphMo
     return gm
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

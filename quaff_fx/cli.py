@@ -27,7 +27,9 @@ def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", default="", help="static strategy: comma-separated channel list")
     g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
     g.add_argument("--exclude", action="append", help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
-    g.add_argument("--smooth-alpha", type=float, default=None, help="also smooth the non-outlier channels SmoothQuant-style (e.g. 0.5)")
+    g.add_argument("--smooth-alpha", default=None,
+                   help="SmoothQuant-style smoothing of the non-outlier channels: off (the presets') | a number in (0, 1) | "
+                        "auto (per input, chosen by the calibration's error search)")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
@@ -57,8 +59,20 @@ def _config(args: argparse.Namespace):
     base = OutlierConfig.preset(args.preset)
     outliers = OutlierConfig(args.strategy or base.strategy, base.threshold if args.threshold is None else args.threshold,
                              base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
-    return QuaffConfig(outliers=outliers, include=tuple(args.include or ("*",)), exclude=tuple(args.exclude or DEFAULT_EXCLUDE),
-                       smooth_alpha=args.smooth_alpha)
+    return QuaffConfig.preset(args.preset, outliers=outliers, include=tuple(args.include or ("*",)),
+                              exclude=tuple(args.exclude or DEFAULT_EXCLUDE), **_smoothing(args.smooth_alpha))
+
+
+def _smoothing(value: str | None) -> dict:
+    """--smooth-alpha as a config field (nothing when not given: the preset decides)."""
+    if value is None:
+        return {}
+    if value in ("auto", "off"):
+        return {"smooth_alpha": None if value == "off" else "auto"}
+    try:
+        return {"smooth_alpha": float(value)}
+    except ValueError:
+        raise QuaffError(f"--smooth-alpha must be auto, off or a number in (0, 1), got {value!r}") from None
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -473,9 +487,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .models import load_model
     from .sweep import plot, sweep
 
-    from .data import read_text
+    from .data import heldout_paths, read_text
 
-    texts = {Path(t).name: Path(t) for t in args.texts} if args.texts else {"gpl-3.0.txt (bundled)": None}
+    texts = {Path(t).name: Path(t) for t in args.texts} if args.texts else heldout_paths()
     for t in texts.values():
         read_text(t, "heldout")  # a bad text fails before the model loads
     loaded = load_model(args.model)
@@ -617,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="accuracy of FP32, naive, SmoothQuant, LLM.int8 and Quaff settings on several texts")
     p.add_argument("model", nargs="?", default=None, help=model_help)
-    p.add_argument("--texts", nargs="*", default=None, help="held-out texts (default: the bundled gpl-3.0.txt)")
+    p.add_argument("--texts", nargs="*", default=None, help="held-out texts (default: the three bundled ones)")
     p.add_argument("--calib", default=None, help="calibration text (default: the bundled apache-2.0.txt)")
     p.add_argument("--strategies", nargs="*", default=["top_abs", "mean_times"])
     p.add_argument("--ratios", nargs="*", type=float, default=[0.005, 0.01, 0.02])

@@ -10,12 +10,15 @@ from .errors import QuaffError
 
 STRATEGIES = ("mean_times", "top_abs", "zscore", "static")
 DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*wte", "*wpe")
+# the smoothing strengths the calibration tries per input (None: no smoothing); "auto" picks among them
+SMOOTH_GRID: tuple[float | None, ...] = (None, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 PRESETS = {
     "default": {"strategy": "top_abs", "max_ratio": 0.01},
     "paper": {"strategy": "mean_times", "threshold": 100.0, "max_ratio": 0.01},
 }
+PRESET_SMOOTHING = {"default": None, "paper": None}  # smoothing stays an option: see the README's accuracy table
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,11 @@ class QuaffConfig:
                         0 means the scale is recomputed from each batch. Frozen in eval.
     exact_grad:         compute grad_X with the dequantized weight in the compute dtype instead of an
                         int8 GEMM with the gradient quantized per row.
-    smooth_alpha:       also smooth the non-outlier channels SmoothQuant-style with this α (None: off).
+    smooth_alpha:       also smooth the non-outlier channels SmoothQuant-style. None (the default): off,
+                        plain Quaff; a number: that α everywhere; "auto": for each input (siblings such
+                        as q/k/v share one) the calibration measures the layers' output error on
+                        sampled calibration rows for every α of SMOOTH_GRID (no smoothing included)
+                        and the smallest error wins.
     include / exclude:  fnmatch patterns on module names; exclude wins. Embeddings and lm_head are
                         excluded by default.
     """
@@ -81,15 +88,25 @@ class QuaffConfig:
     exact_grad: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
-    smooth_alpha: float | None = None
+    smooth_alpha: float | str | None = None
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in ("channel", "tensor"):
             raise QuaffError(f"weight_granularity must be 'channel' or 'tensor', got {self.weight_granularity!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise QuaffError(f"momentum must lie in [0, 1), got {self.momentum}")
-        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
-            raise QuaffError(f"smooth_alpha must lie in (0, 1), got {self.smooth_alpha}")
+        a = self.smooth_alpha
+        if a is not None and a != "auto" and (isinstance(a, (str, bool)) or not 0.0 < a < 1.0):
+            raise QuaffError(f"smooth_alpha must be 'auto', None (off) or a number in (0, 1), got {a!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "QuaffConfig":
+        """The named preset's outlier selection and smoothing ('default' or 'paper'), other fields as given."""
+        return cls(**{"outliers": OutlierConfig.preset(name), "smooth_alpha": PRESET_SMOOTHING[name], **overrides})
+
+    @property
+    def searches_smoothing(self) -> bool:
+        return self.smooth_alpha == "auto"
 
     def eligible(self, module_name: str) -> bool:
         """Whether the Linear called ``module_name`` is to be quantized."""

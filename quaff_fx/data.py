@@ -10,11 +10,19 @@ import torch
 from .errors import QuaffError
 
 BUNDLED = {"calibration": "apache-2.0.txt", "heldout": "gpl-3.0.txt"}
+# held-out texts from three different sources (legal text, language reference, software manual)
+HELDOUT = ("gpl-3.0.txt", "python-reference.txt", "vim-user-manual.txt")
 
 
 def bundled_text_path(kind: str = "calibration") -> Path:
     """Path of a bundled text: 'calibration' (Apache-2.0) or 'heldout' (GPL-3)."""
     return Path(str(resources.files("quaff_fx") / "data" / BUNDLED[kind]))
+
+
+def heldout_paths() -> dict[str, Path]:
+    """The bundled held-out texts, by file name."""
+    root = resources.files("quaff_fx") / "data"
+    return {name: Path(str(root / name)) for name in HELDOUT}
 
 
 def read_text(path: str | Path | None, kind: str = "calibration") -> str:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.quaff)
-from .kernels.reference import outlier_scale, quantize_weight
+from .kernels.reference import outlier_scale, quantize_weight, smooth_factors
 
 
 class QuaffLinear(nn.Linear):
@@ -51,9 +51,10 @@ class QuaffLinear(nn.Linear):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, outlier_channels=(), act_max=None,
                     weight_granularity: str = "channel", momentum: float = 0.9, exact_grad: bool = False,
-                    smooth_alpha: float | None = None) -> "QuaffLinear":
+                    smooth_alpha: float | None = None, smooth_w_max: torch.Tensor | None = None) -> "QuaffLinear":
         """``smooth_alpha`` (needs the full per-channel ``act_max``): also smooth the non-outlier channels,
-        s = max|X|^α / max|W|^(1−α) (SmoothQuant), folded into the int8 weight."""
+        s = max|X|^α / max|W|^(1−α) (SmoothQuant), folded into the int8 weight. ``smooth_w_max``: max|W|
+        per input column over all layers reading this input (default: this weight's), so siblings agree on s."""
         weight = weight.detach()
         idx = torch.as_tensor(outlier_channels, dtype=torch.long, device=weight.device).flatten()
         out_f, in_f = weight.shape
@@ -63,8 +64,8 @@ class QuaffLinear(nn.Linear):
             if act_max is None:
                 raise ValueError("smoothing needs the calibrated max|x| of every input channel")
             act_max = act_max.to(weight.device).float()
-            s = (act_max.clamp_min(1e-5) ** smooth_alpha / weight.float().abs().amax(0).clamp_min(1e-5) ** (1 - smooth_alpha)).clamp_min(1e-5)
-            s[idx] = 1.0
+            w_max = weight.float().abs().amax(0) if smooth_w_max is None else smooth_w_max.to(weight.device)
+            s = smooth_factors(act_max, w_max, smooth_alpha, idx)
             mod.inv_smooth.copy_(1.0 / s)
             weight = (weight.float() * s[None, :]).to(weight.dtype)
         w_int8, w_scale = quantize_weight(weight, weight_granularity)

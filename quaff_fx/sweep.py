@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from .calibration import calibrate
 from .capture import capture
-from .config import OutlierConfig, QuaffConfig
+from .config import SMOOTH_GRID, OutlierConfig, QuaffConfig
 from .data import batches, count_batches, read_text, tokenize
 from .evaluate import perplexity
 from .hf import naive_w8a8_
@@ -28,11 +28,12 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
     def stats_for(m, cfg: QuaffConfig):
         gm = capture(m)
         n = count_batches(calib_ids, seq_len, batch_size, max_batches)
+        grid = SMOOTH_GRID if cfg.searches_smoothing else None
         return gm, calibrate(gm, batches(calib_ids, seq_len, batch_size, max_batches, "calibration text"), cfg.outliers,
-                             cfg.eligible, n_batches=n)
+                             cfg.eligible, n_batches=n, smooth_grid=grid)
 
     rows = [{"method": "fp32", "channels": 0, "fp_bytes": 0, "perplexity": evaluate(model)}]
-    base = QuaffConfig()
+    base = QuaffConfig(smooth_alpha=None)
     naive = copy.deepcopy(model)
     naive_w8a8_(naive, base)
     rows.append({"method": "w8a8 naive", "channels": 0, "fp_bytes": 0, "perplexity": evaluate(naive)})
@@ -48,7 +49,9 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
     m = copy.deepcopy(model)
     kept = llm_int8_(m, max_stats, base.eligible)
     rows.append({"method": "llm.int8 (|x|>6 in FP)", "channels": kept, "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
-    grid = [(s, r, None) for s in strategies for r in ratios] + [("top_abs", 0.01, a) for a in alphas]
+    default = QuaffConfig.preset("default").outliers
+    grid = ([(s, r, None) for s in strategies for r in ratios] + [(default.strategy, default.max_ratio, a) for a in alphas]
+            + [(default.strategy, default.max_ratio, "auto")])
     for strategy, ratio, alpha in grid:
         cfg = QuaffConfig(outliers=OutlierConfig(strategy, 100.0, ratio), smooth_alpha=alpha)
         m = copy.deepcopy(model)

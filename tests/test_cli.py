@@ -176,12 +176,15 @@ def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
 def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
     code, out, _ = run(capsys, "sweep", tiny_model_dir, "--seq-len", "64", "--ratios", "0.05", "--strategies", "top_abs",
-                       "--alphas", "0.5", "--plot", plot, "--json")
+                       "--alphas", "0.5", "--plot", plot, "--json",
+                       "--eval-batches", "1")
     rows = json.loads(out)
     assert code == 0 and [r["method"] for r in rows] == ["fp32", "w8a8 naive", "smoothquant a=0.5", "llm.int8 (|x|>6 in FP)",
-                                                          "quaff top_abs 0.05", "quaff top_abs 0.01 + smoothing a=0.5"]
-    assert rows[0]["delta"]["gpl-3.0.txt (bundled)"] == 0.0 and all(r["perplexity"]["gpl-3.0.txt (bundled)"] > 1 for r in rows)
-    assert rows[-2]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
+                                                          "quaff top_abs 0.05", "quaff top_abs 0.01 + smoothing a=0.5",
+                                                          "quaff top_abs 0.01 + smoothing a=auto"]
+    assert set(rows[0]["delta"]) == {"gpl-3.0.txt", "python-reference.txt", "vim-user-manual.txt"}
+    assert all(d == 0.0 for d in rows[0]["delta"].values()) and all(p > 1 for r in rows for p in r["perplexity"].values())
+    assert rows[-3]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, capsys):

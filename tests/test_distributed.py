@@ -53,15 +53,22 @@ def test_two_process_training_matches_one_process(mode):
         assert torch.allclose(torch.tensor(scale), single_scale, rtol=1e-5)
 
 
-def test_cli_finetune_under_torchrun(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
+    """`quaff-fx finetune` takes the launcher's environment as it is: torchrun's and accelerate's."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "2", "--seq-len", "32", "--batch-size", "4",
-           "--out", str(out), "--json"]
+    port = str(_free_port())
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port] if launcher == "torchrun"
+              # accelerate starts several CPU processes only through MPI; its --multi_gpu launcher (torchrun inside)
+              # runs them with gloo where there is no GPU
+              else [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port])
+    cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "2", "--seq-len", "32", "--batch-size", "4",
+                    "--out", str(out), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])

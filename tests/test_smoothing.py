@@ -1,0 +1,87 @@
+"""The smoothing search behind smooth_alpha="auto": measured per input during calibration, stored with the
+stats, picked by the annotate pass, shared by siblings so that fusion still applies."""
+import pytest
+import torch
+
+from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture, run_passes
+from quaff_fx.config import SMOOTH_GRID
+from quaff_fx.io import load_stats, save_stats
+from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear, annotations
+from quaff_fx.smoothing import pick_alpha
+
+CFG = QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.05), smooth_alpha="auto")
+
+
+def data(n=2):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 256, (2, 16), generator=g) for _ in range(n)]
+
+
+def stats_of(model, **kw):
+    return calibrate(capture(model), data(), CFG.outliers, CFG.eligible, n_batches=2, **{"smooth_grid": SMOOTH_GRID, **kw})
+
+
+def test_search_is_recorded_deterministic_and_shared_by_siblings(llama):
+    a, b = stats_of(llama), stats_of(llama)
+    assert a.info["smooth_grid"] == list(SMOOTH_GRID) and a.info["smooth_rows"] == 64
+    for name, layer in a.layers.items():
+        assert layer.smooth_error.shape == (len(SMOOTH_GRID),) and torch.isfinite(layer.smooth_error).all()
+        assert torch.equal(layer.smooth_error, b.layers[name].smooth_error)
+    q, k = a.layers["model.layers.0.self_attn.q_proj"], a.layers["model.layers.0.self_attn.k_proj"]
+    assert torch.equal(q.smooth_error, k.smooth_error)  # q/k/v read one input: one measurement, one α
+
+
+def test_auto_picks_the_least_error_and_siblings_fuse(llama):
+    stats = stats_of(llama)
+    gm = capture(llama)
+    run_passes(gm, [AnnotateOutliers(stats, CFG), RewriteLinear(CFG)])
+    ann = annotations(gm)
+    for name, a in ann.items():
+        errors = stats.layers[name].smooth_error
+        assert a.get("smooth_alpha") == pick_alpha(errors, SMOOTH_GRID)
+        assert float(errors[SMOOTH_GRID.index(a.get("smooth_alpha"))]) == float(errors.min())
+    mods = {n: gm.get_submodule(f"model.{n}") for n in ann}
+    q, v = mods["model.layers.0.self_attn.q_proj"], mods["model.layers.0.self_attn.v_proj"]
+    assert (q.inv_smooth is None) == (v.inv_smooth is None)
+    if q.inv_smooth is not None:
+        assert torch.equal(q.inv_smooth, v.inv_smooth)
+    ids = torch.randint(0, 256, (2, 9))
+    before = gm(ids)
+    result = FuseScales()(gm)
+    assert sum(r["status"] == "fused" for r in result.report.rows) == 4  # q/k/v and gate/up of both layers
+    gm.recompile()
+    assert (gm(ids) - before).abs().max() <= 0.01 * before.abs().max()
+
+
+def test_auto_reduces_the_layer_error_against_no_smoothing(llama):
+    stats = stats_of(llama)
+    for layer in stats.layers.values():
+        assert float(layer.smooth_error.min()) <= float(layer.smooth_error[0])  # grid[0] is None: no smoothing
+
+
+def test_stats_keep_the_search_and_old_stats_are_refused_for_auto(llama, tmp_path):
+    stats = stats_of(llama)
+    save_stats(stats, tmp_path / "s.safetensors")
+    back = load_stats(tmp_path / "s.safetensors")
+    for name, layer in stats.layers.items():
+        assert torch.equal(back.layers[name].smooth_error, layer.smooth_error)
+    bare = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2)
+    assert all(layer.smooth_error is None for layer in bare.layers.values())
+    with pytest.raises(QuaffError, match="no smoothing search.*--smooth-alpha off"):
+        AnnotateOutliers(bare, CFG)(capture(llama))
+    off = QuaffConfig(outliers=CFG.outliers)
+    gm = capture(llama)
+    run_passes(gm, [AnnotateOutliers(bare, off), RewriteLinear(off)])
+    assert all(m.inv_smooth is None for m in gm.modules() if isinstance(m, QuaffLinear))
+
+
+def test_presets_by_name_and_bad_smoothing():
+    assert QuaffConfig.preset("default").smooth_alpha is None and QuaffConfig().smooth_alpha is None
+    paper = QuaffConfig.preset("paper")
+    assert paper.smooth_alpha is None and paper.outliers == OutlierConfig("mean_times", 100.0, 0.01)
+    assert QuaffConfig.preset("default", smooth_alpha=0.5).smooth_alpha == 0.5
+    with pytest.raises(QuaffError, match="unknown preset 'best'"):
+        QuaffConfig.preset("best")
+    for bad in (1.5, 0.0, "sometimes", True):
+        with pytest.raises(QuaffError, match="smooth_alpha must be 'auto', None"):
+            QuaffConfig(smooth_alpha=bad)
