@@ -43,6 +43,11 @@ class AnnotateOutliers(QuaffPass):
             annotation = {"module": site.module_name, "outliers": outliers.tolist(),
                           "act_max": layer.max_abs.index_select(0, outliers).tolist(),
                           "max_mean_ratio": layer.max_mean_ratio()}
+            if self.config.weight_rounding == "gptq":
+                if layer.hessian is None:
+                    raise QuaffError(f"GPTQ rounding needs the calibration's XᵀX for {site.module_name!r}, which is kept in memory "
+                                     "only: calibrate in the same run (quaff-fx transform does), or use --weight-rounding nearest")
+                annotation["gptq"] = True
             alpha = self._alpha(site.module_name)
             if alpha is not None:
                 annotation.update(act_max_all=layer.max_abs.tolist(), smooth_alpha=alpha,

@@ -30,6 +30,7 @@ class LayerStats:
     counts: torch.Tensor  # [HALVES, C] int64: outlier counts in the first and second half of the batches
     tokens: int = 0
     smooth_error: torch.Tensor | None = None  # [len(info["smooth_grid"])] float64: output error per smoothing α
+    hessian: torch.Tensor | None = None  # [C, C] float64 XᵀX for GPTQ rounding; in memory only, never saved
 
     @classmethod
     def empty(cls, in_features: int, out_features: int) -> "LayerStats":
@@ -147,8 +148,10 @@ class _Observer(Interpreter):
     """Runs the graph node by node and feeds each observed Linear's input to its LayerStats."""
 
     def __init__(self, gm: GraphModule, observed: dict[Node, tuple[str, Node]], stats: dict[str, LayerStats], cfg: OutlierConfig,
-                 rows_per_batch: int = 0):
+                 rows_per_batch: int = 0, hessian: bool = False):
         super().__init__(gm)
+        self.hessians: dict[Node, torch.Tensor] | None = {} if hessian else None
+        self.batch_of: dict[Node, int] = {}  # the batch whose input a node's XᵀX last took (siblings share it)
         self.observed, self.stats, self.cfg = observed, stats, cfg
         self.half = 0
         self.rows_per_batch, self.batch_index = rows_per_batch, 0
@@ -159,6 +162,11 @@ class _Observer(Interpreter):
         if seen is not None:
             name, input_node = seen
             self._record(name, self.env[input_node])
+            if self.hessians is not None and self.batch_of.get(input_node) != self.batch_index:
+                self.batch_of[input_node] = self.batch_index
+                x2d = self.env[input_node].detach().reshape(-1, self.env[input_node].shape[-1]).double()
+                h = (x2d.t() @ x2d).cpu()
+                self.hessians[input_node] = self.hessians[input_node] + h if input_node in self.hessians else h
             if self.rows_per_batch and len(self.rows.setdefault(input_node, [])) < self.batch_index + 1:
                 self.rows[input_node].append(_spread_rows(self.env[input_node], self.rows_per_batch))
         return super().run_node(n)
@@ -184,14 +192,15 @@ def _spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConfig | None = None,
               layer_filter=None, n_batches: int | None = None, progress=None,
-              smooth_grid: Sequence[float | None] | None = None, sample_rows: int = 512) -> CalibrationStats:
+              smooth_grid: Sequence[float | None] | None = None, sample_rows: int = 512, hessian: bool = False) -> CalibrationStats:
     """Run ``batches`` through ``gm`` and collect per-channel statistics of every Linear input.
 
     ``layer_filter(module_name) -> bool`` picks the layers (default: all). ``n_batches`` (if known)
     splits the batches into two halves for the stability measure; ``progress`` wraps the iterable.
     ``smooth_grid``: the smoothing strengths whose output error is measured per layer on ``sample_rows``
     rows of its input (see ``quaff_fx.smoothing``; what ``smooth_alpha="auto"`` chooses from, usually
-    ``config.SMOOTH_GRID``); None (the default) skips it.
+    ``config.SMOOTH_GRID``); None (the default) skips it. ``hessian``: also sum XᵀX of every input
+    (for ``weight_rounding="gptq"``; kept on the layers in memory, not written to stats files).
     """
     cfg = cfg or OutlierConfig()
     sites = [s for s in find_linears(gm) if layer_filter is None or layer_filter(s.module_name)]
@@ -199,7 +208,7 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
         raise QuaffError("the model has no eligible Linear layer to calibrate (check --include/--exclude)")
     stats = {s.module_name: LayerStats.empty(s.in_features, s.out_features) for s in sites}
     per_batch = -(-sample_rows // max(n_batches or 1, 1)) if smooth_grid else 0
-    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg, per_batch)
+    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg, per_batch, hessian)
     seen, device = 0, device_of(gm)
     iterable = progress(batches) if progress else batches
     with torch.no_grad():
@@ -211,6 +220,9 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
     if seen == 0:
         raise QuaffError("calibration got no batch")
     result = CalibrationStats(stats, cfg, {"batches": seen})
+    if hessian:
+        for site in sites:
+            stats[site.module_name].hessian = observer.hessians[site.input_node]
     if smooth_grid:
         from . import smoothing
 

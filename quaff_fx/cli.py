@@ -30,6 +30,8 @@ def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smooth-alpha", default=None,
                    help="SmoothQuant-style smoothing of the non-outlier channels: off (the presets') | a number in (0, 1) | "
                         "auto (per input, chosen by the calibration's error search)")
+    g.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="int8 weight rounding: nearest (default) | gptq (error-compensated with the calibration's XᵀX)")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
@@ -60,7 +62,8 @@ def _config(args: argparse.Namespace):
     outliers = OutlierConfig(args.strategy or base.strategy, base.threshold if args.threshold is None else args.threshold,
                              base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
     return QuaffConfig.preset(args.preset, outliers=outliers, include=tuple(args.include or ("*",)),
-                              exclude=tuple(args.exclude or DEFAULT_EXCLUDE), **_smoothing(args.smooth_alpha))
+                              exclude=tuple(args.exclude or DEFAULT_EXCLUDE), weight_rounding=args.weight_rounding,
+                              **_smoothing(args.smooth_alpha))
 
 
 def _smoothing(value: str | None) -> dict:

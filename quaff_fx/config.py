@@ -78,6 +78,8 @@ class QuaffConfig:
                         as q/k/v share one) the calibration measures the layers' output error on
                         sampled calibration rows for every α of SMOOTH_GRID (no smoothing included)
                         and the smallest error wins.
+    weight_rounding:    'nearest' (round to nearest) or 'gptq' (error-compensated with the calibration's
+                        XᵀX; needs the calibration in the same process, see quaff_fx.rounding).
     include / exclude:  fnmatch patterns on module names; exclude wins. Embeddings and lm_head are
                         excluded by default.
     """
@@ -89,12 +91,15 @@ class QuaffConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     smooth_alpha: float | str | None = None
+    weight_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in ("channel", "tensor"):
             raise QuaffError(f"weight_granularity must be 'channel' or 'tensor', got {self.weight_granularity!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise QuaffError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise QuaffError(f"weight_rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
         a = self.smooth_alpha
         if a is not None and a != "auto" and (isinstance(a, (str, bool)) or not 0.0 < a < 1.0):
             raise QuaffError(f"smooth_alpha must be 'auto', None (off) or a number in (0, 1), got {a!r}")

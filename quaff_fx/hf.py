@@ -26,8 +26,9 @@ def eligible_linears(model: nn.Module, config: QuaffConfig) -> list[str]:
     return [n for n, m in model.named_modules() if fp_linear(m) is not None and config.eligible(n)]
 
 
-def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], config: QuaffConfig) -> list[str]:
-    """Replace each annotated nn.Linear of ``model`` by its QuaffLinear, in place; returns the names."""
+def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], config: QuaffConfig, stats=None) -> list[str]:
+    """Replace each annotated nn.Linear of ``model`` by its QuaffLinear, in place; returns the names.
+    ``stats``: the calibration, where an annotation asks for GPTQ rounding."""
     from quaff_fx.passes import build_quaff_linear
 
     swapped = []
@@ -41,7 +42,7 @@ def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], co
         wb = fp_linear(linear)
         if wb is None:
             raise QuaffError(f"layer {name!r} is a {type(linear).__name__}, not an nn.Linear")
-        set_submodule(model, name, build_quaff_linear(wb[0], wb[1], annotation, config).train(linear.training))
+        set_submodule(model, name, build_quaff_linear(wb[0], wb[1], annotation, config, stats).train(linear.training))
         swapped.append(name)
     return swapped
 

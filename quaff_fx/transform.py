@@ -35,7 +35,7 @@ def default_passes(stats: CalibrationStats, config: QuaffConfig, fuse: bool = Fa
     """annotate → rewrite (→ fuse, for graphs run for inference or handed to a compiler)."""
     from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear
 
-    passes = [AnnotateOutliers(stats, config), RewriteLinear(config)]
+    passes = [AnnotateOutliers(stats, config), RewriteLinear(config, stats)]
     return passes + [FuseScales(fold_norms=fold_norms)] if fuse or fold_norms else passes
 
 
@@ -49,7 +49,8 @@ def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, con
     source = f"calibration text {str(text_path) if text_path else '(bundled apache-2.0.txt)'}"
     n = count_batches(ids, seq_len, batch_size, max_batches)
     stats = calibrate(gm, batches(ids, seq_len, batch_size, max_batches, source), config.outliers, config.eligible,
-                      n_batches=n, progress=progress, smooth_grid=SMOOTH_GRID if config.searches_smoothing else None)
+                      n_batches=n, progress=progress, smooth_grid=SMOOTH_GRID if config.searches_smoothing else None,
+                      hessian=config.weight_rounding == "gptq")
     stats.info.update({"seq_len": seq_len, "batch_size": batch_size, "tokens": n * seq_len * batch_size,
                        "text": Path(text_path).name if text_path else "apache-2.0.txt (bundled)"})
     return stats
@@ -62,13 +63,13 @@ def transform(model: nn.Module, stats: CalibrationStats, config: QuaffConfig | N
     config = config or QuaffConfig(outliers=stats.outlier_config)
     gm = capture(model) if gm is None else gm
     result = run_passes(gm, default_passes(stats, config) if passes is None else passes)
-    layers = adopt_from_graph_(model, result.graph_module, config)
+    layers = adopt_from_graph_(model, result.graph_module, config, stats)
     if not layers:
         raise QuaffError("the model has no eligible Linear layer: nothing was quantized (check --include/--exclude)")
     return TransformResult(model, result.graph_module, result.reports, layers)
 
 
-def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig) -> dict[str, dict[str, Any]]:
+def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig, stats: CalibrationStats | None = None) -> dict[str, dict[str, Any]]:
     """Install the rewritten graph's QuaffLinear modules in ``model`` (one object serves both). Layers the
     graph fused are built for the live model from their annotations (the live model keeps them apart)."""
     prefix, layers = module_prefix(gm), {}
@@ -76,7 +77,7 @@ def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig) ->
         meta = node.meta.get(META_KEY, {})
         if meta.get("fused") and meta.get("member_annotations"):
             members = {a["module"]: a for a in meta["member_annotations"] if a}
-            quantize_model_(model, members, config)
+            quantize_model_(model, members, config, stats)
             layers.update({n: layer_spec(model.get_submodule(n), a) for n, a in members.items()})
             continue
         if node.op != "call_module" or not meta.get("rewritten"):

@@ -85,3 +85,42 @@ def test_presets_by_name_and_bad_smoothing():
     for bad in (1.5, 0.0, "sometimes", True):
         with pytest.raises(QuaffError, match="smooth_alpha must be 'auto', None"):
             QuaffConfig(smooth_alpha=bad)
+
+
+def test_gptq_rounding_lowers_the_output_error_of_correlated_inputs():
+    from quaff_fx.kernels.reference import quantize_weight
+    from quaff_fx.rounding import gptq_round
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 48, generator=g) @ torch.randn(48, 96, generator=g)  # correlated channels
+    w = torch.randn(40, 96, generator=g)
+    nearest, scale = quantize_weight(w)
+    gptq = gptq_round(w, x.double().t() @ x.double(), scale)
+    err = lambda q: float((x @ (w - q.float() * scale[:, None]).t()).pow(2).sum())  # noqa: E731
+    assert gptq.dtype == torch.int8 and gptq.abs().max() <= 127
+    assert err(gptq) < 0.7 * err(nearest)
+
+
+def test_transform_with_gptq_rounding(llama):
+    from quaff_fx import transform
+
+    gptq_cfg = QuaffConfig(outliers=CFG.outliers, weight_rounding="gptq")
+    stats = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2, hessian=True)
+    layer = stats.layers["model.layers.0.self_attn.q_proj"]
+    assert layer.hessian.shape == (64, 64) and layer.hessian is stats.layers["model.layers.0.self_attn.k_proj"].hessian
+    assert "model.layers.0.self_attn.q_proj.hessian" not in stats.to_tensors()  # in memory only
+    ids = torch.randint(0, 256, (2, 12))
+    ref = llama(input_ids=ids).logits
+    import copy
+
+    nearest_model, gptq_model = copy.deepcopy(llama), copy.deepcopy(llama)
+    transform(nearest_model, stats, QuaffConfig(outliers=CFG.outliers))
+    transform(gptq_model, stats, gptq_cfg)
+    a, b = nearest_model.model.layers[0].mlp.down_proj, gptq_model.model.layers[0].mlp.down_proj
+    assert torch.equal(a.w_scale, b.w_scale) and not torch.equal(a.w_int8, b.w_int8)
+    assert (gptq_model(input_ids=ids).logits - ref).abs().max() <= 0.05 * ref.abs().max()
+    bare = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2)
+    with pytest.raises(QuaffError, match="GPTQ rounding needs the calibration's XᵀX"):
+        transform(copy.deepcopy(llama), bare, gptq_cfg)
+    with pytest.raises(QuaffError, match="weight_rounding must be"):
+        QuaffConfig(weight_rounding="stochastic")

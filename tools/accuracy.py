@@ -53,7 +53,10 @@ def main() -> None:
     for label, config in (("quaff paper preset", QuaffConfig.preset("paper")),
                           ("quaff default (top_abs 1%, no smoothing)", QuaffConfig.preset("default")),
                           ("quaff default + smoothing a=0.5", QuaffConfig.preset("default", smooth_alpha=0.5)),
-                          ("quaff default + smoothing auto", QuaffConfig.preset("default", smooth_alpha="auto"))):
+                          ("quaff default + smoothing auto", QuaffConfig.preset("default", smooth_alpha="auto")),
+                          ("quaff default + gptq rounding", QuaffConfig.preset("default", weight_rounding="gptq")),
+                          ("quaff default + smoothing a=0.5 + gptq rounding",
+                           QuaffConfig.preset("default", smooth_alpha=0.5, weight_rounding="gptq"))):
         model = copy.deepcopy(fp.model)
         gm = capture(model)
         stats = calibrate_text(gm, fp.tokenizer, None, config)
