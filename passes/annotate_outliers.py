@@ -50,8 +50,9 @@ class AnnotateOutliers(QuaffPass):
                 annotation["gptq"] = True
             alpha = self._alpha(site.module_name)
             if alpha is not None:
-                annotation.update(act_max_all=layer.max_abs.tolist(), smooth_alpha=alpha,
-                                  smooth_w_max=group_w_max(gm, groups[site.input_node]).tolist())
+                annotation.update(act_max_all=layer.max_abs.tolist(), smooth_alpha=alpha)
+                if self.config.smooth_shared:
+                    annotation["smooth_w_max"] = group_w_max(gm, groups[site.input_node]).tolist()
             if site.node.meta.get(META_KEY) != annotation:
                 site.node.meta[META_KEY] = annotation
                 modified = True

@@ -20,7 +20,8 @@ def _progress(desc: str, total: int | None):
 
 def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outlier selection")
-    g.add_argument("--preset", default="default", help="default (top_abs, 1%%) | paper (mean_times, threshold 100, 1%%)")
+    g.add_argument("--preset", default="default", help="default (top_abs, 1%%) | accurate (default + per-layer smoothing 0.5 "
+                   "+ GPTQ rounding) | paper (mean_times, threshold 100, 1%%)")
     g.add_argument("--strategy", default=None, help="top_abs | mean_times | zscore | static (overrides the preset)")
     g.add_argument("--threshold", type=float, default=None, help="mean_times: multiple of mean|x|; zscore: z bound (default 100)")
     g.add_argument("--max-ratio", type=float, default=None, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
@@ -30,8 +31,10 @@ def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smooth-alpha", default=None,
                    help="SmoothQuant-style smoothing of the non-outlier channels: off (the presets') | a number in (0, 1) | "
                         "auto (per input, chosen by the calibration's error search)")
-    g.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",
-                   help="int8 weight rounding: nearest (default) | gptq (error-compensated with the calibration's XᵀX)")
+    g.add_argument("--smooth-per-layer", action="store_true", default=None,
+                   help="with smoothing: each layer its own factor instead of one per input (siblings then cannot be fused)")
+    g.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
+                   help="int8 weight rounding: nearest (the default preset's) | gptq (error-compensated with the calibration's XᵀX)")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
@@ -61,9 +64,10 @@ def _config(args: argparse.Namespace):
     base = OutlierConfig.preset(args.preset)
     outliers = OutlierConfig(args.strategy or base.strategy, base.threshold if args.threshold is None else args.threshold,
                              base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
+    given = {k: v for k, v in (("weight_rounding", args.weight_rounding),
+                               ("smooth_shared", None if args.smooth_per_layer is None else False)) if v is not None}
     return QuaffConfig.preset(args.preset, outliers=outliers, include=tuple(args.include or ("*",)),
-                              exclude=tuple(args.exclude or DEFAULT_EXCLUDE), weight_rounding=args.weight_rounding,
-                              **_smoothing(args.smooth_alpha))
+                              exclude=tuple(args.exclude or DEFAULT_EXCLUDE), **given, **_smoothing(args.smooth_alpha))
 
 
 def _smoothing(value: str | None) -> dict:

@@ -187,12 +187,16 @@ def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert rows[-3]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--smooth-per-layer", "--weight-rounding", "gptq"]])
+def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, capsys, extra):
     out = tmp_path / "smooth"
-    assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST, "--smooth-alpha", "0.5"]) == 0
+    assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST, "--smooth-alpha", "0.5", *extra]) == 0
     capsys.readouterr()
     loaded, manifest = load_quantized(out)
     assert all(spec["smoothed"] for spec in manifest["layers"].values())
-    q = loaded.model.model.layers[0].self_attn.q_proj
+    assert manifest["config"]["weight_rounding"] == ("gptq" if extra else "nearest")
+    attn = loaded.model.model.layers[0].self_attn
+    q = attn.q_proj
     assert q.inv_smooth is not None and not torch.equal(q.inv_smooth, torch.ones_like(q.inv_smooth))
+    assert torch.equal(q.inv_smooth, attn.k_proj.inv_smooth) != bool(extra)  # shared unless per layer
     assert main(["eval", str(out), "--seq-len", "64", "--json"]) == 0

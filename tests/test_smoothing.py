@@ -80,6 +80,9 @@ def test_presets_by_name_and_bad_smoothing():
     paper = QuaffConfig.preset("paper")
     assert paper.smooth_alpha is None and paper.outliers == OutlierConfig("mean_times", 100.0, 0.01)
     assert QuaffConfig.preset("default", smooth_alpha=0.5).smooth_alpha == 0.5
+    accurate = QuaffConfig.preset("accurate")
+    assert (accurate.smooth_alpha, accurate.smooth_shared, accurate.weight_rounding) == (0.5, False, "gptq")
+    assert accurate.outliers == QuaffConfig.preset("default").outliers
     with pytest.raises(QuaffError, match="unknown preset 'best'"):
         QuaffConfig.preset("best")
     for bad in (1.5, 0.0, "sometimes", True):
@@ -124,3 +127,19 @@ def test_transform_with_gptq_rounding(llama):
         transform(copy.deepcopy(llama), bare, gptq_cfg)
     with pytest.raises(QuaffError, match="weight_rounding must be"):
         QuaffConfig(weight_rounding="stochastic")
+
+
+def test_per_layer_smoothing_differs_between_siblings_and_is_not_fused(llama):
+    stats = stats_of(llama)
+    shared = QuaffConfig(outliers=CFG.outliers, smooth_alpha=0.5)
+    own = QuaffConfig(outliers=CFG.outliers, smooth_alpha=0.5, smooth_shared=False)
+    graphs = {}
+    for key, cfg in (("shared", shared), ("own", own)):
+        gm = capture(llama)
+        run_passes(gm, [AnnotateOutliers(stats, cfg), RewriteLinear(cfg)])
+        graphs[key] = gm
+    attn = lambda gm, leaf: gm.get_submodule(f"model.model.layers.0.self_attn.{leaf}")  # noqa: E731
+    assert torch.equal(attn(graphs["shared"], "q_proj").inv_smooth, attn(graphs["shared"], "k_proj").inv_smooth)
+    assert not torch.equal(attn(graphs["own"], "q_proj").inv_smooth, attn(graphs["own"], "k_proj").inv_smooth)
+    assert sum(r["status"] == "fused" for r in FuseScales()(graphs["shared"]).report.rows) == 4
+    assert not FuseScales()(graphs["own"]).modified

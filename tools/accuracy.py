@@ -56,7 +56,8 @@ def main() -> None:
                           ("quaff default + smoothing auto", QuaffConfig.preset("default", smooth_alpha="auto")),
                           ("quaff default + gptq rounding", QuaffConfig.preset("default", weight_rounding="gptq")),
                           ("quaff default + smoothing a=0.5 + gptq rounding",
-                           QuaffConfig.preset("default", smooth_alpha=0.5, weight_rounding="gptq"))):
+                           QuaffConfig.preset("default", smooth_alpha=0.5, weight_rounding="gptq")),
+                          ("quaff preset accurate (smoothing a=0.5 per layer + gptq)", QuaffConfig.preset("accurate"))):
         model = copy.deepcopy(fp.model)
         gm = capture(model)
         stats = calibrate_text(gm, fp.tokenizer, None, config)
