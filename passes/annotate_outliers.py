@@ -11,7 +11,7 @@ from quaff_fx.config import QuaffConfig
 from quaff_fx.errors import QuaffError
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport, quaff_bytes
-from quaff_fx.smoothing import group_w_max, pick_alpha, sibling_groups
+from quaff_fx.smoothing import column_max, group_weights, pick_alpha, sibling_groups
 
 
 class AnnotateOutliers(QuaffPass):
@@ -30,6 +30,7 @@ class AnnotateOutliers(QuaffPass):
         self.stats.check_matches(sites + quaff_sites(gm))
         dtype_bytes = _dtype_bytes(gm)
         groups = sibling_groups([s for s in sites if self.config.eligible(s.module_name) and s.module_name in self.stats.layers])
+        shared_w_max: dict = {}  # input node -> the group's column max, computed once per group
         for site in sites:
             row = {"node": site.node.name, "module": site.module_name, "in_features": site.in_features, "out_features": site.out_features}
             layer = self.stats.layers.get(site.module_name)
@@ -52,7 +53,9 @@ class AnnotateOutliers(QuaffPass):
             if alpha is not None:
                 annotation.update(act_max_all=layer.max_abs.tolist(), smooth_alpha=alpha)
                 if self.config.smooth_shared:
-                    annotation["smooth_w_max"] = group_w_max(gm, groups[site.input_node]).tolist()
+                    if site.input_node not in shared_w_max:
+                        shared_w_max[site.input_node] = column_max(group_weights(gm, groups[site.input_node])).tolist()
+                    annotation["smooth_w_max"] = shared_w_max[site.input_node]
             if site.node.meta.get(META_KEY) != annotation:
                 site.node.meta[META_KEY] = annotation
                 modified = True

@@ -151,7 +151,7 @@ class _Observer(Interpreter):
                  rows_per_batch: int = 0, hessian: bool = False):
         super().__init__(gm)
         self.hessians: dict[Node, torch.Tensor] | None = {} if hessian else None
-        self.batch_of: dict[Node, int] = {}  # the batch whose input a node's XᵀX last took (siblings share it)
+        self.batch_of: dict[Node, int] = {}  # the last batch each input node was seen in (siblings share an input)
         self.observed, self.stats, self.cfg = observed, stats, cfg
         self.half = 0
         self.rows_per_batch, self.batch_index = rows_per_batch, 0
@@ -162,14 +162,19 @@ class _Observer(Interpreter):
         if seen is not None:
             name, input_node = seen
             self._record(name, self.env[input_node])
-            if self.hessians is not None and self.batch_of.get(input_node) != self.batch_index:
+            if self.batch_of.get(input_node) != self.batch_index:
                 self.batch_of[input_node] = self.batch_index
-                x2d = self.env[input_node].detach().reshape(-1, self.env[input_node].shape[-1]).double()
-                h = (x2d.t() @ x2d).cpu()
-                self.hessians[input_node] = self.hessians[input_node] + h if input_node in self.hessians else h
-            if self.rows_per_batch and len(self.rows.setdefault(input_node, [])) < self.batch_index + 1:
-                self.rows[input_node].append(_spread_rows(self.env[input_node], self.rows_per_batch))
+                self._record_input(input_node, self.env[input_node])
         return super().run_node(n)
+
+    def _record_input(self, node: Node, x: torch.Tensor) -> None:
+        """Once per input node and batch: its sampled rows (smoothing search) and its XᵀX (GPTQ), where asked."""
+        if self.rows_per_batch:
+            self.rows.setdefault(node, []).append(_spread_rows(x, self.rows_per_batch))
+        if self.hessians is not None:
+            x2d = x.detach().reshape(-1, x.shape[-1]).double()
+            h = (x2d.t() @ x2d).cpu()
+            self.hessians[node] = self.hessians[node] + h if node in self.hessians else h
 
     def _record(self, name: str, x: torch.Tensor) -> None:
         layer = self.stats[name]

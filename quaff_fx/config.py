@@ -122,6 +122,10 @@ class QuaffConfig:
     def searches_smoothing(self) -> bool:
         return self.smooth_alpha == "auto"
 
+    def calibration_options(self) -> dict[str, Any]:
+        """What ``calibrate`` must gather beyond its statistics for this config: the smoothing search, XᵀX."""
+        return {"smooth_grid": SMOOTH_GRID if self.searches_smoothing else None, "hessian": self.weight_rounding == "gptq"}
+
     def eligible(self, module_name: str) -> bool:
         """Whether the Linear called ``module_name`` is to be quantized."""
         leaf = module_name.rsplit(".", 1)[-1]

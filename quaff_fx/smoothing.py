@@ -30,17 +30,21 @@ def sibling_groups(sites: Sequence[LinearSite]) -> dict[Node, list[LinearSite]]:
     return groups
 
 
-def group_w_max(gm: GraphModule, members: Sequence[LinearSite]) -> torch.Tensor:
-    """max|W| per input column over every layer of the group: the weight side of the shared s."""
-    return torch.stack([weight_and_bias(gm, s)[0].detach().float().abs().amax(0) for s in members]).amax(0)
+def group_weights(gm: GraphModule, members: Sequence[LinearSite]) -> list[torch.Tensor]:
+    return [weight_and_bias(gm, s)[0].detach() for s in members]
+
+
+def column_max(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """max|W| per input column over every layer of a group: the weight side of the shared s."""
+    return torch.stack([w.float().abs().amax(0) for w in weights]).amax(0)
 
 
 @torch.no_grad()
 def smoothing_errors(gm: GraphModule, members: Sequence[LinearSite], rows: torch.Tensor, act_max: torch.Tensor,
                      outliers: torch.Tensor, cfg_grid: Sequence[float | None], weight_granularity: str = "channel") -> torch.Tensor:
     """Relative output error [len(grid)] of the group's layers, quantized as QuaffLinears with each α, on ``rows``."""
-    w_max = group_w_max(gm, members)
-    weights = [weight_and_bias(gm, s)[0].detach() for s in members]
+    weights = group_weights(gm, members)
+    w_max = column_max(weights)
     x = rows.to(device=weights[0].device, dtype=weights[0].dtype)
     refs = [x @ w.t() for w in weights]
     norm = sum(float(r.float().pow(2).sum()) for r in refs) or 1.0

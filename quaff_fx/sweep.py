@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from .calibration import calibrate
 from .capture import capture
-from .config import SMOOTH_GRID, OutlierConfig, QuaffConfig
+from .config import OutlierConfig, QuaffConfig
 from .data import batches, count_batches, read_text, tokenize
 from .evaluate import perplexity
 from .hf import naive_w8a8_
@@ -28,9 +28,8 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
     def stats_for(m, cfg: QuaffConfig):
         gm = capture(m)
         n = count_batches(calib_ids, seq_len, batch_size, max_batches)
-        grid = SMOOTH_GRID if cfg.searches_smoothing else None
         return gm, calibrate(gm, batches(calib_ids, seq_len, batch_size, max_batches, "calibration text"), cfg.outliers,
-                             cfg.eligible, n_batches=n, smooth_grid=grid)
+                             cfg.eligible, n_batches=n, **cfg.calibration_options())
 
     rows = [{"method": "fp32", "channels": 0, "fp_bytes": 0, "perplexity": evaluate(model)}]
     base = QuaffConfig(smooth_alpha=None)

@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 
 from .calibration import CalibrationStats, calibrate
 from .capture import META_KEY, capture, module_prefix
-from .config import SMOOTH_GRID, QuaffConfig
+from .config import QuaffConfig
 from .data import batches, count_batches, read_text, tokenize
 from .errors import QuaffError
 from .hf import quantize_model_, quaff_skeleton_, set_submodule
@@ -49,8 +49,7 @@ def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, con
     source = f"calibration text {str(text_path) if text_path else '(bundled apache-2.0.txt)'}"
     n = count_batches(ids, seq_len, batch_size, max_batches)
     stats = calibrate(gm, batches(ids, seq_len, batch_size, max_batches, source), config.outliers, config.eligible,
-                      n_batches=n, progress=progress, smooth_grid=SMOOTH_GRID if config.searches_smoothing else None,
-                      hessian=config.weight_rounding == "gptq")
+                      n_batches=n, progress=progress, **config.calibration_options())
     stats.info.update({"seq_len": seq_len, "batch_size": batch_size, "tokens": n * seq_len * batch_size,
                        "text": Path(text_path).name if text_path else "apache-2.0.txt (bundled)"})
     return stats

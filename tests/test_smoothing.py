@@ -112,6 +112,14 @@ def test_transform_with_gptq_rounding(llama):
     layer = stats.layers["model.layers.0.self_attn.q_proj"]
     assert layer.hessian.shape == (64, 64) and layer.hessian is stats.layers["model.layers.0.self_attn.k_proj"].hessian
     assert "model.layers.0.self_attn.q_proj.hessian" not in stats.to_tensors()  # in memory only
+    seen = []
+    hook = llama.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, 64).double()))
+    with torch.no_grad():
+        for batch in data():
+            llama(input_ids=batch)
+    hook.remove()
+    x = torch.cat(seen)
+    assert torch.allclose(layer.hessian, x.t() @ x, rtol=1e-6, atol=1e-6)  # once per batch, not once per sibling
     ids = torch.randint(0, 256, (2, 12))
     ref = llama(input_ids=ids).logits
     import copy

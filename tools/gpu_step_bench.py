@@ -46,13 +46,10 @@ def build(variant: str, size: str, seq_len: int):
     model = LlamaForCausalLM(cfg).to(dtype).cuda().eval()
     if variant.startswith("quaff"):
         from quaff_fx import QuaffConfig, calibrate_text, capture, transform
-        from quaff_fx.data import read_text
-
         class Tok:  # token ids from the bundled text's bytes: a random-init model has no tokenizer
             def __call__(self, text, **_):
                 return {"input_ids": [b % cfg.vocab_size for b in text.encode()]}
 
-        read_text(None)
         config = QuaffConfig()
         # static shapes: on the device image (torch 2.11, transformers 5.17, CUDA, sdpa) the dynamic-sequence
         # export reports a violated constraint on seq; calibration uses the one shape captured
