@@ -45,9 +45,10 @@ class AnnotateOutliers(QuaffPass):
                           "act_max": layer.max_abs.index_select(0, outliers).tolist(),
                           "max_mean_ratio": layer.max_mean_ratio()}
             if self.config.weight_rounding == "gptq":
-                if layer.hessian is None:
-                    raise QuaffError(f"GPTQ rounding needs the calibration's XᵀX for {site.module_name!r}, which is kept in memory "
-                                     "only: calibrate in the same run (quaff-fx transform does), or use --weight-rounding nearest")
+                if self.stats.batches is None:
+                    raise QuaffError("GPTQ rounding (the default) gathers XᵀX from the calibration batches, which these stats do not "
+                                     "hold (read from a file, or calibrated with keep_batches=False): calibrate in the same run "
+                                     "(quaff-fx transform does; with --stats it re-reads --calib), or use --weight-rounding nearest")
                 annotation["gptq"] = True
             alpha = self._alpha(site.module_name)
             if alpha is not None:

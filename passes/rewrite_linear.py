@@ -1,12 +1,13 @@
 """Replace every annotated Linear node with a call to a QuaffLinear module."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from quaff_fx.capture import META_KEY, find_linears, module_prefix, weight_and_bias
+from quaff_fx.capture import META_KEY, LinearSite, find_linears, module_prefix, weight_and_bias
 from quaff_fx.calibration import CalibrationStats
 from quaff_fx.config import QuaffConfig
 from quaff_fx.errors import QuaffError
@@ -14,13 +15,14 @@ from quaff_fx.hf import set_submodule
 from quaff_fx.modules import QuaffLinear
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport, quaff_bytes
-from quaff_fx.rounding import gptq_round, seen_hessian
+from quaff_fx.rounding import GPTQ_MEMORY, chunks, gather_xtx, gptq_round, seen_hessian
 
 
 def build_quaff_linear(weight: torch.Tensor, bias: torch.Tensor | None, annotation: dict[str, Any], config: QuaffConfig,
-                       stats: CalibrationStats | None = None) -> QuaffLinear:
-    """The QuaffLinear for one annotated layer; shared by the graph rewrite and the live-model swap.
-    ``stats`` supplies XᵀX where the annotation asks for GPTQ rounding."""
+                       stats: CalibrationStats | None = None, round_gptq: bool = True) -> QuaffLinear:
+    """The QuaffLinear for one annotated layer; shared by the graph rewrite and the live-model swap. Where the
+    annotation asks for GPTQ rounding, the int8 codes the graph rewrite rounded for this layer are taken from
+    ``stats`` (``round_gptq=False``: left at round-to-nearest, for the caller to round)."""
     act_max = None
     if "act_max_all" in annotation:
         act_max = torch.tensor(annotation["act_max_all"])
@@ -31,14 +33,40 @@ def build_quaff_linear(weight: torch.Tensor, bias: torch.Tensor | None, annotati
     w_max = torch.tensor(annotation["smooth_w_max"]) if smooth is not None and "smooth_w_max" in annotation else None
     mod = QuaffLinear.from_weight(weight, bias, annotation["outliers"], act_max, config.weight_granularity,
                                   config.momentum, config.exact_grad, smooth, w_max)
-    if annotation.get("gptq"):
-        layer = stats.layers.get(annotation["module"]) if stats is not None else None
-        if layer is None or layer.hessian is None:
-            raise QuaffError(f"layer {annotation['module']!r} asks for GPTQ rounding but no calibration XᵀX was given")
-        h = seen_hessian(layer.hessian, mod.inv_smooth, mod.outlier_idx, mod.act_scale)
-        seen_weight = weight.detach().float() if mod.inv_smooth is None else weight.detach().float() / mod.inv_smooth[None, :]
-        mod.w_int8.copy_(gptq_round(seen_weight, h.to(weight.device), mod.w_scale))
+    if annotation.get("gptq") and round_gptq:
+        key, codes = (stats.gptq_codes.get(annotation["module"]) if stats is not None else None) or (None, None)
+        if key != _codes_key(annotation, config):
+            raise QuaffError(f"layer {annotation['module']!r} asks for GPTQ rounding, which the graph rewrite does (it needs the "
+                             "graph to gather XᵀX): run RewriteLinear with these stats first, or use weight_rounding='nearest'")
+        mod.w_int8.copy_(codes)
     return mod
+
+
+def _codes_key(annotation: dict[str, Any], config: QuaffConfig) -> str:
+    """What the rounded codes depend on: the annotation (outliers, scales, smoothing) and the weight granularity."""
+    return json.dumps([{k: v for k, v in annotation.items() if k != "rewritten"}, config.weight_granularity], sort_keys=True)
+
+
+def round_gptq_(gm: GraphModule, layers: list[tuple[LinearSite, torch.Tensor, QuaffLinear]], stats: CalibrationStats,
+                budget: int = GPTQ_MEMORY) -> int:
+    """GPTQ-round the int8 weights of ``layers`` (site, FP weight, its QuaffLinear) in place, gathering XᵀX from
+    the calibration batches on the not yet rewritten ``gm`` a chunk of inputs at a time; returns the chunks run."""
+    by_input: dict[Node, list[tuple[LinearSite, torch.Tensor, QuaffLinear]]] = {}
+    for layer in layers:
+        by_input.setdefault(layer[0].input_node, []).append(layer)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = sorted(by_input, key=order.__getitem__)
+    parts = chunks(nodes, {n: by_input[n][0][0].in_features for n in nodes}, budget)
+    for part in parts:
+        xtx = gather_xtx(gm, part, stats.batches)
+        for node in part:
+            h_x = xtx.pop(node)
+            for site, weight, mod in by_input[node]:
+                h = seen_hessian(h_x, mod.inv_smooth, mod.outlier_idx, mod.act_scale)
+                seen = weight.detach().float() if mod.inv_smooth is None else weight.detach().float() / mod.inv_smooth[None, :]
+                mod.w_int8.copy_(gptq_round(seen, h.to(weight.device), mod.w_scale))
+            del h_x
+    return len(parts)
 
 
 class RewriteLinear(QuaffPass):
@@ -47,18 +75,28 @@ class RewriteLinear(QuaffPass):
 
     name = "rewrite_linear"
 
-    def __init__(self, config: QuaffConfig | None = None, stats: CalibrationStats | None = None):
-        self.config, self.stats = config or QuaffConfig(), stats
+    def __init__(self, config: QuaffConfig | None = None, stats: CalibrationStats | None = None, gptq_memory: int = GPTQ_MEMORY):
+        self.config, self.stats, self.gptq_memory = config or QuaffConfig(), stats, gptq_memory
 
     def call(self, gm: GraphModule) -> QuaffPassResult:
         report = PassReport(self.name)
         prefix = module_prefix(gm)
+        todo = []
         for site in find_linears(gm):
             annotation = site.node.meta.get(META_KEY)
-            if not annotation or "outliers" not in annotation:
-                continue
-            weight, bias = weight_and_bias(gm, site)
-            quaff = build_quaff_linear(weight, bias, annotation, self.config, self.stats)
+            if annotation and "outliers" in annotation:
+                weight, bias = weight_and_bias(gm, site)
+                todo.append((site, annotation, weight, build_quaff_linear(weight, bias, annotation, self.config, round_gptq=False)))
+        gptq = [(site, weight, quaff) for site, annotation, weight, quaff in todo if annotation.get("gptq")]
+        if gptq:  # before any node is rewritten: XᵀX comes from the FP graph, whatever the chunking
+            if self.stats is None or self.stats.batches is None:
+                raise QuaffError("GPTQ rounding needs calibration stats that kept their batches (see AnnotateOutliers)")
+            chunks_run = round_gptq_(gm, gptq, self.stats, self.gptq_memory)
+            report.notes.append(f"GPTQ rounding: {len(gptq)} layers, XᵀX gathered in {chunks_run} chunk(s) of at most "
+                                f"{self.gptq_memory >> 20} MiB")
+            self.stats.gptq_codes.update({site.module_name: (_codes_key(site.node.meta[META_KEY], self.config), quaff.w_int8)
+                                          for site, _, quaff in gptq})
+        for site, annotation, weight, quaff in todo:
             # an exported graph was captured in eval mode (and cannot be switched); an fx graph keeps its mode
             quaff.train(gm.training and gm.meta.get(META_KEY, {}).get("capture") == "fx")
             path = prefix + site.module_name

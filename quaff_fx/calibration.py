@@ -30,7 +30,6 @@ class LayerStats:
     counts: torch.Tensor  # [HALVES, C] int64: outlier counts in the first and second half of the batches
     tokens: int = 0
     smooth_error: torch.Tensor | None = None  # [len(info["smooth_grid"])] float64: output error per smoothing α
-    hessian: torch.Tensor | None = None  # [C, C] float64 XᵀX for GPTQ rounding; in memory only, never saved
 
     @classmethod
     def empty(cls, in_features: int, out_features: int) -> "LayerStats":
@@ -58,6 +57,10 @@ class CalibrationStats:
     layers: dict[str, LayerStats]
     outlier_config: OutlierConfig
     info: dict[str, Any] = field(default_factory=dict)  # batches, seq_len, data source, model name, seconds
+    # in memory only, never saved: the calibration batches, from which GPTQ rounding gathers XᵀX chunk by chunk
+    # (see quaff_fx.rounding), and the int8 codes it rounded, by module name, for the live model's twin layers
+    batches: list[Any] | None = field(default=None, repr=False)
+    gptq_codes: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def outliers(self, name: str, cfg: OutlierConfig | None = None) -> torch.Tensor:
         """Outlier channels of layer ``name`` under ``cfg`` (default: the calibration's own config)."""
@@ -148,9 +151,8 @@ class _Observer(Interpreter):
     """Runs the graph node by node and feeds each observed Linear's input to its LayerStats."""
 
     def __init__(self, gm: GraphModule, observed: dict[Node, tuple[str, Node]], stats: dict[str, LayerStats], cfg: OutlierConfig,
-                 rows_per_batch: int = 0, hessian: bool = False):
+                 rows_per_batch: int = 0):
         super().__init__(gm)
-        self.hessians: dict[Node, torch.Tensor] | None = {} if hessian else None
         self.batch_of: dict[Node, int] = {}  # the last batch each input node was seen in (siblings share an input)
         self.observed, self.stats, self.cfg = observed, stats, cfg
         self.half = 0
@@ -162,19 +164,10 @@ class _Observer(Interpreter):
         if seen is not None:
             name, input_node = seen
             self._record(name, self.env[input_node])
-            if self.batch_of.get(input_node) != self.batch_index:
+            if self.rows_per_batch and self.batch_of.get(input_node) != self.batch_index:  # once per input and batch
                 self.batch_of[input_node] = self.batch_index
-                self._record_input(input_node, self.env[input_node])
+                self.rows.setdefault(input_node, []).append(_spread_rows(self.env[input_node], self.rows_per_batch))
         return super().run_node(n)
-
-    def _record_input(self, node: Node, x: torch.Tensor) -> None:
-        """Once per input node and batch: its sampled rows (smoothing search) and its XᵀX (GPTQ), where asked."""
-        if self.rows_per_batch:
-            self.rows.setdefault(node, []).append(_spread_rows(x, self.rows_per_batch))
-        if self.hessians is not None:
-            x2d = x.detach().reshape(-1, x.shape[-1]).double()
-            h = (x2d.t() @ x2d).cpu()
-            self.hessians[node] = self.hessians[node] + h if node in self.hessians else h
 
     def _record(self, name: str, x: torch.Tensor) -> None:
         layer = self.stats[name]
@@ -197,15 +190,15 @@ def _spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConfig | None = None,
               layer_filter=None, n_batches: int | None = None, progress=None,
-              smooth_grid: Sequence[float | None] | None = None, sample_rows: int = 512, hessian: bool = False) -> CalibrationStats:
+              smooth_grid: Sequence[float | None] | None = None, sample_rows: int = 512, keep_batches: bool = True) -> CalibrationStats:
     """Run ``batches`` through ``gm`` and collect per-channel statistics of every Linear input.
 
     ``layer_filter(module_name) -> bool`` picks the layers (default: all). ``n_batches`` (if known)
     splits the batches into two halves for the stability measure; ``progress`` wraps the iterable.
     ``smooth_grid``: the smoothing strengths whose output error is measured per layer on ``sample_rows``
     rows of its input (see ``quaff_fx.smoothing``; what ``smooth_alpha="auto"`` chooses from, usually
-    ``config.SMOOTH_GRID``); None (the default) skips it. ``hessian``: also sum XᵀX of every input
-    (for ``weight_rounding="gptq"``; kept on the layers in memory, not written to stats files).
+    ``config.SMOOTH_GRID``); None (the default) skips it. ``keep_batches``: keep the batches on the stats
+    (in memory, as given) for GPTQ rounding, which gathers XᵀX from them during the rewrite.
     """
     cfg = cfg or OutlierConfig()
     sites = [s for s in find_linears(gm) if layer_filter is None or layer_filter(s.module_name)]
@@ -213,21 +206,20 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
         raise QuaffError("the model has no eligible Linear layer to calibrate (check --include/--exclude)")
     stats = {s.module_name: LayerStats.empty(s.in_features, s.out_features) for s in sites}
     per_batch = -(-sample_rows // max(n_batches or 1, 1)) if smooth_grid else 0
-    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg, per_batch, hessian)
-    seen, device = 0, device_of(gm)
+    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg, per_batch)
+    seen, device, kept = 0, device_of(gm), []
     iterable = progress(batches) if progress else batches
     with torch.no_grad():
         for i, batch in enumerate(iterable):
+            if keep_batches:
+                kept.append(batch)
             observer.half = 0 if n_batches is None or i < max(n_batches // 2, 1) else 1
             observer.batch_index = i
             observer.run(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
             seen += 1
     if seen == 0:
         raise QuaffError("calibration got no batch")
-    result = CalibrationStats(stats, cfg, {"batches": seen})
-    if hessian:
-        for site in sites:
-            stats[site.module_name].hessian = observer.hessians[site.input_node]
+    result = CalibrationStats(stats, cfg, {"batches": seen}, kept if keep_batches else None)
     if smooth_grid:
         from . import smoothing
 

@@ -20,8 +20,9 @@ def _progress(desc: str, total: int | None):
 
 def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outlier selection")
-    g.add_argument("--preset", default="default", help="default (top_abs, 1%%) | accurate (default + per-layer smoothing 0.5 "
-                   "+ GPTQ rounding) | paper (mean_times, threshold 100, 1%%)")
+    g.add_argument("--preset", default="default", help="default (top_abs 1%% + smoothing 0.6 shared by siblings + GPTQ "
+                   "rounding; 'accurate' is the same) | fast (top_abs 1%%, no smoothing, round to nearest: no XᵀX pass) | "
+                   "paper (mean_times, threshold 100, 1%%, plain)")
     g.add_argument("--strategy", default=None, help="top_abs | mean_times | zscore | static (overrides the preset)")
     g.add_argument("--threshold", type=float, default=None, help="mean_times: multiple of mean|x|; zscore: z bound (default 100)")
     g.add_argument("--max-ratio", type=float, default=None, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
@@ -29,12 +30,12 @@ def _add_outlier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
     g.add_argument("--exclude", action="append", help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
     g.add_argument("--smooth-alpha", default=None,
-                   help="SmoothQuant-style smoothing of the non-outlier channels: off (the presets') | a number in (0, 1) | "
+                   help="SmoothQuant-style smoothing of the non-outlier channels: off | a number in (0, 1) | "
                         "auto (per input, chosen by the calibration's error search)")
     g.add_argument("--smooth-per-layer", action="store_true", default=None,
                    help="with smoothing: each layer its own factor instead of one per input (siblings then cannot be fused)")
     g.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
-                   help="int8 weight rounding: nearest (the default preset's) | gptq (error-compensated with the calibration's XᵀX)")
+                   help="int8 weight rounding: nearest | gptq (error-compensated with XᵀX of the calibration batches; the default preset's)")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
@@ -252,6 +253,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
 
         stats = load_stats(args.stats)
         loaded = load_model(args.model)
+        if config.weight_rounding == "gptq":
+            from .transform import restore_batches_
+
+            restore_batches_(stats, loaded.tokenizer, args.data)
         gm, timing = capture(loaded.model), {}
     else:
         loaded, gm, stats, timing = _load_and_calibrate(args, config)

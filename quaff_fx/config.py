@@ -14,16 +14,17 @@ DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*wte", "*wpe")
 SMOOTH_GRID: tuple[float | None, ...] = (None, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-PRESETS = {
-    "default": {"strategy": "top_abs", "max_ratio": 0.01},
-    "accurate": {"strategy": "top_abs", "max_ratio": 0.01},
-    "paper": {"strategy": "mean_times", "threshold": 100.0, "max_ratio": 0.01},
-}
-# what a preset sets beyond the outlier selection (see the README's accuracy table): "accurate" adds per-layer
-# SmoothQuant smoothing and GPTQ rounding (≤ +1% perplexity on SmolLM2's three held-out texts; XᵀX per input
-# is held in memory during the transform, which grows with the width squared)
-PRESET_QUANT = {"default": {"smooth_alpha": None}, "paper": {"smooth_alpha": None},
-                "accurate": {"smooth_alpha": 0.5, "smooth_shared": False, "weight_rounding": "gptq"}}
+TOP_1PCT = {"strategy": "top_abs", "max_ratio": 0.01}
+PRESETS = {"default": TOP_1PCT, "accurate": TOP_1PCT, "fast": TOP_1PCT,
+           "paper": {"strategy": "mean_times", "threshold": 100.0, "max_ratio": 0.01}}
+# what a preset sets beyond the outlier selection (see the README's accuracy table). "default" (= the dataclass
+# defaults; "accurate" is another name for it): Quaff's outlier scaling + SmoothQuant smoothing (α 0.6, one factor
+# per input, shared by siblings so they stay fusable) of the other channels + GPTQ rounding (≤ +1% perplexity on
+# SmolLM2's three held-out texts). "fast": plain Quaff, round-to-nearest, no smoothing (no XᵀX pass at transform
+# time). "paper": the paper's outlier settings, plain.
+PLAIN = {"smooth_alpha": None, "smooth_shared": True, "weight_rounding": "nearest"}
+ACCURATE = {"smooth_alpha": 0.6, "smooth_shared": True, "weight_rounding": "gptq"}
+PRESET_QUANT = {"default": ACCURATE, "accurate": ACCURATE, "fast": PLAIN, "paper": PLAIN}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class OutlierConfig:
 
     @classmethod
     def preset(cls, name: str) -> "OutlierConfig":
-        """A named outlier configuration: 'default' or 'paper' (the Quaff paper's settings)."""
+        """A named outlier configuration (see PRESETS): 'default', 'fast', 'paper' (the Quaff paper's settings)."""
         if name not in PRESETS:
             raise QuaffError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
@@ -78,16 +79,16 @@ class QuaffConfig:
                         0 means the scale is recomputed from each batch. Frozen in eval.
     exact_grad:         compute grad_X with the dequantized weight in the compute dtype instead of an
                         int8 GEMM with the gradient quantized per row.
-    smooth_alpha:       also smooth the non-outlier channels SmoothQuant-style. None (the default): off,
-                        plain Quaff; a number: that α everywhere; "auto": for each input (siblings such
+    smooth_alpha:       also smooth the non-outlier channels SmoothQuant-style. None: off, plain Quaff;
+                        a number: that α everywhere (default 0.6); "auto": for each input (siblings such
                         as q/k/v share one) the calibration measures the layers' output error on
                         sampled calibration rows for every α of SMOOTH_GRID (no smoothing included)
                         and the smallest error wins.
-    smooth_shared:      layers that read one input share one smoothing factor (so they can be fused);
-                        False: each layer's own (from its own weight), not fusable when smoothed
+    smooth_shared:      layers that read one input share one smoothing factor (the default, so they can be
+                        fused); False: each layer's own (from its own weight), not fusable when smoothed
                         (with "auto" the α is still measured per input, with the shared factor).
-    weight_rounding:    'nearest' (round to nearest) or 'gptq' (error-compensated with the calibration's
-                        XᵀX; needs the calibration in the same process, see quaff_fx.rounding).
+    weight_rounding:    'nearest' (round to nearest) or 'gptq' (the default: error-compensated with XᵀX of
+                        the calibration batches, which the stats keep in memory; see quaff_fx.rounding).
     include / exclude:  fnmatch patterns on module names; exclude wins. Embeddings and lm_head are
                         excluded by default.
     """
@@ -98,9 +99,9 @@ class QuaffConfig:
     exact_grad: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
-    smooth_alpha: float | str | None = None
-    weight_rounding: str = "nearest"
-    smooth_shared: bool = True
+    smooth_alpha: float | str | None = ACCURATE["smooth_alpha"]
+    weight_rounding: str = ACCURATE["weight_rounding"]
+    smooth_shared: bool = ACCURATE["smooth_shared"]
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in ("channel", "tensor"):
@@ -115,7 +116,8 @@ class QuaffConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "QuaffConfig":
-        """The named preset ('default', 'accurate' or 'paper'): outlier selection, smoothing and rounding; other fields as given."""
+        """The named preset ('default', 'fast', 'paper'; 'accurate' = 'default'): outlier selection, smoothing and
+        rounding; other fields as given."""
         return cls(**{"outliers": OutlierConfig.preset(name), **PRESET_QUANT[name], **overrides})
 
     @property
@@ -123,8 +125,8 @@ class QuaffConfig:
         return self.smooth_alpha == "auto"
 
     def calibration_options(self) -> dict[str, Any]:
-        """What ``calibrate`` must gather beyond its statistics for this config: the smoothing search, XᵀX."""
-        return {"smooth_grid": SMOOTH_GRID if self.searches_smoothing else None, "hessian": self.weight_rounding == "gptq"}
+        """What ``calibrate`` must gather beyond its statistics for this config: the smoothing search, the batches."""
+        return {"smooth_grid": SMOOTH_GRID if self.searches_smoothing else None, "keep_batches": self.weight_rounding == "gptq"}
 
     def eligible(self, module_name: str) -> bool:
         """Whether the Linear called ``module_name`` is to be quantized."""

@@ -6,11 +6,20 @@ rounded, weighted by the inverse Hessian H = X̂ᵀX̂ of the layer's input, so 
 than ‖W − Q‖ is kept small. The scales stay those of round-to-nearest (per output channel), so the result
 is an ordinary int8 weight for the same int8 GEMM. X̂ is what the int8 GEMM really sees: the input after
 smoothing and after the outlier channels were divided by S_o.
+
+XᵀX is not kept from the calibration pass: the calibration keeps its batches (token windows, small), and
+the rewrite gathers XᵀX of a few inputs at a time (``GPTQ_MEMORY`` bytes of float64 at most, but at least one
+input) from the graph before it is rewritten, rounds those layers, frees it and goes on. Memory stays bounded
+whatever the model's width and depth; the cost is a partial forward pass of the batches per chunk.
 """
 from __future__ import annotations
 
-import torch
+from typing import Any, Sequence
 
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from .errors import QuaffError
 from .kernels.reference import QMAX
 
 
@@ -50,3 +59,67 @@ def seen_hessian(hessian: torch.Tensor, inv_smooth: torch.Tensor | None, outlier
         d = d * inv_smooth.double().to(d.device)
     d[outlier_idx.to(d.device)] /= act_scale.double().to(d.device)
     return hessian.double() * d[:, None] * d[None, :]
+
+
+# -- XᵀX in bounded memory ---------------------------------------------------------------------------
+GPTQ_MEMORY = 256 << 20  # bytes of XᵀX (float64) held at once; a single input wider than this is still done alone
+
+
+class _Stop(Exception):
+    """Raised once the last input of a chunk has been produced: the rest of the graph need not run."""
+
+
+class _XtXObserver(Interpreter):
+    """Runs the graph and sums XᵀX of the values some nodes produce; stops after the last of them."""
+
+    def __init__(self, gm: GraphModule, wanted: set[Node], sums: dict[Node, torch.Tensor]):
+        super().__init__(gm)
+        self.wanted, self.sums, self.left = wanted, sums, set()
+
+    def run_node(self, n: Node) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted:
+            x2d = out.detach().reshape(-1, out.shape[-1]).double()
+            h = x2d.t() @ x2d
+            self.sums[n] = self.sums[n] + h if n in self.sums else h
+            self.left.discard(n)
+            if not self.left:
+                raise _Stop
+        return out
+
+    def run_batch(self, batch: Any) -> None:
+        self.left = set(self.wanted)
+        try:
+            self.run(*batch) if isinstance(batch, tuple) else self.run(batch)
+        except _Stop:
+            pass
+
+
+def chunks(nodes: list[Node], width: dict[Node, int], budget: int = GPTQ_MEMORY) -> list[list[Node]]:
+    """``nodes`` (in graph order) split into runs whose XᵀX (float64) fit ``budget`` bytes together."""
+    out: list[list[Node]] = []
+    used = budget + 1
+    for n in nodes:
+        size = width[n] ** 2 * 8
+        if used + size > budget:
+            out.append([])
+            used = 0
+        out[-1].append(n)
+        used += size
+    return out
+
+
+@torch.no_grad()
+def gather_xtx(gm: GraphModule, nodes: list[Node], batches: Sequence[Any]) -> dict[Node, torch.Tensor]:
+    """XᵀX summed over ``batches`` for the values of ``nodes``, from one partial run of ``gm`` per batch
+    (each run stops after the last of the nodes). The graph is run as it is: call this before rewriting it."""
+    from .capture import device_of
+
+    sums: dict[Node, torch.Tensor] = {}
+    observer, device = _XtXObserver(gm, set(nodes), sums), device_of(gm)
+    for batch in batches:
+        observer.run_batch(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
+    missing = [n.name for n in nodes if n not in sums]
+    if missing:
+        raise QuaffError(f"GPTQ rounding: the calibration batches never reached node(s) {', '.join(missing)} of the graph")
+    return sums

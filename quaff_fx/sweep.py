@@ -32,7 +32,7 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
                              cfg.eligible, n_batches=n, **cfg.calibration_options())
 
     rows = [{"method": "fp32", "channels": 0, "fp_bytes": 0, "perplexity": evaluate(model)}]
-    base = QuaffConfig(smooth_alpha=None)
+    base = QuaffConfig.preset("fast")
     naive = copy.deepcopy(model)
     naive_w8a8_(naive, base)
     rows.append({"method": "w8a8 naive", "channels": 0, "fp_bytes": 0, "perplexity": evaluate(naive)})
@@ -48,15 +48,16 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
     m = copy.deepcopy(model)
     kept = llm_int8_(m, max_stats, base.eligible)
     rows.append({"method": "llm.int8 (|x|>6 in FP)", "channels": kept, "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
-    default = QuaffConfig.preset("default").outliers
-    grid = ([(s, r, None) for s in strategies for r in ratios] + [(default.strategy, default.max_ratio, a) for a in alphas]
-            + [(default.strategy, default.max_ratio, "auto")])
-    for strategy, ratio, alpha in grid:
-        cfg = QuaffConfig(outliers=OutlierConfig(strategy, 100.0, ratio), smooth_alpha=alpha)
+    default = QuaffConfig.preset("default")
+    top = default.outliers
+    grid = ([(f"quaff {s} {r:g}", QuaffConfig.preset("fast", outliers=OutlierConfig(s, 100.0, r))) for s in strategies for r in ratios]
+            + [(f"quaff {top.strategy} {top.max_ratio:g} + smoothing a={a}", QuaffConfig.preset("fast", smooth_alpha=a)) for a in alphas]
+            + [(f"quaff {top.strategy} {top.max_ratio:g} + smoothing a=auto", QuaffConfig.preset("fast", smooth_alpha="auto")),
+               ("quaff default (+ smoothing a=0.6 + gptq)", default)])
+    for label, cfg in grid:
         m = copy.deepcopy(model)
         gm, stats = stats_for(m, cfg)
         result = transform(m, stats, cfg, gm=gm)
-        label = f"quaff {strategy} {ratio:g}" + (f" + smoothing a={alpha}" if alpha is not None else "")
         rows.append({"method": label, "channels": sum(len(l["outliers"]) for l in result.layers.values()),
                      "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
         progress(f"{label} done")

@@ -55,6 +55,21 @@ def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, con
     return stats
 
 
+def restore_batches_(stats: CalibrationStats, tokenizer, text_path: str | Path | None) -> CalibrationStats:
+    """Give stats read from a file their calibration batches again (GPTQ rounding gathers XᵀX from them): the
+    same text, windows and batch count the stats record. ``text_path`` None: the bundled calibration text."""
+    info, name = stats.info, Path(text_path).name if text_path else "apache-2.0.txt (bundled)"
+    if not all(k in info for k in ("seq_len", "batch_size", "batches", "text")):
+        raise QuaffError("the calibration stats do not record their text and windows; GPTQ rounding cannot re-read them: "
+                         "calibrate in the same run, or use --weight-rounding nearest")
+    if info["text"] != name:
+        raise QuaffError(f"the stats were calibrated on {info['text']!r}, not {name!r}: pass that text (--calib) for GPTQ "
+                         "rounding, or use --weight-rounding nearest")
+    ids = tokenize(tokenizer, read_text(text_path, "calibration"))
+    stats.batches = list(batches(ids, int(info["seq_len"]), int(info["batch_size"]), int(info["batches"]), f"calibration text {name}"))
+    return stats
+
+
 def transform(model: nn.Module, stats: CalibrationStats, config: QuaffConfig | None = None,
               gm: GraphModule | None = None, passes: Sequence | None = None) -> TransformResult:
     """Capture ``model`` (unless ``gm`` is given), run the passes (default: annotate → rewrite), and
@@ -63,6 +78,7 @@ def transform(model: nn.Module, stats: CalibrationStats, config: QuaffConfig | N
     gm = capture(model) if gm is None else gm
     result = run_passes(gm, default_passes(stats, config) if passes is None else passes)
     layers = adopt_from_graph_(model, result.graph_module, config, stats)
+    stats.gptq_codes.clear()  # references to int8 buffers, only needed until the live model has its layers
     if not layers:
         raise QuaffError("the model has no eligible Linear layer: nothing was quantized (check --include/--exclude)")
     return TransformResult(model, result.graph_module, result.reports, layers)

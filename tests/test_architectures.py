@@ -27,7 +27,7 @@ ARCHS = {
                                              num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)), 12),
     "bert": (lambda: BertModel(BertConfig(**COMMON)), 12),
 }
-CFG = QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.05))
+CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))  # plain Quaff: the mechanics under test
 
 
 def forward(model, ids):

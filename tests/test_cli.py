@@ -36,6 +36,19 @@ def test_calibrate_then_inspect(tiny_model_dir, tmp_path, capsys):
     assert all(3 in l["channels"] for l in summary["layers"] if l["module"].endswith("q_proj"))
 
 
+def test_transform_from_a_stats_file_rereads_the_batches_for_gptq(artifact, tiny_model_dir, tmp_path, capsys):
+    stats = tmp_path / "stats.safetensors"
+    assert main(["calibrate", str(tiny_model_dir), "--out", str(stats), *FAST]) == 0
+    out = tmp_path / "from-stats"
+    code, stdout, _ = run(capsys, "transform", tiny_model_dir, "--stats", stats, "--out", out, *FAST)
+    assert code == 0 and "GPTQ rounding: 14 layers" in stdout
+    assert (out / "model.safetensors").read_bytes() == (artifact / "model.safetensors").read_bytes()  # same as in one run
+    other = tmp_path / "other.txt"
+    other.write_text("some other calibration text " * 200)
+    code, _, err = run(capsys, "transform", tiny_model_dir, "--stats", stats, "--calib", other, "--out", tmp_path / "y", *FAST)
+    assert code == 2 and "calibrated on 'apache-2.0.txt (bundled)', not 'other.txt'" in err and not (tmp_path / "y").exists()
+
+
 def test_transform_writes_an_artifact_that_loads_to_the_same_logits(tiny_model_dir, tmp_path, capsys):
     from quaff_fx.capture import capture
     from quaff_fx.config import OutlierConfig, QuaffConfig
@@ -181,22 +194,23 @@ def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     rows = json.loads(out)
     assert code == 0 and [r["method"] for r in rows] == ["fp32", "w8a8 naive", "smoothquant a=0.5", "llm.int8 (|x|>6 in FP)",
                                                           "quaff top_abs 0.05", "quaff top_abs 0.01 + smoothing a=0.5",
-                                                          "quaff top_abs 0.01 + smoothing a=auto"]
+                                                          "quaff top_abs 0.01 + smoothing a=auto",
+                                                          "quaff default (+ smoothing a=0.6 + gptq)"]
     assert set(rows[0]["delta"]) == {"gpl-3.0.txt", "python-reference.txt", "vim-user-manual.txt"}
     assert all(d == 0.0 for d in rows[0]["delta"].values()) and all(p > 1 for r in rows for p in r["perplexity"].values())
-    assert rows[-3]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert rows[-4]["channels"] > 0 and rows[-1]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("extra", [[], ["--smooth-per-layer", "--weight-rounding", "gptq"]])
+@pytest.mark.parametrize("extra", [["--preset", "fast"], ["--smooth-per-layer", "--weight-rounding", "gptq"]])
 def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, capsys, extra):
     out = tmp_path / "smooth"
     assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST, "--smooth-alpha", "0.5", *extra]) == 0
     capsys.readouterr()
     loaded, manifest = load_quantized(out)
     assert all(spec["smoothed"] for spec in manifest["layers"].values())
-    assert manifest["config"]["weight_rounding"] == ("gptq" if extra else "nearest")
+    assert manifest["config"]["weight_rounding"] == ("nearest" if "fast" in extra else "gptq")
     attn = loaded.model.model.layers[0].self_attn
     q = attn.q_proj
     assert q.inv_smooth is not None and not torch.equal(q.inv_smooth, torch.ones_like(q.inv_smooth))
-    assert torch.equal(q.inv_smooth, attn.k_proj.inv_smooth) != bool(extra)  # shared unless per layer
+    assert torch.equal(q.inv_smooth, attn.k_proj.inv_smooth) == ("fast" in extra)  # shared unless per layer
     assert main(["eval", str(out), "--seq-len", "64", "--json"]) == 0

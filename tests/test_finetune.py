@@ -9,7 +9,7 @@ from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibr
 from quaff_fx.cli import main
 from quaff_fx.finetune import FinetuneConfig, make_peft_model, train
 
-CFG = QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.05))
+CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))  # plain Quaff: the mechanics under test
 IDS = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(11))
 
 

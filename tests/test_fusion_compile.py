@@ -10,7 +10,7 @@ from quaff_fx.backend import LAST_REPORTS, make_backend
 from quaff_fx.hf import register_peft
 from quaff_fx.passes import FuseScales
 
-CFG = QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.05))
+CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))  # plain Quaff: the mechanics under test
 GROUPS = {
     "llama": {"q_proj,k_proj,v_proj": 2, "gate_proj,up_proj": 2},
     "qwen2": {"q_proj,k_proj,v_proj": 2, "gate_proj,up_proj": 2},

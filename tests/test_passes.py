@@ -9,7 +9,7 @@ from quaff_fx.hf import quantize_model_, register_peft
 from quaff_fx.passes import AnnotateOutliers, RewriteLinear, annotations
 from quaff_fx.pipeline import QuaffPassResult
 
-CFG = QuaffConfig(outliers=OutlierConfig("mean_times", threshold=10, max_ratio=0.05))
+CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("mean_times", threshold=10, max_ratio=0.05))  # plain Quaff: the mechanics under test
 
 
 def data(n=4):

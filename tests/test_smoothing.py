@@ -9,7 +9,7 @@ from quaff_fx.io import load_stats, save_stats
 from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear, annotations
 from quaff_fx.smoothing import pick_alpha
 
-CFG = QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.05), smooth_alpha="auto")
+CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05), smooth_alpha="auto")
 
 
 def data(n=2):
@@ -69,20 +69,22 @@ def test_stats_keep_the_search_and_old_stats_are_refused_for_auto(llama, tmp_pat
     assert all(layer.smooth_error is None for layer in bare.layers.values())
     with pytest.raises(QuaffError, match="no smoothing search.*--smooth-alpha off"):
         AnnotateOutliers(bare, CFG)(capture(llama))
-    off = QuaffConfig(outliers=CFG.outliers)
+    off = QuaffConfig.preset("fast", outliers=CFG.outliers)
     gm = capture(llama)
     run_passes(gm, [AnnotateOutliers(bare, off), RewriteLinear(off)])
     assert all(m.inv_smooth is None for m in gm.modules() if isinstance(m, QuaffLinear))
 
 
 def test_presets_by_name_and_bad_smoothing():
-    assert QuaffConfig.preset("default").smooth_alpha is None and QuaffConfig().smooth_alpha is None
-    paper = QuaffConfig.preset("paper")
-    assert paper.smooth_alpha is None and paper.outliers == OutlierConfig("mean_times", 100.0, 0.01)
-    assert QuaffConfig.preset("default", smooth_alpha=0.5).smooth_alpha == 0.5
-    accurate = QuaffConfig.preset("accurate")
-    assert (accurate.smooth_alpha, accurate.smooth_shared, accurate.weight_rounding) == (0.5, False, "gptq")
-    assert accurate.outliers == QuaffConfig.preset("default").outliers
+    assert QuaffConfig.preset("default") == QuaffConfig() == QuaffConfig.preset("accurate")  # the dataclass defaults
+    default = QuaffConfig()
+    assert (default.smooth_alpha, default.smooth_shared, default.weight_rounding) == (0.6, True, "gptq")
+    assert default.outliers == OutlierConfig("top_abs", 100.0, 0.01)
+    fast, paper = QuaffConfig.preset("fast"), QuaffConfig.preset("paper")
+    assert (fast.smooth_alpha, fast.smooth_shared, fast.weight_rounding) == (None, True, "nearest")
+    assert fast.outliers == default.outliers
+    assert paper.smooth_alpha is None and paper.weight_rounding == "nearest" and paper.outliers == OutlierConfig("mean_times", 100.0, 0.01)
+    assert QuaffConfig.preset("fast", smooth_alpha=0.3).smooth_alpha == 0.3
     with pytest.raises(QuaffError, match="unknown preset 'best'"):
         QuaffConfig.preset("best")
     for bad in (1.5, 0.0, "sometimes", True):
@@ -104,14 +106,15 @@ def test_gptq_rounding_lowers_the_output_error_of_correlated_inputs():
     assert err(gptq) < 0.7 * err(nearest)
 
 
-def test_transform_with_gptq_rounding(llama):
-    from quaff_fx import transform
+def test_xtx_is_gathered_once_per_input_from_the_fp_graph(llama):
+    from quaff_fx.capture import find_linears
+    from quaff_fx.rounding import chunks, gather_xtx
 
-    gptq_cfg = QuaffConfig(outliers=CFG.outliers, weight_rounding="gptq")
-    stats = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2, hessian=True)
-    layer = stats.layers["model.layers.0.self_attn.q_proj"]
-    assert layer.hessian.shape == (64, 64) and layer.hessian is stats.layers["model.layers.0.self_attn.k_proj"].hessian
-    assert "model.layers.0.self_attn.q_proj.hessian" not in stats.to_tensors()  # in memory only
+    gm = capture(llama)
+    sites = {s.module_name: s for s in find_linears(gm)}
+    q, k = sites["model.layers.0.self_attn.q_proj"], sites["model.layers.0.self_attn.k_proj"]
+    assert q.input_node is k.input_node
+    xtx = gather_xtx(gm, [q.input_node], data())
     seen = []
     hook = llama.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, 64).double()))
     with torch.no_grad():
@@ -119,19 +122,41 @@ def test_transform_with_gptq_rounding(llama):
             llama(input_ids=batch)
     hook.remove()
     x = torch.cat(seen)
-    assert torch.allclose(layer.hessian, x.t() @ x, rtol=1e-6, atol=1e-6)  # once per batch, not once per sibling
-    ids = torch.randint(0, 256, (2, 12))
-    ref = llama(input_ids=ids).logits
+    assert torch.allclose(xtx[q.input_node], x.t() @ x, rtol=1e-6, atol=1e-6)  # summed once per batch
+    nodes = [q.input_node, sites["model.layers.0.mlp.down_proj"].input_node, sites["model.layers.1.self_attn.q_proj"].input_node]
+    widths = {nodes[0]: 64, nodes[1]: 128, nodes[2]: 64}
+    assert chunks(nodes, widths, budget=(64 * 64 + 128 * 128) * 8) == [nodes[:2], nodes[2:]]
+    assert chunks(nodes, widths, budget=1) == [[n] for n in nodes]  # a single input wider than the budget still goes alone
+
+
+def test_transform_with_gptq_rounding_is_independent_of_the_chunking(llama):
     import copy
 
-    nearest_model, gptq_model = copy.deepcopy(llama), copy.deepcopy(llama)
-    transform(nearest_model, stats, QuaffConfig(outliers=CFG.outliers))
-    transform(gptq_model, stats, gptq_cfg)
+    from quaff_fx import transform
+    from quaff_fx import default_passes
+
+    gptq_cfg = QuaffConfig.preset("fast", outliers=CFG.outliers, weight_rounding="gptq")
+    stats = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2)
+    assert len(stats.batches) == 2 and "batches" not in str(stats.metadata()["layers"])  # kept in memory, not saved
+    ids = torch.randint(0, 256, (2, 12))
+    ref = llama(input_ids=ids).logits
+    nearest_model, gptq_model, small_model = copy.deepcopy(llama), copy.deepcopy(llama), copy.deepcopy(llama)
+    transform(nearest_model, stats, QuaffConfig.preset("fast", outliers=CFG.outliers))
+    result = transform(gptq_model, stats, gptq_cfg)
+    assert any("GPTQ rounding: 14 layers, XᵀX gathered in 1 chunk" in n for r in result.reports for n in r.notes)
+    small = default_passes(stats, gptq_cfg, fuse=True)
+    small[1].gptq_memory = 64 * 64 * 8  # one input per chunk: 8 partial runs per batch
+    fused = transform(small_model, stats, gptq_cfg, passes=small)
+    assert any("in 8 chunk(s)" in n for r in fused.reports for n in r.notes)
+    assert not stats.gptq_codes  # released once the live model has its layers
     a, b = nearest_model.model.layers[0].mlp.down_proj, gptq_model.model.layers[0].mlp.down_proj
     assert torch.equal(a.w_scale, b.w_scale) and not torch.equal(a.w_int8, b.w_int8)
+    for name, mod in gptq_model.named_modules():  # chunking does not change the result; fused layers' live twins agree
+        if isinstance(mod, QuaffLinear):
+            assert torch.equal(mod.w_int8, small_model.get_submodule(name).w_int8), name
     assert (gptq_model(input_ids=ids).logits - ref).abs().max() <= 0.05 * ref.abs().max()
-    bare = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2)
-    with pytest.raises(QuaffError, match="GPTQ rounding needs the calibration's XᵀX"):
+    bare = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2, keep_batches=False)
+    with pytest.raises(QuaffError, match="GPTQ rounding .* gathers XᵀX from the calibration batches"):
         transform(copy.deepcopy(llama), bare, gptq_cfg)
     with pytest.raises(QuaffError, match="weight_rounding must be"):
         QuaffConfig(weight_rounding="stochastic")
@@ -139,8 +164,8 @@ def test_transform_with_gptq_rounding(llama):
 
 def test_per_layer_smoothing_differs_between_siblings_and_is_not_fused(llama):
     stats = stats_of(llama)
-    shared = QuaffConfig(outliers=CFG.outliers, smooth_alpha=0.5)
-    own = QuaffConfig(outliers=CFG.outliers, smooth_alpha=0.5, smooth_shared=False)
+    shared = QuaffConfig.preset("fast", outliers=CFG.outliers, smooth_alpha=0.5)
+    own = QuaffConfig.preset("fast", outliers=CFG.outliers, smooth_alpha=0.5, smooth_shared=False)
     graphs = {}
     for key, cfg in (("shared", shared), ("own", own)):
         gm = capture(llama)

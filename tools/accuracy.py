@@ -51,13 +51,15 @@ def main() -> None:
     del naive
     stats = None
     for label, config in (("quaff paper preset", QuaffConfig.preset("paper")),
-                          ("quaff default (top_abs 1%, no smoothing)", QuaffConfig.preset("default")),
-                          ("quaff default + smoothing a=0.5", QuaffConfig.preset("default", smooth_alpha=0.5)),
-                          ("quaff default + smoothing auto", QuaffConfig.preset("default", smooth_alpha="auto")),
-                          ("quaff default + gptq rounding", QuaffConfig.preset("default", weight_rounding="gptq")),
-                          ("quaff default + smoothing a=0.5 + gptq rounding",
-                           QuaffConfig.preset("default", smooth_alpha=0.5, weight_rounding="gptq")),
-                          ("quaff preset accurate (smoothing a=0.5 per layer + gptq)", QuaffConfig.preset("accurate"))):
+                          ("quaff fast (top_abs 1%, no smoothing, nearest)", QuaffConfig.preset("fast")),
+                          ("quaff fast + smoothing a=0.5 (shared)", QuaffConfig.preset("fast", smooth_alpha=0.5)),
+                          ("quaff fast + smoothing auto", QuaffConfig.preset("fast", smooth_alpha="auto")),
+                          ("quaff fast + gptq rounding", QuaffConfig.preset("fast", weight_rounding="gptq")),
+                          ("quaff fast + smoothing a=0.5 (shared) + gptq rounding",
+                           QuaffConfig.preset("fast", smooth_alpha=0.5, weight_rounding="gptq")),
+                          ("quaff fast + smoothing a=0.5 per layer + gptq rounding",
+                           QuaffConfig.preset("fast", smooth_alpha=0.5, smooth_shared=False, weight_rounding="gptq")),
+                          ("quaff default (top_abs 1% + smoothing a=0.6 shared + gptq)", QuaffConfig.preset("default"))):
         model = copy.deepcopy(fp.model)
         gm = capture(model)
         stats = calibrate_text(gm, fp.tokenizer, None, config)

@@ -42,21 +42,26 @@ def breakdown(k: int = 4096, n: int = 14336, m: int = 8192) -> None:
     quaff = QuaffLinear.from_weight(w, None, idx, act_max=torch.full((k,), 300.0, device="cuda")).eval()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    inv = torch.ones(k, device="cuda")
-    q, sx = tk.quantize_rows(x, inv)
-    qg, sg = tk.quantize_rows(g, quaff.w_scale)
-    x_o, w_c = x[:, idx].contiguous(), w[:, idx].contiguous()
+    inv = tk.outlier_inv(k, quaff.outlier_idx, quaff.act_scale)
+    q, sx, x_o = tk.quantize_rows(x, inv, quaff.outlier_idx)
+    qg, sg, _ = tk.quantize_rows(g, quaff.w_scale)
+    w_o = quaff.w_outlier.to(torch.bfloat16)
     parts = {
         "bf16 forward GEMM": lambda: F.linear(x, w),
         "bf16 grad_X GEMM": lambda: g @ w,
-        "quantize X (Triton)": lambda: tk.quantize_rows(x, inv),
-        "int8 GEMM + epilogue (fwd)": lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16),
-        "outlier correction (cuBLAS, bf16)": lambda: x_o @ w_c.t(),
-        "quantize grad (Triton)": lambda: tk.quantize_rows(g, quaff.w_scale),
-        "int8 GEMM grad_X (B row-major)": lambda: tk.int8_gemm(qg, quaff.w_int8, sg, None, torch.bfloat16, b_is_nk=False),
-        "transpose W (int8 copy)": lambda: quaff.w_int8.t().contiguous(),
-        "int8 GEMM grad_X (on Wᵀ copy)": lambda: tk.int8_gemm(qg, quaff.w_int8.t().contiguous(), sg, None, torch.bfloat16),
-        "quaff grad_input op (all of it)": lambda: torch.ops.quaff.linear_grad_input(g, quaff.w_int8, quaff.w_scale, False),
+        "1/S vector (Triton)": lambda: tk.outlier_inv(k, quaff.outlier_idx, quaff.act_scale),
+        "quantize X + gather X̂_o (Triton)": lambda: tk.quantize_rows(x, inv, quaff.outlier_idx),
+        "int8 GEMM + epilogue, no correction": lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16),
+        "int8 GEMM + epilogue with correction": lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16,
+                                                                     None, x_o, w_o, quaff.act_scale),
+        "torch._int_mm (same GEMM, int32 out)": lambda: torch._int_mm(q, quaff.w_int8.t()),
+        "quaff linear op forward (all of it)": lambda: torch.ops.quaff.linear(x, quaff.w_int8, quaff.w_scale, quaff.outlier_idx,
+                                                                          quaff.act_scale, w_o),
+        "dequantize W to bf16 (Triton)": lambda: tk.dequantize(quaff.w_int8, quaff.w_scale, torch.bfloat16),
+        "grad_X: dequantized W + cuBLAS (used)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False),
+        "grad_X: quantize grad + int8 on Wᵀ copy": lambda: tk.grad_input_int8(g, quaff.w_int8, quaff.w_scale),
+        "  of which transpose W (int8 copy)": lambda: quaff.w_int8.t().contiguous(),
+        "  of which int8 GEMM on the Wᵀ copy": lambda: tk.int8_gemm(qg, quaff.w_int8.t().contiguous(), sg, None, torch.bfloat16),
     }
     print(f"\nbreakdown at K={k} N={n} M={m}:")
     for name, fn in parts.items():
@@ -95,7 +100,7 @@ def main() -> None:
                 with torch.no_grad():
                     F.linear(x, w)
 
-            q, sx = tk.quantize_rows(x.detach(), torch.ones(k, device="cuda"))
+            q, sx, _ = tk.quantize_rows(x.detach(), None)
             t_gemm = cuda_time(lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16))
             t_intmm = cuda_time(lambda: torch._int_mm(q, quaff.w_int8.t()))
             t_b, t_q = cuda_time(bf16_step), cuda_time(quaff_step)

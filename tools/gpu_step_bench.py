@@ -50,7 +50,7 @@ def build(variant: str, size: str, seq_len: int):
             def __call__(self, text, **_):
                 return {"input_ids": [b % cfg.vocab_size for b in text.encode()]}
 
-        config = QuaffConfig()
+        config = QuaffConfig.preset("fast" if "[fast]" in variant else "default")  # "quaff[fast] ...": the preset fast
         # static shapes: on the device image (torch 2.11, transformers 5.17, CUDA, sdpa) the dynamic-sequence
         # export reports a violated constraint on seq; calibration uses the one shape captured
         gm = capture(model, (torch.zeros(2, 256, dtype=torch.long),), dynamic=False)

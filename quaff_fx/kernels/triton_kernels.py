@@ -1,13 +1,19 @@
 """CUDA kernels of the quaff ops, in Triton. Imported only where CUDA and Triton are present.
 
-1. ``quantize_rows``: one program per row; X̂ = X · inv_s (inv_s: 1/S on the outlier channels, 1 elsewhere,
-   or the per-column weight scale in the backward pass), the row's absmax, then int8 codes and the row
-   scale, in two passes over the row and one kernel launch.
+A forward pass is three launches:
+0. ``_inv_kernel``: the dense [K] vector 1/S (1/S_o on the outlier channels, 1 elsewhere) from the outlier
+   list and its scales.
+1. ``quantize_rows``: one program per row; X̂ = X · inv, the row's absmax, then int8 codes and the row
+   scale, in two passes over the row; the same program gathers the row's outlier columns X̂_o into a
+   compact [M, k] tensor for the correction.
 2. ``int8_gemm``: int8 × int8 → int32 on the tensor cores, with the dequantization (row scale × column
-   scale), the bias and the outlier correction (a precomputed [M, N] residual) fused in the epilogue.
-   B is read as the row-major int8 weight [N, K] (K contiguous), i.e. column-major for the GEMM: the
-   layout the Hopper int8 tensor cores want.
-3. the backward GEMM grad_q [M, N] × W_int8 [N, K] runs on a transposed int8 copy of W, row-scaled.
+   scale), the bias and the outlier correction X̂_o · ((S_o − 1) · W_o)ᵀ (a small tensor-core dot over the k
+   outlier columns, its weight made in the epilogue from W_o and S_o) fused in the epilogue: no [M, N]
+   residual goes through memory. B is read as the row-major int8 weight [N, K] (K contiguous), i.e.
+   column-major for the GEMM: the layout the Hopper int8 tensor cores want.
+The backward (grad_X = grad · W) dequantizes W into the gradient's dtype in one pass and runs cuBLAS on it:
+measured on the H100 this is faster than quantizing the gradient and an int8 GEMM on a transposed int8 copy
+of W (which it needs, the int8 tensor cores taking K-major operands only), and exact up to the dtype.
 """
 from __future__ import annotations
 
@@ -17,14 +23,34 @@ import triton.language as tl
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, inv_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+def _inv_kernel(idx_ptr, s_ptr, inv_ptr, K, KO, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inv = tl.full([BLOCK], 1.0, dtype=tl.float32)
+    for j in range(KO):
+        inv = tl.where(offs == tl.load(idx_ptr + j), 1.0 / tl.load(s_ptr + j).to(tl.float32), inv)
+    tl.store(inv_ptr + offs, inv, mask=offs < K)
+
+
+def outlier_inv(k: int, outlier_idx: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+    """The dense [k] fp32 vector 1/S: 1/S_o on the outlier channels, 1 elsewhere, in one launch."""
+    inv = torch.empty(k, dtype=torch.float32, device=act_scale.device)
+    block = 1024
+    _inv_kernel[(triton.cdiv(k, block),)](outlier_idx, act_scale, inv, k, outlier_idx.numel(), BLOCK=block)
+    return inv
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, inv_ptr, q_ptr, scale_ptr, idx_ptr, xo_ptr, K, KO, stride_xm, stride_qm, stride_om,
+                          HAS_INV: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_ptr + offs, mask=mask, other=1.0)
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_INV:
+            x = x * tl.load(inv_ptr + offs, mask=mask, other=1.0)
         absmax = tl.maximum(absmax, tl.abs(x))
     amax = tl.max(absmax, axis=0)
     scale = tl.where(amax > 0, amax / 127.0, 1.0)
@@ -32,21 +58,39 @@ def _quantize_rows_kernel(x_ptr, inv_ptr, q_ptr, scale_ptr, K, stride_xm, stride
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_ptr + offs, mask=mask, other=1.0)
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_INV:
+            x = x * tl.load(inv_ptr + offs, mask=mask, other=1.0)
         q = tl.extra.cuda.libdevice.rint(x / scale)
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
+    if HAS_OUT:
+        for j0 in range(0, KO, BLOCK_O):  # the outlier columns X̂_o, compact, in x's dtype
+            j = j0 + tl.arange(0, BLOCK_O)
+            jm = j < KO
+            c = tl.load(idx_ptr + j, mask=jm, other=0)
+            xo = tl.load(x_row + c, mask=jm, other=0.0).to(tl.float32)
+            if HAS_INV:
+                xo = xo * tl.load(inv_ptr + c, mask=jm, other=1.0)
+            tl.store(xo_ptr + row * stride_om + j, xo.to(xo_ptr.dtype.element_ty), mask=jm)
 
 
-def quantize_rows(x: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes [M, K] and fp32 row scales [M] of x · inv (x: [M, K], inv: [K] fp32)."""
+def quantize_rows(x: torch.Tensor, inv: torch.Tensor | None, outlier_idx: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """int8 codes [M, K] and fp32 row scales [M] of x · inv (x: [M, K], inv: [K] fp32 or None for 1), and,
+    given ``outlier_idx`` [k], the columns (x · inv)[:, outlier_idx] as [M, k] in x's dtype (else None)."""
     m, k = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    ko = 0 if outlier_idx is None else outlier_idx.numel()
+    xo = torch.empty((m, ko), dtype=x.dtype, device=x.device) if ko else None
     block = min(triton.next_power_of_2(k), 4096)
-    _quantize_rows_kernel[(m,)](x, inv, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block, num_warps=8 if block >= 2048 else 4)
-    return q, scale
+    _quantize_rows_kernel[(m,)](x, inv if inv is not None else scale, q, scale, outlier_idx if ko else scale,
+                                xo if ko else q, k, ko, x.stride(0), q.stride(0), xo.stride(0) if ko else 0,
+                                HAS_INV=inv is not None, HAS_OUT=ko > 0, BLOCK_K=block, BLOCK_O=min(triton.next_power_of_2(max(ko, 1)), 256),
+                                num_warps=8 if block >= 2048 else 4)
+    return q, scale, xo
 
 
 def _gemm_configs():
@@ -59,10 +103,11 @@ def _gemm_configs():
 
 @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "B_KMAJOR"])
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, res_ptr, M, N, K,
-                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn,
-                      HAS_SB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, B_KMAJOR: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, so_ptr, M, N, K, KO,
+                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_om, stride_wn,
+                      HAS_SB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, B_KMAJOR: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, BLOCK_O: tl.constexpr = 32):
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -88,56 +133,80 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, res_ptr, M,
         out = out * tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_OUT:  # X̂_o [BM, k] · ((S_o - 1) · W_o)ᵀ [k, BN], k in blocks of BLOCK_O, on the tensor cores in x's dtype
+        for j0 in range(0, KO, BLOCK_O):
+            j = j0 + tl.arange(0, BLOCK_O)
+            jm = j < KO
+            xo = tl.load(xo_ptr + offs_m[:, None] * stride_om + j[None, :], mask=(offs_m[:, None] < M) & jm[None, :], other=0.0)
+            wo = tl.load(wo_ptr + offs_n[None, :] * stride_wn + j[:, None], mask=jm[:, None] & (offs_n[None, :] < N), other=0.0)
+            so = tl.load(so_ptr + j, mask=jm, other=1.0).to(tl.float32)
+            wc = (wo.to(tl.float32) * (so - 1.0)[:, None]).to(xo.dtype)
+            out = tl.dot(xo, wc, out, input_precision=DOT_PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if HAS_RES:
-        out += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor | None, out_dtype: torch.dtype,
-              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, b_is_nk: bool = True) -> torch.Tensor:
-    """C = (A · B) · sa[:, None] (· sb[None, :]) (+ bias) (+ residual).
+              bias: torch.Tensor | None = None, x_o: torch.Tensor | None = None, w_outlier: torch.Tensor | None = None,
+              act_scale: torch.Tensor | None = None, b_is_nk: bool = True) -> torch.Tensor:
+    """C = (A · B) · sa[:, None] (· sb[None, :]) (+ bias) (+ x_o · ((act_scale − 1) · w_outlier)ᵀ).
 
-    a: int8 [M, K]; b: int8 weight, [N, K] when ``b_is_nk`` (C = A Bᵀ, the forward) or [K, N] (C = A B,
-    the backward's grad × W)."""
+    a: int8 [M, K]; b: int8 weight, [N, K] when ``b_is_nk`` (C = A Bᵀ, the forward) or [K, N] (C = A B);
+    x_o [M, k] (x's dtype), w_outlier [N, k], act_scale [k]: the outlier correction, made in the epilogue."""
     m, k = a.shape
     n = b.shape[0] if b_is_nk else b.shape[1]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if b_is_nk else (b.stride(0), b.stride(1))
     dummy = sa
+    has_out = x_o is not None and x_o.shape[1] > 0
+    if has_out and w_outlier.stride(1) != 1:
+        w_outlier = w_outlier.contiguous()
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _int8_gemm_kernel[grid](a, b, c, sa, sb if sb is not None else dummy, bias if bias is not None else dummy,
-                            residual if residual is not None else c, m, n, k,
+                            x_o if has_out else dummy, w_outlier if has_out else dummy, act_scale if has_out else dummy,
+                            m, n, k, x_o.shape[1] if has_out else 0,
                             a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1),
-                            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-                            HAS_SB=sb is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, B_KMAJOR=b_is_nk)
+                            x_o.stride(0) if has_out else 0, w_outlier.stride(0) if has_out else 0,
+                            HAS_SB=sb is not None, HAS_BIAS=bias is not None, HAS_OUT=has_out, B_KMAJOR=b_is_nk,
+                            DOT_PRECISION="tf32x3" if has_out and x_o.dtype == torch.float32 else "tf32")
     return c
 
 
 def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False) -> torch.Tensor:
     """The forward of quaff::linear on CUDA; x is [M, K] (any float dtype), the output is in x's dtype."""
-    k = x.shape[1]
-    inv = torch.ones(k, dtype=torch.float32, device=x.device)
     has_outliers = outlier_idx.numel() > 0
-    if has_outliers and not prescaled:
-        inv.index_copy_(0, outlier_idx, 1.0 / act_scale.float())
-    q, sx = quantize_rows(x, inv)
-    residual = None
-    if has_outliers:
-        # the correction X̂_o ((S_o - 1) W_o)ᵀ, a skinny [M, k] x [k, N] product, on cuBLAS in x's dtype
-        x_hat_o = (x.index_select(1, outlier_idx).float() * inv.index_select(0, outlier_idx)).to(x.dtype)
-        w_corr = (w_outlier.float() * (act_scale.float() - 1.0)).to(x.dtype)
-        residual = x_hat_o @ w_corr.t()
-    return int8_gemm(q, w_int8, sx, w_scale, x.dtype, bias, residual, b_is_nk=True)
+    inv = outlier_inv(x.shape[1], outlier_idx, act_scale) if has_outliers and not prescaled else None
+    q, sx, x_o = quantize_rows(x, inv, outlier_idx if has_outliers else None)
+    return int8_gemm(q, w_int8, sx, w_scale, x.dtype, bias, x_o, w_outlier.to(x.dtype), act_scale, b_is_nk=True)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    w = tl.load(w_ptr + row * K + offs, mask=mask, other=0).to(tl.float32) * tl.load(s_ptr + row).to(tl.float32)
+    tl.store(out_ptr + row * K + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = w_int8 · w_scale[:, None] in ``dtype``, one pass."""
+    n, k = w_int8.shape
+    w_int8 = w_int8.contiguous()
+    out = torch.empty((n, k), dtype=dtype, device=w_int8.device)
+    block = 1024
+    _dequant_kernel[(n, triton.cdiv(k, block))](w_int8, w_scale, out, k, BLOCK=block)
+    return out
 
 
 def grad_input(grad: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, exact: bool) -> torch.Tensor:
-    """grad_X = grad · W on CUDA: the per-output-channel weight scale folded into the gradient, which is
-    quantized per row in the same kernel, then one int8 GEMM with the row scale in its epilogue."""
-    if exact:
-        return (grad.float() @ (w_int8.float() * w_scale[:, None])).to(grad.dtype)
-    q, sg = quantize_rows(grad, w_scale.float())
-    # Wᵀ as a [K, N] row-major copy: the GEMM then reads its B K-major, the layout the int8 tensor cores
-    # take (reading W [N, K] directly ran at a third of the speed); the copy costs one pass over int8 W
-    w_t = w_int8.t().contiguous()
-    return int8_gemm(q, w_t, sg, None, grad.dtype, b_is_nk=True)
+    """grad_X = grad · W on CUDA, W dequantized into grad's dtype (one pass over int8 W), then cuBLAS. Both
+    settings of ``exact`` take this path on CUDA (see the module's docstring for why)."""
+    return grad @ dequantize(w_int8, w_scale, grad.dtype)
+
+
+def grad_input_int8(grad: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The int8 alternative, kept for the benchmark: the gradient quantized per row (weight scale folded in)
+    and an int8 GEMM on a transposed int8 copy of W."""
+    q, sg, _ = quantize_rows(grad, w_scale.float())
+    return int8_gemm(q, w_int8.t().contiguous(), sg, None, grad.dtype, b_is_nk=True)
