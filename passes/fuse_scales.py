@@ -138,7 +138,7 @@ class FuseScales(QuaffPass):
     def call(self, gm: GraphModule) -> QuaffPassResult:
         report = PassReport(self.name)
         groups: dict[Node, list[QuaffSite]] = {}
-        for site in quaff_sites(gm, self.constants):
+        for site in self._share_smoothed_inputs(gm, quaff_sites(gm, self.constants)):
             groups.setdefault(site.node.args[0], []).append(site)
         for x, members in groups.items():
             if len(members) > 1 and _compatible(members):
@@ -151,6 +151,27 @@ class FuseScales(QuaffPass):
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
         return QuaffPassResult(gm, modified, report)
+
+    def _share_smoothed_inputs(self, gm: GraphModule, sites: list[QuaffSite]) -> list[QuaffSite]:
+        """In op-level graphs (export, torch.compile) each smoothed layer multiplies x by its own copy of 1/s
+        before its op. Siblings whose copies are equal are made to read one of those products (the earliest),
+        so that they group as siblings of one input."""
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        seen: dict[Node, list[tuple[torch.Tensor, Node]]] = {}  # x -> [(1/s, the earliest x * 1/s node)]
+        for site in sorted(sites, key=lambda s: order[s.node]):
+            product = site.node.args[0]
+            found = _smoothing_product(gm, product, self.constants or {}) if site.node.op == "call_function" else None
+            if found is None:
+                continue
+            x, inv = found
+            for known, first in seen.setdefault(x, []):
+                if known.shape == inv.shape and torch.equal(known, inv):
+                    if first is not product:
+                        site.node.replace_input_with(product, first)
+                    break
+            else:
+                seen[x].append((inv, product))
+        return sites
 
     def _fuse(self, gm: GraphModule, x: Node, members: list[QuaffSite], report: PassReport) -> None:
         mods = [s.module for s in members]
@@ -206,6 +227,21 @@ class FuseScales(QuaffPass):
         report.add(node=node.name, module=site.name, in_features=module.in_features, out_features=module.out_features,
                    outliers=module.outlier_idx.numel(), ops_removed=1, folded_into=norm.name,
                    bytes_before=0, bytes_after=0, bytes_saved=0, status="fused")
+
+
+_MULS = (torch.ops.aten.mul.Tensor, operator.mul)
+_CASTS = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout)
+
+
+def _smoothing_product(gm: GraphModule, node: Any, constants: dict[Node, torch.Tensor]) -> tuple[Node, torch.Tensor] | None:
+    """(x, c) when ``node`` is x * c with c a constant vector (through a dtype cast): a smoothing multiply."""
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _MULS or len(node.args) != 2:
+        return None
+    x, c = node.args
+    while isinstance(c, Node) and c.op == "call_function" and c.target in _CASTS:
+        c = c.args[0]
+    t = _constant(gm, c, constants)
+    return (x, t) if isinstance(x, Node) and t is not None and t.dim() == 1 else None
 
 
 def _compatible(members: list[QuaffSite]) -> bool:

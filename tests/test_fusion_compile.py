@@ -165,3 +165,27 @@ def test_compiled_lora_training_step_fullgraph(quantized_llama):
     for n in grads_c:
         assert torch.allclose(grads_c[n], grads_e[n], atol=1e-3, rtol=1e-2), n
     torch._dynamo.reset()
+
+
+def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
+    """With the default preset every layer multiplies x by its 1/s before its op; in an exported (or compiled)
+    graph each sibling has its own multiply, and FuseScales must still see q/k/v and gate/up as siblings."""
+    cfg = QuaffConfig.preset("default", outliers=CFG.outliers)
+    model = tiny_llama()
+    gm = capture(model)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], cfg.outliers, cfg.eligible, n_batches=2)
+    transform(model, stats, cfg, gm=gm)
+    assert all(m.inv_smooth is not None for m in model.modules() if isinstance(m, QuaffLinear))
+    ops = capture(model)  # the live model exported: quaff ops inlined, one smoothing multiply per layer
+    ids = torch.randint(0, 256, (2, 13))
+    before = ops(ids).detach()
+    result = FuseScales()(ops)
+    assert sum(r["status"] == "fused" for r in result.report.rows) == 4
+    ops.recompile()
+    assert (ops(ids) - before).abs().max() <= 0.01 * before.abs().max()
+    other = copy.deepcopy(model)
+    other.model.layers[0].self_attn.k_proj.inv_smooth.mul_(2.0)  # a different 1/s: k_proj must stay apart
+    result = FuseScales()(capture(other))
+    fused = sorted(r["members"] for r in result.report.rows if r["status"] == "fused")
+    assert fused == ["gate_proj,up_proj", "gate_proj,up_proj", "q_proj,k_proj,v_proj", "q_proj,v_proj"]  # k_proj of layer 0 alone

@@ -5,13 +5,12 @@ persistent) and torch._int_mm, on one H100, at Llama shapes. Prints TOPS; checks
 """
 from __future__ import annotations
 
-import statistics
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from gpu_bench import cuda_time  # tools/ is on the path when run as a script
 from quaff_fx.kernels import triton_kernels as tk
 
 
@@ -71,18 +70,6 @@ def tma_gemm(a, b, sa, sb, persistent: bool):
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _tma_kernel[grid](a_desc, b_desc, c, sa, sb, m, n, k, c.stride(0), NUM_SMS=sms, PERSISTENT=persistent)
     return c
-
-
-def cuda_time(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(ts)
 
 
 def main():
