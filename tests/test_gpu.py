@@ -46,3 +46,25 @@ def test_compiled_fullgraph_on_cuda():
     q.w_outlier.data = q.w_outlier.bfloat16()
     compiled = torch.compile(q, fullgraph=True)
     assert torch.allclose(compiled(x).float(), q(x).float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("n_out", [0, 70])
+def test_forward_without_outliers_with_many_and_prescaled(n_out):
+    """No outlier (no correction in the epilogue), 70 outliers (three blocks of the epilogue's outlier loop),
+    fp32 input, and a prescaled input (x already divided by S on the outliers: no 1/S vector)."""
+    g = torch.Generator().manual_seed(2)
+    m, k, n = 77, 1000, 300
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    idx = torch.randperm(k, generator=g)[:n_out].sort().values
+    x[:, idx] *= 40
+    q = QuaffLinear.from_weight(w, None, idx, act_max=x.abs().amax(0) if n_out else None).eval()
+    ref = reference.quaff_linear(x, q.w_int8, q.w_scale, q.outlier_idx, q.act_scale,
+                                 reference.correction_weight(q.w_outlier, q.act_scale))
+    args = [t.cuda() for t in (q.w_int8, q.w_scale, q.outlier_idx, q.act_scale, q.w_outlier)]
+    y = torch.ops.quaff.linear(x.cuda(), *args).cpu()
+    assert torch.allclose(y, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
+    if n_out:
+        xs = x.clone()
+        xs[:, idx] /= q.act_scale
+        y2 = torch.ops.quaff.linear(xs.cuda(), *args, None, True).cpu()
+        assert torch.allclose(y2, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
