@@ -203,8 +203,6 @@ class FuseScales(QuaffPass):
         module, node, norm = site.module, site.node, site.node.args[0]
         if module.prescaled or module.training or not module.outlier_idx.numel() or len(norm.users) != 1:
             return
-        if module.inv_smooth is not None and node.op != "call_module":
-            return  # the smoothing multiply sits before the op in such graphs
         targets = _norm_params(gm, norm, module.in_features, self.constants or {})
         if targets is None:
             return

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from .capture import LinearSite, device_of, find_linears
+from .capture import LinearSite, device_of, find_linears, on_device
 from .config import OutlierConfig
 from .errors import QuaffError
 from .outliers import batch_counts, select
@@ -215,7 +215,7 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
                 kept.append(batch)
             observer.half = 0 if n_batches is None or i < max(n_batches // 2, 1) else 1
             observer.batch_index = i
-            observer.run(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
+            observer.run(on_device(batch, device))
             seen += 1
     if seen == 0:
         raise QuaffError("calibration got no batch")

@@ -106,6 +106,11 @@ def _export(module: nn.Module, args: tuple, shapes: Any, prefix: str) -> GraphMo
     return gm
 
 
+def on_device(batch: Any, device: torch.device) -> Any:
+    """A calibration batch moved to ``device`` (a tensor; other batches are passed as they are)."""
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
 def device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from .capture import device_of, on_device
 from .errors import QuaffError
 from .kernels.reference import QMAX
 
@@ -88,9 +89,10 @@ class _XtXObserver(Interpreter):
         return out
 
     def run_batch(self, batch: Any) -> None:
+        """One batch, passed to the graph as the calibration passed it."""
         self.left = set(self.wanted)
         try:
-            self.run(*batch) if isinstance(batch, tuple) else self.run(batch)
+            self.run(batch)
         except _Stop:
             pass
 
@@ -113,12 +115,10 @@ def chunks(nodes: list[Node], width: dict[Node, int], budget: int = GPTQ_MEMORY)
 def gather_xtx(gm: GraphModule, nodes: list[Node], batches: Sequence[Any]) -> dict[Node, torch.Tensor]:
     """XᵀX summed over ``batches`` for the values of ``nodes``, from one partial run of ``gm`` per batch
     (each run stops after the last of the nodes). The graph is run as it is: call this before rewriting it."""
-    from .capture import device_of
-
     sums: dict[Node, torch.Tensor] = {}
     observer, device = _XtXObserver(gm, set(nodes), sums), device_of(gm)
     for batch in batches:
-        observer.run_batch(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
+        observer.run_batch(on_device(batch, device))
     missing = [n.name for n in nodes if n not in sums]
     if missing:
         raise QuaffError(f"GPTQ rounding: the calibration batches never reached node(s) {', '.join(missing)} of the graph")

@@ -51,14 +51,19 @@ def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, con
     stats = calibrate(gm, batches(ids, seq_len, batch_size, max_batches, source), config.outliers, config.eligible,
                       n_batches=n, progress=progress, **config.calibration_options())
     stats.info.update({"seq_len": seq_len, "batch_size": batch_size, "tokens": n * seq_len * batch_size,
-                       "text": Path(text_path).name if text_path else "apache-2.0.txt (bundled)"})
+                       "text": calibration_text_name(text_path)})
     return stats
+
+
+def calibration_text_name(text_path: str | Path | None) -> str:
+    """How the stats record their calibration text (``info["text"]``), and how ``restore_batches_`` matches it."""
+    return Path(text_path).name if text_path else "apache-2.0.txt (bundled)"
 
 
 def restore_batches_(stats: CalibrationStats, tokenizer, text_path: str | Path | None) -> CalibrationStats:
     """Give stats read from a file their calibration batches again (GPTQ rounding gathers XᵀX from them): the
     same text, windows and batch count the stats record. ``text_path`` None: the bundled calibration text."""
-    info, name = stats.info, Path(text_path).name if text_path else "apache-2.0.txt (bundled)"
+    info, name = stats.info, calibration_text_name(text_path)
     if not all(k in info for k in ("seq_len", "batch_size", "batches", "text")):
         raise QuaffError("the calibration stats do not record their text and windows; GPTQ rounding cannot re-read them: "
                          "calibrate in the same run, or use --weight-rounding nearest")
