@@ -45,9 +45,10 @@ def quaff_sites(gm: GraphModule, constants: dict[Node, torch.Tensor] | None = No
             sites.append(QuaffSite(node, mod, node.meta.get(META_KEY, {}).get("module", node.target[len(prefix):])))
         elif node.op == "call_function" and node.target in QUAFF_OPS:
             args = op_arguments(node)
-            tensors = [_constant(gm, a, constants or {}) for a in args[1:7]]
-            if all(t is not None for t in tensors[:5]) and (args[6] is None or tensors[5] is not None):
-                sites.append(QuaffSite(node, QuaffLinear.from_parts(*tensors, *args[7:9]), _op_site_name(gm, args[1], node)))
+            tensors = {i: _constant(gm, args[i], constants or {}) for i in (1, 2, 3, 4, 5, 6, 9, 10)}
+            if all(tensors[i] is not None for i in (1, 2, 3, 4, 5)) and all(args[i] is None or tensors[i] is not None for i in (6, 9, 10)):
+                mod = QuaffLinear.from_parts(*(tensors[i] for i in range(1, 7)), *args[7:9], tensors[9], tensors[10])
+                sites.append(QuaffSite(node, mod, _op_site_name(gm, args[1], node)))
     return sites
 
 
@@ -60,12 +61,13 @@ def _op_site_name(gm: GraphModule, w_int8: Node, node: Node) -> str:
     return node.name
 
 
-_OP_PARAMS = ("x", "w_int8", "w_scale", "outlier_idx", "act_scale", "w_outlier", "bias", "prescaled", "exact_grad")
-_OP_DEFAULTS = {"bias": None, "prescaled": False, "exact_grad": False}
+_OP_PARAMS = ("x", "w_int8", "w_scale", "outlier_idx", "act_scale", "w_outlier", "bias", "prescaled", "exact_grad",
+              "inv_smooth", "w_int8_t")
+_OP_DEFAULTS = {"bias": None, "prescaled": False, "exact_grad": False, "inv_smooth": None, "w_int8_t": None}
 
 
 def op_arguments(node: Node) -> list[Any]:
-    """The nine arguments of a quaff::linear call, positional, defaults filled in (export drops them)."""
+    """The eleven arguments of a quaff::linear call, positional, defaults filled in (export drops them)."""
     given = dict(zip(_OP_PARAMS, node.args)) | dict(node.kwargs)
     return [given.get(p, _OP_DEFAULTS.get(p)) for p in _OP_PARAMS]
 
@@ -112,7 +114,7 @@ def fuse_modules(members: list[QuaffLinear]) -> QuaffLinear:
         if has_bias:
             fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=fused.bias.dtype)
                                         for m in members]))
-    return fused.train(first.training)
+    return fused.int8_backward_(first.w_int8_t is not None).train(first.training)
 
 
 def _columns(module: QuaffLinear, channels: torch.Tensor) -> torch.Tensor:
@@ -138,11 +140,12 @@ class FuseScales(QuaffPass):
     def call(self, gm: GraphModule) -> QuaffPassResult:
         report = PassReport(self.name)
         groups: dict[Node, list[QuaffSite]] = {}
-        for site in self._share_smoothed_inputs(gm, quaff_sites(gm, self.constants)):
+        for site in quaff_sites(gm, self.constants):
             groups.setdefault(site.node.args[0], []).append(site)
-        for x, members in groups.items():
-            if len(members) > 1 and _compatible(members):
-                self._fuse(gm, x, members, report)
+        for x, siblings in groups.items():
+            for members in _classes(siblings):
+                if len(members) > 1:
+                    self._fuse(gm, x, members, report)
         if self.fold_norms:
             for site in quaff_sites(gm, self.constants):
                 self._fold(gm, site, report)
@@ -151,27 +154,6 @@ class FuseScales(QuaffPass):
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
         return QuaffPassResult(gm, modified, report)
-
-    def _share_smoothed_inputs(self, gm: GraphModule, sites: list[QuaffSite]) -> list[QuaffSite]:
-        """In op-level graphs (export, torch.compile) each smoothed layer multiplies x by its own copy of 1/s
-        before its op. Siblings whose copies are equal are made to read one of those products (the earliest),
-        so that they group as siblings of one input."""
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        seen: dict[Node, list[tuple[torch.Tensor, Node]]] = {}  # x -> [(1/s, the earliest x * 1/s node)]
-        for site in sorted(sites, key=lambda s: order[s.node]):
-            product = site.node.args[0]
-            found = _smoothing_product(gm, product, self.constants or {}) if site.node.op == "call_function" else None
-            if found is None:
-                continue
-            x, inv = found
-            for known, first in seen.setdefault(x, []):
-                if known.shape == inv.shape and torch.equal(known, inv):
-                    if first is not product:
-                        site.node.replace_input_with(product, first)
-                    break
-            else:
-                seen[x].append((inv, product))
-        return sites
 
     def _fuse(self, gm: GraphModule, x: Node, members: list[QuaffSite], report: PassReport) -> None:
         mods = [s.module for s in members]
@@ -221,30 +203,28 @@ class FuseScales(QuaffPass):
             owned._buffers["inv_smooth"] = None  # folded into the norm with 1/S
             gm.add_submodule(node.target, owned)
         else:
-            node.args, node.kwargs = tuple(op_arguments(node)[:7]) + (True, module.exact_grad), {}
+            node.args, node.kwargs = tuple(op_arguments(node)[:7]) + (True, module.exact_grad, None, op_arguments(node)[10]), {}
         report.add(node=node.name, module=site.name, in_features=module.in_features, out_features=module.out_features,
                    outliers=module.outlier_idx.numel(), ops_removed=1, folded_into=norm.name,
                    bytes_before=0, bytes_after=0, bytes_saved=0, status="fused")
 
 
-_MULS = (torch.ops.aten.mul.Tensor, operator.mul)
-_CASTS = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout)
-
-
-def _smoothing_product(gm: GraphModule, node: Any, constants: dict[Node, torch.Tensor]) -> tuple[Node, torch.Tensor] | None:
-    """(x, c) when ``node`` is x * c with c a constant vector (through a dtype cast): a smoothing multiply."""
-    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _MULS or len(node.args) != 2:
-        return None
-    x, c = node.args
-    while isinstance(c, Node) and c.op == "call_function" and c.target in _CASTS:
-        c = c.args[0]
-    t = _constant(gm, c, constants)
-    return (x, t) if isinstance(x, Node) and t is not None and t.dim() == 1 else None
+def _classes(siblings: list[QuaffSite]) -> list[list[QuaffSite]]:
+    """The siblings split into groups that can be fused (same flags, same smoothing), in graph order."""
+    classes: list[list[QuaffSite]] = []
+    for site in siblings:
+        for members in classes:
+            if _compatible([members[0], site]):
+                members.append(site)
+                break
+        else:
+            classes.append([site])
+    return classes
 
 
 def _compatible(members: list[QuaffSite]) -> bool:
     key = {(s.module.w_outlier.dtype, s.module.momentum, s.module.exact_grad, s.module.prescaled, s.module.in_features,
-            s.module.training) for s in members}
+            s.module.training, s.module.w_int8_t is None) for s in members}
     smooth = [s.module.inv_smooth for s in members]
     same_smoothing = all(t is None for t in smooth) or (
         all(t is not None for t in smooth) and all(torch.equal(smooth[0], t) for t in smooth[1:]))

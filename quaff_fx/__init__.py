@@ -4,7 +4,7 @@ from .capture import capture, find_linears
 from .config import OutlierConfig, QuaffConfig
 from .errors import QuaffError
 from .io import load_stats, save_quantized, save_stats
-from .modules import QuaffLinear
+from .modules import QuaffLinear, int8_backward_
 from .pipeline import QuaffPass, QuaffPassResult, run_passes
 from .report import PassReport
 from .transform import TransformResult, calibrate_text, default_passes, load_quantized, transform
@@ -12,7 +12,7 @@ from .transform import TransformResult, calibrate_text, default_passes, load_qua
 __all__ = [
     "CalibrationStats", "OutlierConfig", "PassReport", "QuaffConfig", "QuaffError", "QuaffLinear", "QuaffPass",
     "QuaffPassResult", "TransformResult", "calibrate", "calibrate_text", "capture", "default_passes", "find_linears", "load_quantized",
-    "load_stats", "run_passes", "save_quantized", "save_stats", "transform",
+    "int8_backward_", "load_stats", "run_passes", "save_quantized", "save_stats", "transform",
 ]
 __version__ = "0.1.0"
 from .backend import make_backend  # noqa: E402  (registers the torch.compile backend "quaff")

@@ -23,7 +23,10 @@ class QuaffLinear(nn.Linear):
     computed on each batch; in eval they are frozen. The base is frozen; adapters train on top.
     ``prescaled``: the input already arrives divided by S (a norm before the layer absorbed 1/S; eval only).
     ``smoothed``: SmoothQuant-style smoothing of the other channels: x is multiplied by ``inv_smooth`` = 1/s
-    and the int8 weight holds W·s (s = 1 on the outlier channels, which Quaff's scaling handles).
+    (inside the op, with 1/S) and the int8 weight holds W·s (s = 1 on the outlier channels, which Quaff's
+    scaling handles).
+    ``int8_backward_()`` keeps a transposed int8 copy ``w_int8_t`` [in, out] (not saved; one more byte per weight)
+    so that the CUDA backward computes grad_X in int8 too; without it the CUDA backward dequantizes W.
     """
 
     def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
@@ -39,6 +42,7 @@ class QuaffLinear(nn.Linear):
         self.register_buffer("act_scale", torch.ones(n_outliers, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.register_buffer("inv_smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smoothed else None)
+        self.register_buffer("w_int8_t", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, outlier_channels: Sequence[int] | torch.Tensor = (),
@@ -81,11 +85,12 @@ class QuaffLinear(nn.Linear):
 
     @classmethod
     def from_parts(cls, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
-                   exact_grad=False, momentum: float = 0.9) -> "QuaffLinear":
+                   exact_grad=False, inv_smooth=None, w_int8_t=None, momentum: float = 0.9) -> "QuaffLinear":
         """A QuaffLinear around existing tensors (shared, not copied): the arguments of a quaff::linear call."""
         mod = cls(0, 0, 0, bias=False)
         mod.in_features, mod.out_features = int(w_int8.shape[1]), int(w_int8.shape[0])
-        for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("outlier_idx", outlier_idx), ("act_scale", act_scale), ("w_outlier", w_outlier)):
+        for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("outlier_idx", outlier_idx), ("act_scale", act_scale),
+                        ("w_outlier", w_outlier), ("inv_smooth", inv_smooth), ("w_int8_t", w_int8_t)):
             setattr(mod, name, t)
         mod.bias = None if bias is None else (bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False))
         mod.prescaled, mod.exact_grad, mod.momentum = prescaled, exact_grad, momentum
@@ -109,14 +114,20 @@ class QuaffLinear(nn.Linear):
         self.w_int8.copy_(w_int8)
         self.w_scale.copy_(w_scale)
         self.w_outlier.add_(delta.index_select(1, self.outlier_idx).to(self.w_outlier.dtype))
+        if self.w_int8_t is not None:
+            self.int8_backward_()
+
+    @torch.no_grad()
+    def int8_backward_(self, enable: bool = True) -> "QuaffLinear":
+        """Keep (or drop) the transposed int8 copy of the weight that the CUDA backward multiplies in int8."""
+        self.w_int8_t = self.w_int8.t().contiguous() if enable else None
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth.to(x.dtype)
         if self.training and self.outlier_idx.numel():
-            self._update_scales(x)
+            self._update_scales(x)  # the smoothing leaves the outlier channels alone (s = 1 there)
         return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.act_scale, self.w_outlier,
-                                      self.bias, self.prescaled, self.exact_grad)
+                                      self.bias, self.prescaled, self.exact_grad, self.inv_smooth, self.w_int8_t)
 
     @torch.no_grad()
     def _update_scales(self, x: torch.Tensor) -> None:
@@ -131,4 +142,15 @@ class QuaffLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.outlier_idx.numel()}, "
                 + ("prescaled, " if self.prescaled else "") + ("smoothed, " if self.inv_smooth is not None else "") +
+                ("int8 backward, " if self.w_int8_t is not None else "") +
                 f"bias={self.bias is not None}, weight=int8[{self.w_scale.numel()} scales], w_outlier={self.w_outlier.dtype}")
+
+
+def int8_backward_(model: nn.Module, enable: bool = True) -> int:
+    """Give every QuaffLinear of ``model`` (or take away) the transposed int8 weight copy with which the CUDA
+    backward computes grad_X as an int8 GEMM; returns how many layers. A GPU-training choice: one more byte per
+    weight, for an int8 instead of a dequantized bf16 backward GEMM (the CPU backward reads W as it is)."""
+    layers = [m for m in model.modules() if isinstance(m, QuaffLinear)]
+    for m in layers:
+        m.int8_backward_(enable)
+    return len(layers)

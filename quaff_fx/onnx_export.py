@@ -1,6 +1,6 @@
 """ONNX export of a Quaff model: ``quaff::linear`` lowered to standard ONNX ops.
 
-Per layer: X̂ = X / S (S scattered over the input channels), per-token symmetric int8 quantization
+Per layer: X̂ = X · 1/s / S (the smoothing's 1/s where the layer has one; S scattered over the input channels), per-token symmetric int8 quantization
 (ReduceMax, Div, Round, Clip, Cast), ``MatMulInteger`` with the int8 weight (an int8 initializer),
 dequantization by the token and channel scales, the outlier correction ``MatMul(Gather(X̂), ((S-1)·W_o)ᵀ)``
 and the bias. Batch and sequence axes are dynamic. Validated with ``onnx.checker`` (full check).
@@ -25,8 +25,11 @@ def _translation(opset: int):
 
     op = onnxscript.values.Opset("", opset)
 
-    def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False):
+    def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False,
+                     inv_smooth=None, w_int8_t=None):
         k = op.Shape(w_int8, start=1, end=2)
+        if not prescaled and inv_smooth is not None:  # the smoothing's 1/s (1 on the outlier channels)
+            x = op.Mul(x, op.CastLike(inv_smooth, x))
         if not prescaled:
             ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), x), k)
             x = op.Div(x, op.ScatterElements(ones, outlier_idx, op.CastLike(act_scale, x), axis=0))

@@ -1,12 +1,17 @@
 """The ``quaff`` custom ops. Registered through ``torch.library`` with fake kernels and an explicit
 autograd formula, so ``torch.export`` and ``torch.compile`` see one op per layer and no graph break.
 
-quaff::linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, exact_grad) -> y
-    y = deq(Q_token(X̂) · W_intᵀ) + X̂_o · ((S_o − 1) · W_o)ᵀ + b,   X̂ = X / S on the outlier channels
-    (``prescaled``: x arrives as X̂ already, a norm before the layer having absorbed 1/S).
+quaff::linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, exact_grad, inv_smooth,
+              w_int8_t) -> y
+    y = deq(Q_token(X̂) · W_intᵀ) + X̂_o · ((S_o − 1) · W_o)ᵀ + b,   X̂ = X · inv_smooth / S
+    (S = S_o on the outlier channels, 1 elsewhere; ``inv_smooth`` = 1/s of SmoothQuant-style smoothing, whose
+    s the int8 weight holds, or None; ``prescaled``: x arrives as X̂ already, a norm before the layer having
+    absorbed 1/S and 1/s). ``w_int8_t``: an optional transposed int8 copy of the weight [K, N] that the CUDA
+    backward multiplies in int8 (the int8 tensor cores take K-major operands only); the forward does not read it.
     Every tensor argument is a module buffer, so graph passes can treat them as constants.
-quaff::linear_grad_input(grad, w_int8, w_scale, exact) -> grad_x
-    grad_x = grad · W, W the dequantized int8 weight (int8 GEMM on a per-row quantized gradient unless exact)
+quaff::linear_grad_input(grad, w_int8, w_scale, exact, inv_smooth, w_int8_t) -> grad_x
+    grad_x = (grad · W) · inv_smooth, W the dequantized int8 weight (int8 GEMM on a per-row quantized
+    gradient unless exact; on CUDA that needs ``w_int8_t``, else W is dequantized into grad's dtype)
 quaff::quantize_rows(x) -> (int8, scale)
     symmetric per-row (per-token) int8 quantization
 
@@ -39,42 +44,48 @@ def _(x):
 
 @torch.library.custom_op("quaff::linear", mutates_args=())
 def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_scale: Tensor, w_outlier: Tensor,
-           bias: Optional[Tensor] = None, prescaled: bool = False, exact_grad: bool = False) -> Tensor:
+           bias: Optional[Tensor] = None, prescaled: bool = False, exact_grad: bool = False,
+           inv_smooth: Optional[Tensor] = None, w_int8_t: Optional[Tensor] = None) -> Tensor:
     act_div = torch.ones_like(act_scale) if prescaled else act_scale
     w_corr = reference.correction_weight(w_outlier, act_scale)
-    out = cpu.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_div, w_corr, bias)
+    x2 = _flat(x) if inv_smooth is None or prescaled else _flat(x) * inv_smooth.to(x.dtype)
+    out = cpu.quaff_linear(x2, w_int8, w_scale, outlier_idx, act_div, w_corr, bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
 
 
 @linear.register_fake
-def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False):
+def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False,
+      inv_smooth=None, w_int8_t=None):
     torch._check(x.shape[-1] == w_int8.shape[1], lambda: f"quaff::linear: x has {x.shape[-1]} features, the weight {w_int8.shape[1]}")
     return x.new_empty(*x.shape[:-1], w_int8.shape[0])
 
 
 @torch.library.custom_op("quaff::linear_grad_input", mutates_args=())
-def linear_grad_input(grad: Tensor, w_int8: Tensor, w_scale: Tensor, exact: bool = False) -> Tensor:
-    out = cpu.grad_input(_flat(grad), w_int8, w_scale, exact)
+def linear_grad_input(grad: Tensor, w_int8: Tensor, w_scale: Tensor, exact: bool = False,
+                      inv_smooth: Optional[Tensor] = None, w_int8_t: Optional[Tensor] = None) -> Tensor:
+    out = cpu.grad_input(_flat(grad), w_int8, w_scale, exact)  # the CPU GEMM takes W as it is: no use for w_int8_t
+    if inv_smooth is not None:
+        out = out * inv_smooth.float()
     return out.to(grad.dtype).reshape(*grad.shape[:-1], w_int8.shape[1])
 
 
 @linear_grad_input.register_fake
-def _(grad, w_int8, w_scale, exact=False):
+def _(grad, w_int8, w_scale, exact=False, inv_smooth=None, w_int8_t=None):
     return grad.new_empty(*grad.shape[:-1], w_int8.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_int8, w_scale, _idx, _scale, _w_o, bias, _prescaled, exact_grad = inputs
-    ctx.save_for_backward(w_int8, w_scale)
+    x, w_int8, w_scale, _idx, _scale, _w_o, bias, prescaled, exact_grad, inv_smooth, w_int8_t = inputs
+    ctx.save_for_backward(w_int8, w_scale, None if prescaled else inv_smooth, w_int8_t)
     ctx.exact_grad = exact_grad
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad):
-    w_int8, w_scale = ctx.saved_tensors
-    grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad) if ctx.needs_input_grad[0] else None
+    w_int8, w_scale, inv_smooth, w_int8_t = ctx.saved_tensors
+    grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad, inv_smooth, w_int8_t) if ctx.needs_input_grad[0] else None
     grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
-    return grad_x, None, None, None, None, None, grad_b, None, None
+    return grad_x, None, None, None, None, None, grad_b, None, None, None, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
@@ -90,13 +101,15 @@ def _register_cuda() -> bool:
         return False
 
     @torch.library.register_kernel("quaff::linear", "cuda")
-    def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False):
-        out = tk.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled)
+    def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False,
+          inv_smooth=None, w_int8_t=None):
+        out = tk.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, inv_smooth)
         return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
     @torch.library.register_kernel("quaff::linear_grad_input", "cuda")
-    def _(grad, w_int8, w_scale, exact=False):
-        return tk.grad_input(_flat(grad), w_int8, w_scale, exact).reshape(*grad.shape[:-1], w_int8.shape[1])
+    def _(grad, w_int8, w_scale, exact=False, inv_smooth=None, w_int8_t=None):
+        out = tk.grad_input(_flat(grad), w_int8, w_scale, exact, inv_smooth, w_int8_t)
+        return out.reshape(*grad.shape[:-1], w_int8.shape[1])
 
     return True
 

@@ -9,6 +9,7 @@ from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture
 from quaff_fx.backend import LAST_REPORTS, make_backend
 from quaff_fx.hf import register_peft
 from quaff_fx.passes import FuseScales
+from quaff_fx.passes.fuse_scales import op_arguments
 
 CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))  # plain Quaff: the mechanics under test
 GROUPS = {
@@ -168,8 +169,8 @@ def test_compiled_lora_training_step_fullgraph(quantized_llama):
 
 
 def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
-    """With the default preset every layer multiplies x by its 1/s before its op; in an exported (or compiled)
-    graph each sibling has its own multiply, and FuseScales must still see q/k/v and gate/up as siblings."""
+    """With the default preset every layer's op multiplies x by its 1/s (an op argument, with 1/S): in an exported
+    (or compiled) graph siblings read one x, and FuseScales fuses those whose 1/s agree."""
     cfg = QuaffConfig.preset("default", outliers=CFG.outliers)
     model = tiny_llama()
     gm = capture(model)
@@ -177,7 +178,9 @@ def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
     stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], cfg.outliers, cfg.eligible, n_batches=2)
     transform(model, stats, cfg, gm=gm)
     assert all(m.inv_smooth is not None for m in model.modules() if isinstance(m, QuaffLinear))
-    ops = capture(model)  # the live model exported: quaff ops inlined, one smoothing multiply per layer
+    ops = capture(model)  # the live model exported: quaff ops inlined, 1/s an argument of each
+    calls = [n for n in ops.graph.nodes if n.target == torch.ops.quaff.linear.default]
+    assert calls and all(op_arguments(n)[9] is not None for n in calls)
     ids = torch.randint(0, 256, (2, 13))
     before = ops(ids).detach()
     result = FuseScales()(ops)

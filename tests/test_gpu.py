@@ -29,15 +29,44 @@ def test_forward_matches_reference(m, k, n, dtype):
     assert torch.allclose(y, ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
-@pytest.mark.parametrize("exact", [False, True])
-@pytest.mark.parametrize("m,k,n", [(5, 96, 40), (2048, 4096, 11008)])
-def test_grad_input_matches_reference(m, k, n, exact):
+@pytest.mark.parametrize("path", ["dequantized", "exact", "int8 on the Wᵀ copy", "int8 on the copy, smoothed", "dequantized, smoothed"])
+@pytest.mark.parametrize("m,k,n", [(5, 96, 40), (2048, 4096, 11008), (100, 20000, 136)])
+def test_grad_input_matches_reference(m, k, n, path):
+    """grad_X on CUDA: W dequantized + cuBLAS, or the int8 GEMM on the transposed int8 copy (the gradient
+    quantized per row, as the reference does when not exact); 1/s of the smoothing as a column scale. The
+    100×136 gradient against a 20000-wide W: the two-pass quantization (rows wider than ONE_PASS_MAX)."""
     g = torch.Generator().manual_seed(1)
     q = QuaffLinear.from_weight(torch.randn(n, k, generator=g), None, [0, 3]).eval()
     grad = torch.randn(m, n, generator=g)
-    ref = reference.grad_input(grad, q.w_int8, q.w_scale, exact)
-    got = torch.ops.quaff.linear_grad_input(grad.cuda().bfloat16(), q.w_int8.cuda(), q.w_scale.cuda(), exact).float().cpu()
+    inv = torch.rand(k, generator=g) + 0.5 if "smoothed" in path else None
+    exact = path == "exact"
+    ref = reference.grad_input(grad, q.w_int8, q.w_scale, exact or path.startswith("dequantized"))
+    ref = ref if inv is None else ref * inv
+    w_t = q.w_int8.t().contiguous().cuda() if path.startswith("int8") else None
+    got = torch.ops.quaff.linear_grad_input(grad.cuda().bfloat16(), q.w_int8.cuda(), q.w_scale.cuda(), exact,
+                                            None if inv is None else inv.cuda(), w_t).float().cpu()
     assert torch.allclose(got, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 512, 384), (333, 20000, 256)])
+def test_smoothed_layer_with_int8_backward_matches_cpu(m, k, n):
+    """A smoothed layer (1/s inside the op) in training with the int8 backward: the output, grad_X and the
+    momentum-updated scales on CUDA against the CPU op. 20000 input channels: two-pass quantization."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 3
+    idx = torch.randperm(k, generator=g)[:5]
+    x[:, idx] *= 40
+    cpu = QuaffLinear.from_weight(w, torch.randn(n, generator=g), idx, x.abs().amax(0), smooth_alpha=0.5).train()
+    gpu = QuaffLinear.from_weight(w, cpu.bias.detach(), idx, x.abs().amax(0), smooth_alpha=0.5).train().cuda().int8_backward_()
+    assert gpu.w_int8_t.is_cuda and "w_int8_t" not in gpu.state_dict()
+    grad = torch.randn(m, n, generator=g)
+    xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    yc, yg = cpu(xc), gpu(xg)
+    yc.backward(grad)
+    yg.backward(grad.cuda())
+    for got, want in ((yg, yc), (xg.grad, xc.grad), (gpu.act_scale, cpu.act_scale)):
+        got = got.detach().cpu()
+        assert torch.allclose(got, want.detach(), atol=3e-3 * want.abs().max().item(), rtol=3e-3)
 
 
 def test_compiled_fullgraph_on_cuda():

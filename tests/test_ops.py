@@ -78,6 +78,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.quaff.linear.default, op_args(q, x.requires_grad_()))
     torch.library.opcheck(torch.ops.quaff.quantize_rows.default, (torch.randn(4, 9),))
     torch.library.opcheck(torch.ops.quaff.linear_grad_input.default, (torch.randn(6, 40), q.w_int8, q.w_scale, False))
+    lin, x, _ = layer_and_input()  # smoothed, with the transposed int8 copy: the op's last two arguments
+    s = QuaffLinear.from_weight(lin.weight, lin.bias, [5, 11, 60], x.abs().reshape(-1, 96).amax(0), smooth_alpha=0.5).int8_backward_()
+    torch.library.opcheck(torch.ops.quaff.linear.default, op_args(s, x.requires_grad_()) + (s.inv_smooth, s.w_int8_t))
+    torch.library.opcheck(torch.ops.quaff.linear_grad_input.default,
+                          (torch.randn(6, 40), s.w_int8, s.w_scale, False, s.inv_smooth, s.w_int8_t))
 
 
 @pytest.mark.parametrize("exact,tol", [(True, 1e-2), (False, 3e-2)])  # the weight is int8 either way
@@ -159,3 +164,34 @@ def test_smoothing_keeps_x_w_and_merges():
     s.add_delta_(delta)
     assert rel(s.weight, lin.weight + delta) < 0.02
     assert "smoothed" in repr(s) and q.inv_smooth is None
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_smoothed_grad_input_is_grad_through_w(exact):
+    """1/s is applied inside the op, so its backward must multiply grad_X by 1/s: the gradient of the smoothed
+    layer is grad · W (W the layer's dequantized weight, 1/s included), close to the FP layer's."""
+    lin, x, _ = layer_and_input()
+    s = QuaffLinear.from_weight(lin.weight, lin.bias, [5, 11, 60], x.abs().reshape(-1, 96).amax(0), smooth_alpha=0.5)
+    s.exact_grad = exact
+    x = x.clone().requires_grad_()
+    grad_out = torch.randn(3, 7, 40)
+    s(x).backward(grad_out)
+    assert torch.allclose(x.grad, grad_out @ s.weight, atol=(5e-3 if exact else 2e-2) * x.grad.abs().max().item())
+    fp = grad_out @ lin.weight
+    assert (x.grad - fp).abs().max() / fp.abs().max() < 3e-2
+
+
+def test_int8_backward_copy_is_kept_in_step_and_not_saved():
+    lin, x, q = layer_and_input()
+    assert q.w_int8_t is None and "int8 backward" not in repr(q)
+    q.int8_backward_()
+    assert torch.equal(q.w_int8_t, q.w_int8.t()) and q.w_int8_t.is_contiguous() and "int8 backward" in repr(q)
+    assert "w_int8_t" not in q.state_dict()
+    q.add_delta_(torch.randn(40, 96) * 0.05)  # a merged update re-quantizes W: the copy follows
+    assert torch.equal(q.w_int8_t, q.w_int8.t())
+    x = x.clone().requires_grad_()
+    q.train()(x).sum().backward()  # on CPU the copy is not read: the same gradient as without it
+    g1 = x.grad.clone()
+    x.grad = None
+    q.int8_backward_(False)(x).sum().backward()
+    assert q.w_int8_t is None and torch.equal(x.grad, g1)

@@ -1,7 +1,12 @@
 """GPU layer benchmark: one Linear forward + backward (grad_X; the weight is frozen) in bf16 against
-QuaffLinear on the Triton kernels, at Llama/Phi-3 sizes, plus the int8 GEMM's throughput. Ratios from one run.
+QuaffLinear on the Triton kernels (backward: dequantized W + cuBLAS, and int8 on the transposed int8 copy),
+at Llama/Phi-3 sizes, plus the int8 GEMM's throughput. Ratios from one run.
 
-    python tools/gpu_bench.py [--out results.json]
+Times are GPU times: each measured call is captured 20 times into a CUDA graph and replayed, as in a
+training step under torch.compile's CUDA graphs, so the CPU's launch overhead (Python, Triton's launcher),
+which an eager loop of small kernels would measure instead, is left out. ``--eager-timing``: time eager calls.
+
+    python tools/gpu_bench.py [--tokens 4096 8192] [--out results.json]
 """
 from __future__ import annotations
 
@@ -15,9 +20,24 @@ import torch.nn.functional as F
 from quaff_fx.kernels import triton_kernels as tk
 from quaff_fx.modules import QuaffLinear
 
-SHAPES = [(2048, 2048), (4096, 4096), (4096, 14336), (14336, 4096), (3072, 8192)]
+SHAPES = [(2048, 2048), (2048, 11264), (4096, 4096), (4096, 14336), (14336, 4096), (3072, 8192), (8192, 3072)]
 TOKENS = [2048, 4096, 8192, 16384]
 PEAK_INT8_TOPS = 1979.0  # H100 SXM dense int8 tensor-core peak
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """GPU seconds per call of ``fn``: ``reps`` calls captured in one CUDA graph, the replay timed."""
+    fn()  # compile and autotune outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return cuda_time(graph.replay, 5) / reps
 
 
 def cuda_time(fn, reps: int = 20) -> float:
@@ -35,7 +55,7 @@ def cuda_time(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def breakdown(k: int = 4096, n: int = 14336, m: int = 8192) -> None:
+def breakdown(timer, k: int = 4096, n: int = 14336, m: int = 8192) -> None:
     """Where a Quaff layer's time goes, part by part, next to the bf16 GEMMs it replaces."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     idx = torch.randperm(k, device="cuda")[: k // 100]
@@ -45,6 +65,7 @@ def breakdown(k: int = 4096, n: int = 14336, m: int = 8192) -> None:
     inv = tk.outlier_inv(k, quaff.outlier_idx, quaff.act_scale)
     q, sx, x_o = tk.quantize_rows(x, inv, quaff.outlier_idx)
     qg, sg, _ = tk.quantize_rows(g, quaff.w_scale)
+    w_t = quaff.w_int8.t().contiguous()
     w_o = quaff.w_outlier.to(torch.bfloat16)
     parts = {
         "bf16 forward GEMM": lambda: F.linear(x, w),
@@ -59,20 +80,23 @@ def breakdown(k: int = 4096, n: int = 14336, m: int = 8192) -> None:
                                                                           quaff.act_scale, w_o),
         "dequantize W to bf16 (Triton)": lambda: tk.dequantize(quaff.w_int8, quaff.w_scale, torch.bfloat16),
         "grad_X: dequantized W + cuBLAS (used)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False),
-        "grad_X: quantize grad + int8 on Wᵀ copy": lambda: tk.grad_input_int8(g, quaff.w_int8, quaff.w_scale),
-        "  of which transpose W (int8 copy)": lambda: quaff.w_int8.t().contiguous(),
-        "  of which int8 GEMM on the Wᵀ copy": lambda: tk.int8_gemm(qg, quaff.w_int8.t().contiguous(), sg, None, torch.bfloat16),
+        "grad_X: int8 on the Wᵀ copy (int8_backward_)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False, None, w_t),
+        "  of which quantize grad (Triton)": lambda: tk.quantize_rows(g, quaff.w_scale),
+        "  of which int8 GEMM on the Wᵀ copy": lambda: tk.int8_gemm(qg, w_t, sg, None, torch.bfloat16),
+        "torch._int_mm on row-major W (no copy)": lambda: torch._int_mm(qg, quaff.w_int8),
     }
     print(f"\nbreakdown at K={k} N={n} M={m}:")
     for name, fn in parts.items():
-        print(f"  {name:36s} {cuda_time(fn) * 1e3:.3f} ms", flush=True)
+        print(f"  {name:44s} {timer(fn) * 1e3:.3f} ms", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    ap.add_argument("--eager-timing", action="store_true", help="time eager calls (CPU launch overhead included)")
     args = ap.parse_args()
+    timer = cuda_time if args.eager_timing else graph_time
     rows = []
     for k, n in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -101,20 +125,24 @@ def main() -> None:
                     F.linear(x, w)
 
             q, sx, _ = tk.quantize_rows(x.detach(), None)
-            t_gemm = cuda_time(lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16))
-            t_intmm = cuda_time(lambda: torch._int_mm(q, quaff.w_int8.t()))
-            t_b, t_q = cuda_time(bf16_step), cuda_time(quaff_step)
-            t_bf, t_qf = cuda_time(bf16_fwd), cuda_time(quaff_fwd)
+            t_gemm = timer(lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16))
+            t_intmm = timer(lambda: torch._int_mm(q, quaff.w_int8.t()))
+            t_b, t_q = timer(bf16_step), timer(quaff_step)
+            quaff.int8_backward_()  # the transposed int8 copy: grad_X in int8
+            t_q8 = timer(quaff_step)
+            quaff.int8_backward_(False)
+            t_bf, t_qf = timer(bf16_fwd), timer(quaff_fwd)
             tops = 2 * m * n * k / t_gemm / 1e12
             rows.append({"K": k, "N": n, "M": m, "bf16_fwd_bwd_ms": t_b * 1e3, "quaff_fwd_bwd_ms": t_q * 1e3,
-                         "speedup_fwd_bwd": t_b / t_q, "bf16_fwd_ms": t_bf * 1e3, "quaff_fwd_ms": t_qf * 1e3,
+                         "quaff_int8_bwd_fwd_bwd_ms": t_q8 * 1e3, "speedup_fwd_bwd": t_b / t_q, "speedup_fwd_bwd_int8_bwd": t_b / t_q8,
+                         "bf16_fwd_ms": t_bf * 1e3, "quaff_fwd_ms": t_qf * 1e3,
                          "speedup_fwd": t_bf / t_qf, "int8_gemm_tops": tops, "torch_int_mm_tops": 2 * m * n * k / t_intmm / 1e12,
-                         "int8_roofline_fraction": tops / PEAK_INT8_TOPS})
+                         "int8_roofline_fraction": tops / PEAK_INT8_TOPS, "timing": "eager" if args.eager_timing else "cuda graph"})
             r = rows[-1]
             print(f"K={k:5d} N={n:5d} M={m:5d}  fwd+bwd bf16 {r['bf16_fwd_bwd_ms']:.3f} ms quaff {r['quaff_fwd_bwd_ms']:.3f} ms "
-                  f"({r['speedup_fwd_bwd']:.2f}x)  fwd {r['speedup_fwd']:.2f}x  int8 GEMM {tops:.0f} TOPS "
-                  f"(_int_mm {r['torch_int_mm_tops']:.0f})", flush=True)
-    breakdown()
+                  f"({r['speedup_fwd_bwd']:.2f}x), int8 backward {r['quaff_int8_bwd_fwd_bwd_ms']:.3f} ms ({r['speedup_fwd_bwd_int8_bwd']:.2f}x)"
+                  f"  fwd {r['speedup_fwd']:.2f}x  int8 GEMM {tops:.0f} TOPS (_int_mm {r['torch_int_mm_tops']:.0f})", flush=True)
+    breakdown(timer)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -50,13 +50,18 @@ def build(variant: str, size: str, seq_len: int):
             def __call__(self, text, **_):
                 return {"input_ids": [b % cfg.vocab_size for b in text.encode()]}
 
-        config = QuaffConfig.preset("fast" if "[fast]" in variant else "default")  # "quaff[fast] ...": the preset fast
+        # "quaff[fast] ...": the preset fast; "quaff[int8-bwd] ...": grad_X in int8 too (the transposed int8 copy)
+        config = QuaffConfig.preset("fast" if "fast" in variant.split(" ")[0] else "default")
         # static shapes: on the device image (torch 2.11, transformers 5.17, CUDA, sdpa) the dynamic-sequence
         # export reports a violated constraint on seq; calibration uses the one shape captured
         gm = capture(model, (torch.zeros(2, 256, dtype=torch.long),), dynamic=False)
         stats = calibrate_text(gm, Tok(), None, config, seq_len=256, batch_size=2, max_batches=2)
         transform(model, stats, config, gm=gm)
         del gm
+        if "int8-bwd" in variant.split(" ")[0]:
+            from quaff_fx import int8_backward_
+
+            int8_backward_(model)
     return model
 
 
@@ -66,7 +71,8 @@ def run_variant(variant: str, size: str, batch: int, seq_len: int, steps: int, p
 
     model = build(variant, size, seq_len)
     torch.cuda.synchronize()
-    base_params = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers() if t.dtype == torch.int8)
+    base_params = sum(t.numel() for t in model.parameters()) + sum(  # int8 weights, not their transposed copies
+        t.numel() for n, t in model.named_buffers() if t.dtype == torch.int8 and not n.endswith("w_int8_t"))
     torch.cuda.empty_cache()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0))

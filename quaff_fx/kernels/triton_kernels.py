@@ -11,9 +11,13 @@ A forward pass is three launches:
    outlier columns, its weight made in the epilogue from W_o and S_o) fused in the epilogue: no [M, N]
    residual goes through memory. B is read as the row-major int8 weight [N, K] (K contiguous), i.e.
    column-major for the GEMM: the layout the Hopper int8 tensor cores want.
-The backward (grad_X = grad · W) dequantizes W into the gradient's dtype in one pass and runs cuBLAS on it:
-measured on the H100 this is faster than quantizing the gradient and an int8 GEMM on a transposed int8 copy
-of W (which it needs, the int8 tensor cores taking K-major operands only), and exact up to the dtype.
+The smoothing's 1/s, when the layer has one, is folded into the dense vector of step 0: no extra pass over X.
+
+The backward (grad_X = grad · W · diag(1/s)) has two forms. Where the layer keeps a transposed int8 copy of W
+([K, N]: the int8 tensor cores take K-major operands only, and W [N, K] is N-major for this product), the
+gradient times W's row scales is quantized per row (step 1's kernel) and multiplied in int8 (step 2's kernel,
+1/s as its column scale). Without the copy, W is dequantized (with 1/s) into the gradient's dtype in one pass
+and cuBLAS multiplies: exact up to the dtype, and no extra weight memory.
 """
 from __future__ import annotations
 
@@ -23,47 +27,62 @@ import triton.language as tl
 
 
 @triton.jit
-def _inv_kernel(idx_ptr, s_ptr, inv_ptr, K, KO, BLOCK: tl.constexpr):
+def _inv_kernel(idx_ptr, s_ptr, smooth_ptr, inv_ptr, K, KO, HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inv = tl.full([BLOCK], 1.0, dtype=tl.float32)
+    if HAS_SMOOTH:
+        inv = tl.load(smooth_ptr + offs, mask=offs < K, other=1.0).to(tl.float32)
+    else:
+        inv = tl.full([BLOCK], 1.0, dtype=tl.float32)
     for j in range(KO):
         inv = tl.where(offs == tl.load(idx_ptr + j), 1.0 / tl.load(s_ptr + j).to(tl.float32), inv)
     tl.store(inv_ptr + offs, inv, mask=offs < K)
 
 
-def outlier_inv(k: int, outlier_idx: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
-    """The dense [k] fp32 vector 1/S: 1/S_o on the outlier channels, 1 elsewhere, in one launch."""
+def outlier_inv(k: int, outlier_idx: torch.Tensor, act_scale: torch.Tensor, inv_smooth: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """The dense [k] fp32 vector that X is multiplied by, in one launch: 1/S_o on the outlier channels,
+    elsewhere ``inv_smooth`` (the smoothing's 1/s; its s is 1 on the outliers) or 1."""
     inv = torch.empty(k, dtype=torch.float32, device=act_scale.device)
     block = 1024
-    _inv_kernel[(triton.cdiv(k, block),)](outlier_idx, act_scale, inv, k, outlier_idx.numel(), BLOCK=block)
+    _inv_kernel[(triton.cdiv(k, block),)](outlier_idx, act_scale, inv_smooth if inv_smooth is not None else inv, inv, k,
+                                          outlier_idx.numel(), HAS_SMOOTH=inv_smooth is not None, BLOCK=block)
     return inv
 
 
 @triton.jit
+def _scaled(x_row, inv_ptr, offs, K, HAS_INV: tl.constexpr):
+    mask = offs < K
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_INV:
+        x = x * tl.load(inv_ptr + offs, mask=mask, other=1.0)
+    return x
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, inv_ptr, q_ptr, scale_ptr, idx_ptr, xo_ptr, K, KO, stride_xm, stride_qm, stride_om,
-                          HAS_INV: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
+                          HAS_INV: tl.constexpr, HAS_OUT: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_O: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
-    absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_INV:
-            x = x * tl.load(inv_ptr + offs, mask=mask, other=1.0)
-        absmax = tl.maximum(absmax, tl.abs(x))
-    amax = tl.max(absmax, axis=0)
-    scale = tl.where(amax > 0, amax / 127.0, 1.0)
+    if ONE_PASS:  # the whole row in registers: x is read once
+        offs = tl.arange(0, BLOCK_K)
+        x = _scaled(x_row, inv_ptr, offs, K, HAS_INV)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, amax / 127.0, 1.0)
+        q = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(x / scale), -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+    else:
+        absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            absmax = tl.maximum(absmax, tl.abs(_scaled(x_row, inv_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_INV)))
+        amax = tl.max(absmax, axis=0)
+        scale = tl.where(amax > 0, amax / 127.0, 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = _scaled(x_row, inv_ptr, offs, K, HAS_INV)
+            q = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(x / scale), -127.0), 127.0)
+            tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
     tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_INV:
-            x = x * tl.load(inv_ptr + offs, mask=mask, other=1.0)
-        q = tl.extra.cuda.libdevice.rint(x / scale)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
     if HAS_OUT:
         for j0 in range(0, KO, BLOCK_O):  # the outlier columns X̂_o, compact, in x's dtype
             j = j0 + tl.arange(0, BLOCK_O)
@@ -73,6 +92,9 @@ def _quantize_rows_kernel(x_ptr, inv_ptr, q_ptr, scale_ptr, idx_ptr, xo_ptr, K, 
             if HAS_INV:
                 xo = xo * tl.load(inv_ptr + c, mask=jm, other=1.0)
             tl.store(xo_ptr + row * stride_om + j, xo.to(xo_ptr.dtype.element_ty), mask=jm)
+
+
+ONE_PASS_MAX = 16384  # rows up to this width are read once (held in registers); wider ones twice
 
 
 def quantize_rows(x: torch.Tensor, inv: torch.Tensor | None, outlier_idx: torch.Tensor | None = None
@@ -85,11 +107,13 @@ def quantize_rows(x: torch.Tensor, inv: torch.Tensor | None, outlier_idx: torch.
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     ko = 0 if outlier_idx is None else outlier_idx.numel()
     xo = torch.empty((m, ko), dtype=x.dtype, device=x.device) if ko else None
-    block = min(triton.next_power_of_2(k), 4096)
+    one_pass = triton.next_power_of_2(k) <= ONE_PASS_MAX
+    block = triton.next_power_of_2(k) if one_pass else 4096
     _quantize_rows_kernel[(m,)](x, inv if inv is not None else scale, q, scale, outlier_idx if ko else scale,
                                 xo if ko else q, k, ko, x.stride(0), q.stride(0), xo.stride(0) if ko else 0,
-                                HAS_INV=inv is not None, HAS_OUT=ko > 0, BLOCK_K=block, BLOCK_O=min(triton.next_power_of_2(max(ko, 1)), 256),
-                                num_warps=8 if block >= 2048 else 4)
+                                HAS_INV=inv is not None, HAS_OUT=ko > 0, ONE_PASS=one_pass, BLOCK_K=block,
+                                BLOCK_O=min(triton.next_power_of_2(max(ko, 1)), 256),
+                                num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return q, scale, xo
 
 
@@ -172,41 +196,46 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     return c
 
 
-def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False) -> torch.Tensor:
+def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
+                 inv_smooth=None) -> torch.Tensor:
     """The forward of quaff::linear on CUDA; x is [M, K] (any float dtype), the output is in x's dtype."""
     has_outliers = outlier_idx.numel() > 0
-    inv = outlier_inv(x.shape[1], outlier_idx, act_scale) if has_outliers and not prescaled else None
+    scaled = not prescaled and (has_outliers or inv_smooth is not None)
+    inv = outlier_inv(x.shape[1], outlier_idx, act_scale, inv_smooth) if scaled else None
     q, sx, x_o = quantize_rows(x, inv, outlier_idx if has_outliers else None)
     return int8_gemm(q, w_int8, sx, w_scale, x.dtype, bias, x_o, w_outlier.to(x.dtype), act_scale, b_is_nk=True)
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, BLOCK: tl.constexpr):
+def _dequant_kernel(w_ptr, s_ptr, c_ptr, out_ptr, K, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     w = tl.load(w_ptr + row * K + offs, mask=mask, other=0).to(tl.float32) * tl.load(s_ptr + row).to(tl.float32)
+    if HAS_COL:
+        w = w * tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * K + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W = w_int8 · w_scale[:, None] in ``dtype``, one pass."""
+def dequantize(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, col_scale: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """W = w_int8 · w_scale[:, None] (· col_scale[None, :]) in ``dtype``, one pass."""
     n, k = w_int8.shape
     w_int8 = w_int8.contiguous()
     out = torch.empty((n, k), dtype=dtype, device=w_int8.device)
     block = 1024
-    _dequant_kernel[(n, triton.cdiv(k, block))](w_int8, w_scale, out, k, BLOCK=block)
+    _dequant_kernel[(n, triton.cdiv(k, block))](w_int8, w_scale, col_scale if col_scale is not None else w_scale, out, k,
+                                                HAS_COL=col_scale is not None, BLOCK=block)
     return out
 
 
-def grad_input(grad: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, exact: bool) -> torch.Tensor:
-    """grad_X = grad · W on CUDA, W dequantized into grad's dtype (one pass over int8 W), then cuBLAS. Both
-    settings of ``exact`` take this path on CUDA (see the module's docstring for why)."""
-    return grad @ dequantize(w_int8, w_scale, grad.dtype)
-
-
-def grad_input_int8(grad: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """The int8 alternative, kept for the benchmark: the gradient quantized per row (weight scale folded in)
-    and an int8 GEMM on a transposed int8 copy of W."""
-    q, sg, _ = quantize_rows(grad, w_scale.float())
-    return int8_gemm(q, w_int8.t().contiguous(), sg, None, grad.dtype, b_is_nk=True)
+def grad_input(grad: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, exact: bool,
+               inv_smooth: torch.Tensor | None = None, w_int8_t: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_X = (grad · W) · inv_smooth on CUDA. In int8 when not ``exact`` and the transposed int8 copy
+    ``w_int8_t`` [K, N] is given: the gradient, times the weight's row scales, quantized per row, then the
+    int8 GEMM on the copy (K-major for the tensor cores) with inv_smooth as its column scale. Otherwise W
+    (with inv_smooth) is dequantized into grad's dtype in one pass and cuBLAS multiplies."""
+    if w_int8_t is not None and not exact:
+        q, sg, _ = quantize_rows(grad, w_scale.float())
+        return int8_gemm(q, w_int8_t, sg, inv_smooth, grad.dtype, b_is_nk=True)  # w_int8_t: [K, N], N contracted
+    return grad @ dequantize(w_int8, w_scale, grad.dtype, inv_smooth)
