@@ -22,6 +22,7 @@ SIZES = {  # Llama-shaped configs; 1b is TinyLlama-1.1B's shape, 3b Llama-3.2-3B
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8),
 }
+GEMM_KERNELS = ("gemm", "nvjet", "xmma", "cutlass", "int8_gemm", "sm90_", "ampere_")  # kernel names of matrix products
 VARIANTS = ["bf16", "bf16 compiled", "bf16 compiled+cudagraphs", "fp32", "quaff", "quaff compiled", "quaff compiled+cudagraphs",
             "bnb int8"]
 
@@ -65,7 +66,8 @@ def build(variant: str, size: str, seq_len: int):
     return model
 
 
-def run_variant(variant: str, size: str, batch: int, seq_len: int, steps: int, profile: bool = False) -> dict:
+def run_variant(variant: str, size: str, batch: int, seq_len: int, steps: int, profile: bool = False,
+                adapter_dtype: str = "fp32") -> dict:
     import torch
     import peft
 
@@ -75,7 +77,10 @@ def run_variant(variant: str, size: str, batch: int, seq_len: int, steps: int, p
         t.numel() for n, t in model.named_buffers() if t.dtype == torch.int8 and not n.endswith("w_int8_t"))
     torch.cuda.empty_cache()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
+    # adapter_dtype fp32: PEFT's default (autocast_adapter_dtype: adapters of a bf16 model in fp32, x cast up for
+    # them); bf16: the adapters in the model's dtype
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0),
+                                autocast_adapter_dtype=adapter_dtype == "fp32")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -116,7 +121,12 @@ def run_variant(variant: str, size: str, batch: int, seq_len: int, steps: int, p
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn(model)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        events = prof.key_averages()
+        table = events.table(sort_by="cuda_time_total", row_limit=24, max_name_column_width=60)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in kernels)
+        gemm = sum(e.self_device_time_total for e in kernels if any(w in e.key.lower() for w in GEMM_KERNELS))
+        table += f"\nGPU kernel time {total / 1e3:.1f} ms, of which GEMM kernels {gemm / 1e3:.1f} ms ({gemm / max(total, 1):.0%})"
     return {"profile": table, "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "variant": variant, "seconds": sec, "tokens_per_s": batch * seq_len / sec, "peak_bytes": torch.cuda.max_memory_allocated(),
             "loss": float(loss), "warmup_s": warmup_s, "trainable": sum(p.numel() for p in params),
             "params": base_params, "device": torch.cuda.get_device_name()}
@@ -131,15 +141,18 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=VARIANTS)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print the CUDA-time profile of one step of each variant")
+    ap.add_argument("--adapter-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="LoRA adapters of the bf16 models: fp32 (PEFT's default) or bf16")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: run one variant, print JSON
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_variant(args.one, args.size, args.batch, args.seq_len, args.steps, args.profile)), flush=True)
+        print("RESULT " + json.dumps(run_variant(args.one, args.size, args.batch, args.seq_len, args.steps, args.profile, args.adapter_dtype)), flush=True)
         return
     rows = []
     for v in args.variants:
         cmd = [sys.executable, __file__, "--one", v, "--size", args.size, "--batch", str(args.batch),
-               "--seq-len", str(args.seq_len), "--steps", str(args.steps)] + (["--profile"] if args.profile else [])
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--adapter-dtype", args.adapter_dtype] + (
+                   ["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
@@ -156,16 +169,22 @@ def main() -> None:
             if ref in by:
                 r[f"speed_vs_{ref}"] = by[ref]["seconds"] / r["seconds"]
                 r[f"memory_vs_{ref}"] = r["peak_bytes"] / by[ref]["peak_bytes"]
+        same = by.get(("bf16 " + r["variant"].partition(" ")[2]).strip())  # bf16 with the same compilation
+        if same:
+            r["speed_vs_bf16_same_compilation"] = same["seconds"] / r["seconds"]
+            r["reserved_vs_bf16_same_compilation"] = r["peak_reserved_bytes"] / same["peak_reserved_bytes"]
     from tabulate import tabulate
 
     if not rows:
         raise SystemExit("no variant ran")
-    print(f"\nLoRA step, Llama-shaped {args.size} ({rows[0]['params'] / 1e9:.2f}B params), batch {args.batch} x {args.seq_len} tokens, "
+    print(f"\nLoRA step ({args.adapter_dtype} adapters), Llama-shaped {args.size} ({rows[0]['params'] / 1e9:.2f}B params), batch {args.batch} x {args.seq_len} tokens, "
           f"median of {args.steps} steps, {rows[0]['device']}")
     print(tabulate([[r["variant"], f"{r['seconds'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_bytes'] / 2**30:.2f}",
                      f"{r.get('speed_vs_bf16', float('nan')):.2f}x", f"{r.get('speed_vs_fp32', float('nan')):.2f}x",
-                     f"{r.get('memory_vs_bf16', float('nan')):.2f}x"] for r in rows],
-                   headers=["variant", "ms/step", "tokens/s", "peak GiB", "speed vs bf16", "speed vs fp32", "memory vs bf16"]))
+                     f"{r.get('memory_vs_bf16', float('nan')):.2f}x", f"{r.get('speed_vs_bf16_same_compilation', float('nan')):.2f}x",
+                     f"{r.get('reserved_vs_bf16_same_compilation', float('nan')):.2f}x"] for r in rows],
+                   headers=["variant", "ms/step", "tokens/s", "peak GiB", "speed vs bf16", "speed vs fp32", "memory vs bf16",
+                            "speed vs bf16 same compilation", "reserved vs bf16 same compilation"]))
     for r in rows:
         if r.get("profile"):
             print(f"\nprofile of one {r['variant']} step:\n{r['profile']}")
