@@ -195,3 +195,17 @@ def test_int8_backward_copy_is_kept_in_step_and_not_saved():
     x.grad = None
     q.int8_backward_(False)(x).sum().backward()
     assert q.w_int8_t is None and torch.equal(x.grad, g1)
+
+
+def test_int8_backward_helper_and_fused_siblings_keep_the_copy():
+    from quaff_fx import int8_backward_
+    from quaff_fx.passes.fuse_scales import fuse_modules
+
+    lin, x, q = layer_and_input()
+    lin2, _, q2 = layer_and_input(seed=1)
+    model = nn.Sequential(q, nn.ReLU(), q2)
+    assert int8_backward_(model) == 2 and q.w_int8_t is not None and q2.w_int8_t is not None
+    fused = fuse_modules([q, q2])
+    assert torch.equal(fused.w_int8_t, fused.w_int8.t())
+    assert fuse_modules([q.int8_backward_(False), q2.int8_backward_(False)]).w_int8_t is None
+    assert int8_backward_(model, enable=False) == 2 and q.w_int8_t is None
