@@ -19,6 +19,10 @@ def artifact(tiny_model_dir, tmp_path_factory):
 
 def test_export_matches_pytorch_and_stores_int8_weights(artifact, tmp_path):
     loaded, _ = load_quantized(artifact)
+    from quaff_fx import QuaffLinear
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuaffLinear)]
+    assert layers and all(m.inv_smooth is not None for m in layers)  # the default preset: 1/s inside each op
     path = export_onnx(loaded.model, tmp_path / "m.onnx")
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
