@@ -44,11 +44,10 @@ def quaff_sites(gm: GraphModule, constants: dict[Node, torch.Tensor] | None = No
         if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), QuaffLinear):
             sites.append(QuaffSite(node, mod, node.meta.get(META_KEY, {}).get("module", node.target[len(prefix):])))
         elif node.op == "call_function" and node.target in QUAFF_OPS:
-            args = op_arguments(node)
-            tensors = {i: _constant(gm, args[i], constants or {}) for i in (1, 2, 3, 4, 5, 6, 9, 10)}
-            if all(tensors[i] is not None for i in (1, 2, 3, 4, 5)) and all(args[i] is None or tensors[i] is not None for i in (6, 9, 10)):
-                mod = QuaffLinear.from_parts(*(tensors[i] for i in range(1, 7)), *args[7:9], tensors[9], tensors[10])
-                sites.append(QuaffSite(node, mod, _op_site_name(gm, args[1], node)))
+            args = op_arguments(node)[1:]  # from_parts takes them in the op's order
+            values = [_constant(gm, a, constants or {}) if isinstance(a, Node) else a for a in args]
+            if all(v is not None for v, a in zip(values, args) if a is not None):  # every tensor given is known
+                sites.append(QuaffSite(node, QuaffLinear.from_parts(*values), _op_site_name(gm, args[0], node)))
     return sites
 
 
@@ -104,7 +103,7 @@ def fuse_modules(members: list[QuaffLinear]) -> QuaffLinear:
                         first.w_outlier.dtype, first.w_int8.device, first.momentum, first.exact_grad,
                         smoothed=first.inv_smooth is not None)
     with torch.no_grad():
-        if first.inv_smooth is not None:  # _compatible: every member divides x by the same s
+        if first.inv_smooth is not None:  # _fusable: every member divides x by the same s
             fused.inv_smooth.copy_(first.inv_smooth)
         fused.w_int8.copy_(torch.cat([m.w_int8 for m in members]))
         fused.w_scale.copy_(torch.cat([m.w_scale for m in members]))
@@ -188,10 +187,7 @@ class FuseScales(QuaffPass):
         targets = _norm_params(gm, norm, module.in_features, self.constants or {})
         if targets is None:
             return
-        inv = torch.ones(module.in_features, dtype=torch.float32, device=module.act_scale.device)
-        if module.inv_smooth is not None:  # the norm absorbs the smoothing too (s = 1 on the outliers)
-            inv = module.inv_smooth.float().clone()
-        inv[module.outlier_idx] = 1.0 / module.act_scale.float()
+        inv = module.input_scale()  # the norm absorbs the smoothing too
         for arg_pos, tensor in targets:
             name = f"_quaff_folded_{norm.name}_{arg_pos}"
             gm.register_buffer(name, (tensor.detach().float() * inv.to(tensor.device)).to(tensor.dtype))
@@ -203,7 +199,9 @@ class FuseScales(QuaffPass):
             owned._buffers["inv_smooth"] = None  # folded into the norm with 1/S
             gm.add_submodule(node.target, owned)
         else:
-            node.args, node.kwargs = tuple(op_arguments(node)[:7]) + (True, module.exact_grad, None, op_arguments(node)[10]), {}
+            args = op_arguments(node)
+            args[_OP_PARAMS.index("prescaled")], args[_OP_PARAMS.index("inv_smooth")] = True, None  # folded with 1/S
+            node.args, node.kwargs = tuple(args), {}
         report.add(node=node.name, module=site.name, in_features=module.in_features, out_features=module.out_features,
                    outliers=module.outlier_idx.numel(), ops_removed=1, folded_into=norm.name,
                    bytes_before=0, bytes_after=0, bytes_saved=0, status="fused")
@@ -214,7 +212,7 @@ def _classes(siblings: list[QuaffSite]) -> list[list[QuaffSite]]:
     classes: list[list[QuaffSite]] = []
     for site in siblings:
         for members in classes:
-            if _compatible([members[0], site]):
+            if _fusable(members[0].module, site.module):
                 members.append(site)
                 break
         else:
@@ -222,13 +220,13 @@ def _classes(siblings: list[QuaffSite]) -> list[list[QuaffSite]]:
     return classes
 
 
-def _compatible(members: list[QuaffSite]) -> bool:
-    key = {(s.module.w_outlier.dtype, s.module.momentum, s.module.exact_grad, s.module.prescaled, s.module.in_features,
-            s.module.training, s.module.w_int8_t is None) for s in members}
-    smooth = [s.module.inv_smooth for s in members]
-    same_smoothing = all(t is None for t in smooth) or (
-        all(t is not None for t in smooth) and all(torch.equal(smooth[0], t) for t in smooth[1:]))
-    return len(key) == 1 and same_smoothing
+def _fusable(a: QuaffLinear, b: QuaffLinear) -> bool:
+    """Whether two layers of one input can be one: the same flags and the same smoothing factor."""
+    def flags(m: QuaffLinear) -> tuple:
+        return m.w_outlier.dtype, m.momentum, m.exact_grad, m.prescaled, m.in_features, m.training, m.w_int8_t is None
+
+    sa, sb = a.inv_smooth, b.inv_smooth
+    return flags(a) == flags(b) and (sa is None) == (sb is None) and (sa is None or torch.equal(sa, sb))
 
 
 def _fused_name(members: list[QuaffSite]) -> tuple[str, list[str]]:

@@ -62,7 +62,7 @@ def round_gptq_(gm: GraphModule, layers: list[tuple[LinearSite, torch.Tensor, Qu
         for node in part:
             h_x = xtx.pop(node)
             for site, weight, mod in by_input[node]:
-                h = seen_hessian(h_x, mod.inv_smooth, mod.outlier_idx, mod.act_scale)
+                h = seen_hessian(h_x, mod.input_scale(torch.float64))
                 seen = weight.detach().float() if mod.inv_smooth is None else weight.detach().float() / mod.inv_smooth[None, :]
                 mod.w_int8.copy_(gptq_round(seen, h.to(weight.device), mod.w_scale))
             del h_x

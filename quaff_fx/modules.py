@@ -118,6 +118,17 @@ class QuaffLinear(nn.Linear):
             self.int8_backward_()
 
     @torch.no_grad()
+    def input_scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [in] vector x is multiplied by before quantization (X̂ = x · this), computed in ``dtype``: 1/S_o
+        on the outlier channels, the smoothing's 1/s (or 1) elsewhere; s is 1 on the outliers. What the CUDA
+        kernel builds per call, what a norm absorbs when it folds the scales, what GPTQ's XᵀX is seen through."""
+        inv = torch.ones(self.in_features, dtype=dtype, device=self.act_scale.device)
+        if self.inv_smooth is not None:
+            inv = self.inv_smooth.to(dtype).clone()
+        inv[self.outlier_idx] = 1.0 / self.act_scale.to(dtype)
+        return inv
+
+    @torch.no_grad()
     def int8_backward_(self, enable: bool = True) -> "QuaffLinear":
         """Keep (or drop) the transposed int8 copy of the weight that the CUDA backward multiplies in int8."""
         self.w_int8_t = self.w_int8.t().contiguous() if enable else None

@@ -52,13 +52,9 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     return q.to(torch.int8)
 
 
-def seen_hessian(hessian: torch.Tensor, inv_smooth: torch.Tensor | None, outlier_idx: torch.Tensor,
-                 act_scale: torch.Tensor) -> torch.Tensor:
-    """H of X̂ from H of X: X̂ = X · diag(d), d = inv_smooth (or 1) with the outlier channels divided by S_o."""
-    d = torch.ones(hessian.shape[0], dtype=torch.float64, device=hessian.device)
-    if inv_smooth is not None:
-        d = d * inv_smooth.double().to(d.device)
-    d[outlier_idx.to(d.device)] /= act_scale.double().to(d.device)
+def seen_hessian(hessian: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """H of X̂ from H of X: X̂ = X · diag(d), d = the layer's ``input_scale()`` (1/s, 1/S_o on the outliers)."""
+    d = input_scale.double().to(hessian.device)
     return hessian.double() * d[:, None] * d[None, :]
 
 

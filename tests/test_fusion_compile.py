@@ -192,3 +192,24 @@ def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
     result = FuseScales()(capture(other))
     fused = sorted(r["members"] for r in result.report.rows if r["status"] == "fused")
     assert fused == ["gate_proj,up_proj", "gate_proj,up_proj", "q_proj,k_proj,v_proj", "q_proj,v_proj"]  # k_proj of layer 0 alone
+
+
+def test_norms_absorb_the_smoothing_with_the_scales():
+    """Default preset (smoothed): folding puts 1/s and 1/S into the norm before the fused q/k/v and gate/up, and
+    the folded layers stop applying 1/s themselves (else x would be divided by s twice)."""
+    cfg = QuaffConfig.preset("default", outliers=CFG.outliers)
+    model = tiny_llama()
+    gm = capture(model)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], cfg.outliers, cfg.eligible, n_batches=2)
+    transform(model, stats, cfg, gm=gm)
+    ops = capture(model.eval())
+    ids = torch.randint(0, 256, (2, 13))
+    before = ops(ids).detach()
+    result = FuseScales(fold_norms=True)(ops)
+    ops.recompile()
+    folded = [r for r in result.report.rows if "folded_into" in r]
+    assert len(folded) == 4  # input and post-attention norms, 2 layers
+    prescaled = [m for m in quaff_modules(ops) if m.prescaled]
+    assert len(prescaled) == 4 and all(m.inv_smooth is None for m in prescaled)
+    assert (ops(ids) - before).abs().max() <= 0.01 * before.abs().max()

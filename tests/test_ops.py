@@ -209,3 +209,17 @@ def test_int8_backward_helper_and_fused_siblings_keep_the_copy():
     assert torch.equal(fused.w_int8_t, fused.w_int8.t())
     assert fuse_modules([q.int8_backward_(False), q2.int8_backward_(False)]).w_int8_t is None
     assert int8_backward_(model, enable=False) == 2 and q.w_int8_t is None
+
+
+def test_input_scale_is_what_the_op_multiplies_x_by():
+    """X̂ = x · input_scale() (1/s of the smoothing off the outliers, 1/S_o on them): the reference fed that X̂
+    gives the op's output."""
+    lin, x, _ = layer_and_input()
+    s = QuaffLinear.from_weight(lin.weight, None, [5, 11, 60], x.abs().reshape(-1, 96).amax(0), smooth_alpha=0.5).eval()
+    d = s.input_scale()
+    assert torch.allclose(d[[5, 11, 60]], 1.0 / s.act_scale) and torch.equal(d[:5], s.inv_smooth[:5])
+    assert s.input_scale(torch.float64).dtype == torch.float64
+    x2 = x.reshape(-1, 96)
+    ref = reference.quaff_linear(x2 * d, s.w_int8, s.w_scale, s.outlier_idx, torch.ones(3),  # already scaled: divide by 1
+                                 reference.correction_weight(s.w_outlier, s.act_scale))
+    assert torch.allclose(s(x).reshape(-1, 40), ref, atol=1e-4, rtol=1e-4)

@@ -27,6 +27,13 @@ VARIANTS = ["bf16", "bf16 compiled", "bf16 compiled+cudagraphs", "fp32", "quaff"
             "bnb int8"]
 
 
+def modifiers(variant: str) -> set[str]:
+    """The bracketed options of a Quaff variant: "quaff[fast,int8-bwd] compiled" -> {"fast", "int8-bwd"}
+    (fast: the preset fast; int8-bwd: grad_X in int8 too, on the transposed int8 copy)."""
+    head = variant.split(" ")[0]
+    return set(head[head.index("[") + 1:-1].split(",")) if "[" in head else set()
+
+
 def build(variant: str, size: str, seq_len: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,15 +58,14 @@ def build(variant: str, size: str, seq_len: int):
             def __call__(self, text, **_):
                 return {"input_ids": [b % cfg.vocab_size for b in text.encode()]}
 
-        # "quaff[fast] ...": the preset fast; "quaff[int8-bwd] ...": grad_X in int8 too (the transposed int8 copy)
-        config = QuaffConfig.preset("fast" if "fast" in variant.split(" ")[0] else "default")
+        config = QuaffConfig.preset("fast" if "fast" in modifiers(variant) else "default")
         # static shapes: on the device image (torch 2.11, transformers 5.17, CUDA, sdpa) the dynamic-sequence
         # export reports a violated constraint on seq; calibration uses the one shape captured
         gm = capture(model, (torch.zeros(2, 256, dtype=torch.long),), dynamic=False)
         stats = calibrate_text(gm, Tok(), None, config, seq_len=256, batch_size=2, max_batches=2)
         transform(model, stats, config, gm=gm)
         del gm
-        if "int8-bwd" in variant.split(" ")[0]:
+        if "int8-bwd" in modifiers(variant):
             from quaff_fx import int8_backward_
 
             int8_backward_(model)
