@@ -168,15 +168,21 @@ def test_compiled_lora_training_step_fullgraph(quantized_llama):
     torch._dynamo.reset()
 
 
-def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
-    """With the default preset every layer's op multiplies x by its 1/s (an op argument, with 1/S): in an exported
-    (or compiled) graph siblings read one x, and FuseScales fuses those whose 1/s agree."""
+def smoothed_llama():
+    """A tiny Llama transformed with the default preset (smoothed, GPTQ-rounded)."""
     cfg = QuaffConfig.preset("default", outliers=CFG.outliers)
     model = tiny_llama()
     gm = capture(model)
     g = torch.Generator().manual_seed(0)
     stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], cfg.outliers, cfg.eligible, n_batches=2)
     transform(model, stats, cfg, gm=gm)
+    return model
+
+
+def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
+    """With the default preset every layer's op multiplies x by its 1/s (an op argument, with 1/S): in an exported
+    (or compiled) graph siblings read one x, and FuseScales fuses those whose 1/s agree."""
+    model = smoothed_llama()
     assert all(m.inv_smooth is not None for m in model.modules() if isinstance(m, QuaffLinear))
     ops = capture(model)  # the live model exported: quaff ops inlined, 1/s an argument of each
     calls = [n for n in ops.graph.nodes if n.target == torch.ops.quaff.linear.default]
@@ -197,12 +203,7 @@ def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
 def test_norms_absorb_the_smoothing_with_the_scales():
     """Default preset (smoothed): folding puts 1/s and 1/S into the norm before the fused q/k/v and gate/up, and
     the folded layers stop applying 1/s themselves (else x would be divided by s twice)."""
-    cfg = QuaffConfig.preset("default", outliers=CFG.outliers)
-    model = tiny_llama()
-    gm = capture(model)
-    g = torch.Generator().manual_seed(0)
-    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], cfg.outliers, cfg.eligible, n_batches=2)
-    transform(model, stats, cfg, gm=gm)
+    model = smoothed_llama()
     ops = capture(model.eval())
     ids = torch.randint(0, 256, (2, 13))
     before = ops(ids).detach()
