@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from quaff_fx.capture import META_KEY, attr, module_prefix
-from quaff_fx.modules import QuaffLinear
+from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport
 

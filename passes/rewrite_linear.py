@@ -12,7 +12,7 @@ from quaff_fx.calibration import CalibrationStats
 from quaff_fx.config import QuaffConfig
 from quaff_fx.errors import QuaffError
 from quaff_fx.hf import set_submodule
-from quaff_fx.modules import QuaffLinear
+from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport, quaff_bytes
 from quaff_fx.rounding import GPTQ_MEMORY, chunks, gather_xtx, gptq_round, seen_hessian

@@ -4,7 +4,7 @@ from .capture import capture, find_linears
 from .config import OutlierConfig, QuaffConfig
 from .errors import QuaffError
 from .io import load_stats, save_quantized, save_stats
-from .modules import QuaffLinear, int8_backward_
+from .quaff_linear import QuaffLinear, int8_backward_
 from .pipeline import QuaffPass, QuaffPassResult, run_passes
 from .report import PassReport
 from .transform import TransformResult, calibrate_text, default_passes, load_quantized, transform

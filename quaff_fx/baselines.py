@@ -8,7 +8,7 @@ from torch import nn
 from .hf import fp_linear, set_submodule
 from .kernels import cpu
 from .kernels.reference import quantize_rows, smooth_factors
-from .modules import QuaffLinear
+from .quaff_linear import QuaffLinear
 
 LLM_INT8_THRESHOLD = 6.0  # the LLM.int8 paper's outlier magnitude
 

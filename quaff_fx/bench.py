@@ -17,7 +17,7 @@ import torch
 from .backend import make_backend
 from .capture import capture
 from .config import QuaffConfig
-from .models import load_model
+from .model_loading import load_model
 from .transform import calibrate_text, transform
 
 

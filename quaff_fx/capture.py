@@ -148,7 +148,7 @@ def unmatched_linears(gm: GraphModule) -> list[Node]:
 
 def quaff_sites(gm: GraphModule) -> list[LinearSite]:
     """The nodes that already call a QuaffLinear (after the rewrite)."""
-    from .modules import QuaffLinear
+    from .quaff_linear import QuaffLinear
 
     prefix = module_prefix(gm)
     return [LinearSite(n, _strip(n.target, prefix), m.in_features, m.out_features, m.bias is not None)

@@ -101,7 +101,7 @@ def _check_out(path: str | None, force: bool) -> None:
 def _load_and_calibrate(args: argparse.Namespace, config):
     from .capture import capture
     from .data import read_text
-    from .models import load_model
+    from .model_loading import load_model
     from .transform import calibrate_text
 
     read_text(args.data, "calibration")  # a bad text file fails now, not after the model has loaded
@@ -249,7 +249,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
     _check_out(args.out, args.force)
     if args.stats:
         from .capture import capture
-        from .models import load_model
+        from .model_loading import load_model
 
         stats = load_stats(args.stats)
         loaded = load_model(args.model)
@@ -306,7 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_models(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
     """(label, model, tokenizer) to evaluate: the one given, or with --compare FP32, naive W8A8 and Quaff."""
-    from .models import load_model
+    from .model_loading import load_model
     from .transform import load_quantized
 
     target = Path(args.model) if args.model else None
@@ -391,7 +391,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finetune_base(args: argparse.Namespace):
     """The model to train: an artifact as saved, or a model quantized here (or left FP32 with --fp32)."""
-    from .models import load_model
+    from .model_loading import load_model
     from .transform import load_quantized
 
     target = Path(args.model) if args.model else None
@@ -415,7 +415,7 @@ def _finetune_base(args: argparse.Namespace):
 def _save_merged(peft_model, folder: Path, source: dict, tokenizer, cfg) -> None:
     from .config import QuaffConfig
     from .io import save_quantized
-    from .modules import QuaffLinear
+    from .quaff_linear import QuaffLinear
     from .transform import layer_spec
 
     if cfg.peft != "lora":
@@ -496,7 +496,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .models import load_model
+    from .model_loading import load_model
     from .sweep import plot, sweep
 
     from .data import heldout_paths, read_text

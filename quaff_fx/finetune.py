@@ -17,7 +17,7 @@ from torch import nn
 from .data import windows
 from .errors import QuaffError
 from .io import read_json, read_safetensors, write_json
-from .modules import QuaffLinear
+from .quaff_linear import QuaffLinear
 
 METHODS = ("lora", "ia3", "prompt", "prefix")
 

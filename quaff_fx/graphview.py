@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 
 from .errors import QuaffError
 from .io import check_target
-from .modules import QuaffLinear
+from .quaff_linear import QuaffLinear
 
 MARK = "◆"
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import QuaffConfig
 from .errors import QuaffError
-from .modules import QuaffLinear
+from .quaff_linear import QuaffLinear
 
 
 def fp_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -14,7 +14,7 @@ import torch
 from .capture import _HFOutput
 from .errors import QuaffError
 from .io import check_target
-from .modules import QuaffLinear
+from .quaff_linear import QuaffLinear
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .modules import QuaffLinear
+from .quaff_linear import QuaffLinear
 
 
 class OutlierTracker:

@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 
 from .capture import LinearSite, weight_and_bias
 from .config import OutlierConfig
-from .modules import QuaffLinear
+from .quaff_linear import QuaffLinear
 
 
 def sibling_groups(sites: Sequence[LinearSite]) -> dict[Node, list[LinearSite]]:

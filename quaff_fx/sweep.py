@@ -68,7 +68,7 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
 
 
 def _fp_bytes(model) -> int:
-    from .modules import QuaffLinear
+    from .quaff_linear import QuaffLinear
 
     return sum(m.w_outlier.numel() * m.w_outlier.element_size() for m in model.modules() if isinstance(m, QuaffLinear))
 

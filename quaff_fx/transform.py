@@ -17,8 +17,8 @@ from .data import batches, count_batches, read_text, tokenize
 from .errors import QuaffError
 from .hf import quantize_model_, quaff_skeleton_, set_submodule
 from .io import load_state_checked, read_manifest
-from .models import LoadedModel
-from .modules import QuaffLinear
+from .model_loading import LoadedModel
+from .quaff_linear import QuaffLinear
 from .pipeline import run_passes
 from .report import PassReport
 

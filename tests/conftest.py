@@ -78,7 +78,7 @@ def llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (slow tests only); tests take a deepcopy before changing it."""
-    from quaff_fx.models import load_model
+    from quaff_fx.model_loading import load_model
 
     return load_model(None)
 

@@ -52,7 +52,7 @@ def test_transform_from_a_stats_file_rereads_the_batches_for_gptq(artifact, tiny
 def test_transform_writes_an_artifact_that_loads_to_the_same_logits(tiny_model_dir, tmp_path, capsys):
     from quaff_fx.capture import capture
     from quaff_fx.config import OutlierConfig, QuaffConfig
-    from quaff_fx.models import load_model
+    from quaff_fx.model_loading import load_model
     from quaff_fx.transform import calibrate_text, transform
 
     out = tmp_path / "art"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quaff_fx.kernels import reference
-from quaff_fx.modules import QuaffLinear
+from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.ops import CUDA_KERNELS
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and CUDA_KERNELS), reason="needs CUDA and Triton")

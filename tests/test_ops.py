@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from quaff_fx.kernels import reference
-from quaff_fx.modules import QuaffLinear
+from quaff_fx.quaff_linear import QuaffLinear
 
 
 def layer_and_input(k=96, n=40, dtype=torch.float32, outliers=(5, 11, 60), seed=0):

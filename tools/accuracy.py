@@ -22,7 +22,7 @@ from quaff_fx.baselines import llm_int8_, smoothquant_
 from quaff_fx.data import heldout_paths, read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.hf import naive_w8a8_
-from quaff_fx.models import load_model
+from quaff_fx.model_loading import load_model
 
 DEBIAN = Path("/usr/share/common-licenses")
 

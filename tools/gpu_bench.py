@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from quaff_fx.kernels import triton_kernels as tk
-from quaff_fx.modules import QuaffLinear
+from quaff_fx.quaff_linear import QuaffLinear
 
 SHAPES = [(2048, 2048), (2048, 11264), (4096, 4096), (4096, 14336), (14336, 4096), (3072, 8192), (8192, 3072)]
 TOKENS = [2048, 4096, 8192, 16384]

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from quaff_fx.data import batches, read_text, tokenize
 from quaff_fx.evaluate import perplexity
-from quaff_fx.models import load_model
+from quaff_fx.model_loading import load_model
 from quaff_fx.onnx_export import export_onnx, onnx_perplexity
 from quaff_fx.transform import load_quantized
 
