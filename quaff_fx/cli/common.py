@@ -1,0 +1,121 @@
+"""Option groups, checks and helpers shared by the quaff-fx commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..errors import QuaffError
+
+MODEL_HELP = "'smollm2' (default, the embedded SmolLM2-135M-Instruct), a .gguf file or a Hugging Face model folder"
+
+
+def progress(desc: str, total: int | None):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def add_outlier_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("outlier selection")
+    g.add_argument("--preset", default="default", help="default (top_abs 1%% + smoothing 0.6 shared by siblings + GPTQ "
+                   "rounding; 'accurate' is the same) | fast (top_abs 1%%, no smoothing, round to nearest: no XᵀX pass) | "
+                   "paper (mean_times, threshold 100, 1%%, plain)")
+    g.add_argument("--strategy", default=None, help="top_abs | mean_times | zscore | static (overrides the preset)")
+    g.add_argument("--threshold", type=float, default=None, help="mean_times: multiple of mean|x|; zscore: z bound (default 100)")
+    g.add_argument("--max-ratio", type=float, default=None, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
+    g.add_argument("--channels", default="", help="static strategy: comma-separated channel list")
+    g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
+    g.add_argument("--exclude", action="append", help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
+    g.add_argument("--smooth-alpha", default=None,
+                   help="SmoothQuant-style smoothing of the non-outlier channels: off | a number in (0, 1) | "
+                        "auto (per input, chosen by the calibration's error search)")
+    g.add_argument("--smooth-per-layer", action="store_true", default=None,
+                   help="with smoothing: each layer its own factor instead of one per input (siblings then cannot be fused)")
+    g.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
+                   help="int8 weight rounding: nearest | gptq (error-compensated with XᵀX of the calibration batches; the default preset's)")
+
+
+def add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument(data_flag, dest="data", default=None, help="calibration text file (default: the bundled apache-2.0.txt)")
+    g.add_argument("--batches", type=int, default=4, help="calibration batches (default 4)")
+    g.add_argument("--batch-size", type=int, default=2, help="windows per batch (default 2)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+
+
+def add_training_options(p: argparse.ArgumentParser, lr: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+
+
+def quaff_config(args: argparse.Namespace):
+    from ..config import DEFAULT_EXCLUDE, OutlierConfig, QuaffConfig
+
+    try:
+        channels = tuple(int(c) for c in args.channels.split(",") if c.strip()) if args.channels else ()
+    except ValueError:
+        raise QuaffError(f"--channels must be a comma-separated list of integers, got {args.channels!r}") from None
+    base = OutlierConfig.preset(args.preset)
+    outliers = OutlierConfig(args.strategy or base.strategy, base.threshold if args.threshold is None else args.threshold,
+                             base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
+    given = {k: v for k, v in (("weight_rounding", args.weight_rounding),
+                               ("smooth_shared", None if args.smooth_per_layer is None else False)) if v is not None}
+    return QuaffConfig.preset(args.preset, outliers=outliers, include=tuple(args.include or ("*",)),
+                              exclude=tuple(args.exclude or DEFAULT_EXCLUDE), **given, **_smoothing(args.smooth_alpha))
+
+
+def _smoothing(value: str | None) -> dict:
+    """--smooth-alpha as a config field (nothing when not given: the preset decides)."""
+    if value is None:
+        return {}
+    if value in ("auto", "off"):
+        return {"smooth_alpha": None if value == "off" else "auto"}
+    try:
+        return {"smooth_alpha": float(value)}
+    except ValueError:
+        raise QuaffError(f"--smooth-alpha must be auto, off or a number in (0, 1), got {value!r}") from None
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise QuaffError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+
+
+def check_out(path: str | None, force: bool) -> None:
+    """Refuse early, before minutes of work, to overwrite an output or to write into a missing folder."""
+    from ..io import check_target
+
+    if path is not None:
+        check_target(path, force)
+
+
+def load_and_calibrate(args: argparse.Namespace, config):
+    from ..capture import capture
+    from ..data import read_text
+    from ..model_loading import load_model
+    from ..transform import calibrate_text
+
+    read_text(args.data, "calibration")  # a bad text file fails now, not after the model has loaded
+    loaded = load_model(args.model)
+    t0 = time.perf_counter()
+    gm = capture(loaded.model)
+    t1 = time.perf_counter()
+    stats = calibrate_text(gm, loaded.tokenizer, args.data, config, args.seq_len, args.batch_size, args.batches,
+                           progress("calibrating", args.batches))
+    t2 = time.perf_counter()
+    stats.info["model"] = loaded.source.get("name")
+    timing = {"capture_s": round(t1 - t0, 2), "calibrate_s": round(t2 - t1, 2)}
+    return loaded, gm, stats, timing
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,208 @@
+"""quaff-fx calibrate, transform and inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import QuaffError
+from .common import (
+    MODEL_HELP,
+    add_calibration_options,
+    add_outlier_options,
+    check_out,
+    check_positive,
+    load_and_calibrate,
+    quaff_config,
+)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..io import save_stats
+
+    check_positive(args, "batches", "batch_size", "seq_len")
+    config = quaff_config(args)
+    check_out(args.out, args.force)
+    _, _, stats, timing = load_and_calibrate(args, config)
+    save_stats(stats, args.out, force=args.force)
+    summary = stats_summary(stats)
+    if args.json:
+        print(json.dumps({**summary, **timing, "out": args.out}, indent=1))
+    else:
+        print(render_stats_summary(summary))
+        print(f"capture {timing['capture_s']} s, calibration {timing['calibrate_s']} s ({stats.info['batches']} batches); stats written to {args.out}")
+    return 0
+
+
+def stats_summary(stats) -> dict[str, Any]:
+    """Per-layer outliers, per-kind totals and the overlap of the outlier sets of the two halves."""
+    from ..outliers import jaccard
+
+    layers, kinds = [], defaultdict(lambda: {"layers": 0, "outliers": 0, "channels": 0, "jaccard": []})
+    for name, layer in stats.layers.items():
+        chosen = stats.outliers(name)
+        halves = [stats.half_outliers(name, h) for h in (0, 1)]
+        # a layer with no outlier in either half says nothing about stability
+        j = jaccard(*halves) if stats.info.get("batches", 0) > 1 and (halves[0].numel() or halves[1].numel()) else None
+        layers.append({"module": name, "in_features": layer.in_features, "outliers": chosen.numel(),
+                       "channels": chosen.tolist(), "max_mean_ratio": round(layer.max_mean_ratio(), 2), "halves_jaccard": j})
+        k = kinds[name.rsplit(".", 1)[-1]]
+        k["layers"] += 1
+        k["outliers"] += chosen.numel()
+        k["channels"] += layer.in_features
+        if j is not None:
+            k["jaccard"].append(j)
+    per_kind = {kind: {"layers": v["layers"], "outliers": v["outliers"], "outlier_ratio": v["outliers"] / max(v["channels"], 1),
+                       "mean_halves_jaccard": (sum(v["jaccard"]) / len(v["jaccard"])) if v["jaccard"] else None}
+                for kind, v in kinds.items()}
+    js = [l["halves_jaccard"] for l in layers if l["halves_jaccard"] is not None]
+    return {"outlier_config": stats.metadata()["outlier_config"], "info": stats.info, "layers": layers, "per_kind": per_kind,
+            "totals": {"layers": len(layers), "outliers": sum(l["outliers"] for l in layers),
+                       "mean_halves_jaccard": sum(js) / len(js) if js else None}}
+
+
+def render_stats_summary(summary: dict[str, Any], all_layers: bool = False) -> str:
+    from tabulate import tabulate
+
+    def f(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else v)
+
+    out = []
+    if all_layers:
+        out.append(tabulate([[l["module"], l["in_features"], l["outliers"], l["max_mean_ratio"], f(l["halves_jaccard"]),
+                              ",".join(map(str, l["channels"][:8])) + (",..." if len(l["channels"]) > 8 else "")]
+                             for l in summary["layers"]],
+                            headers=["module", "in", "outliers", "max/mean", "jaccard(halves)", "channels"]))
+    out.append(tabulate([[k, v["layers"], v["outliers"], f"{100 * v['outlier_ratio']:.2f}%", f(v["mean_halves_jaccard"])]
+                         for k, v in summary["per_kind"].items()],
+                        headers=["layer kind", "layers", "outlier channels", "of inputs", "jaccard(halves)"]))
+    t = summary["totals"]
+    oc = summary["outlier_config"]
+    out.append(f"{t['layers']} layers, {t['outliers']} outlier channels ({oc['strategy']}, threshold {oc['threshold']}, "
+               f"max_ratio {oc['max_ratio']}); outlier sets of the two halves of the batches overlap by "
+               f"Jaccard (layers with outliers) {f(t['mean_halves_jaccard'])} on average")
+    return "\n\n".join(out)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..io import load_stats, read_manifest
+
+    path = Path(args.path)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        return _inspect_artifact(manifest, args)
+    if args.graph or args.dot or args.fuse:
+        raise QuaffError("--graph, --dot and --fuse need an artifact folder from `quaff-fx transform`, not a stats file")
+    if not path.exists():
+        raise QuaffError(f"{args.path!r} does not exist")
+    summary = stats_summary(load_stats(path))
+    print(json.dumps(summary, indent=1) if args.json else render_stats_summary(summary, all_layers=True))
+    return 0
+
+
+def _inspect_artifact(manifest: dict[str, Any], args: argparse.Namespace) -> int:
+    from ..report import PassReport
+
+    if args.graph or args.dot or args.fuse:
+        return _inspect_graph(args)
+    if args.json:
+        print(json.dumps({k: manifest[k] for k in ("source", "config", "layers", "reports") if k in manifest}, indent=1))
+        return 0
+    print(f"quaff-fx artifact of {manifest.get('source', {}).get('name')} ({manifest['model_config'].get('model_type')}), "
+          f"{len(manifest['layers'])} QuaffLinear layers")
+    for r in manifest.get("reports", []):
+        print(PassReport(r["pass"], r["rows"], r.get("notes", [])).to_table())
+    return 0
+
+
+def _inspect_graph(args: argparse.Namespace) -> int:
+    """Load the artifact, capture it, optionally fuse, and show the graph."""
+    from ..capture import capture
+    from ..graphview import graph_summary, graph_text, write_dot
+    from ..passes import FuseScales
+    from ..transform import load_quantized
+
+    loaded, _ = load_quantized(args.path)
+    gm = capture(loaded.model)
+    fused = FuseScales(fold_norms=True)(gm) if args.fuse else None
+    gm.recompile()
+    if args.dot:
+        write_dot(gm, args.dot)
+    summary = graph_summary(gm)
+    if args.json:
+        print(json.dumps({**summary, "fused": fused.report.to_dict() if fused else None, "dot": args.dot}, indent=1))
+    elif args.graph:
+        print(graph_text(gm, quaff_only=args.quaff_only))
+        print(f"\n{summary['nodes']} nodes, {summary['quaff_nodes']} quaff nodes (marked ◆)" + (f"; drawing written to {args.dot}" if args.dot else ""))
+    else:
+        print(f"{summary['nodes']} nodes, {summary['quaff_nodes']} quaff nodes; drawing written to {args.dot}")
+    return 0
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    from ..io import load_stats, save_quantized
+    from ..transform import transform
+
+    check_positive(args, "batches", "batch_size", "seq_len")
+    config = quaff_config(args)
+    check_out(args.out, args.force)
+    if args.stats:
+        from ..capture import capture
+        from ..model_loading import load_model
+
+        stats = load_stats(args.stats)
+        loaded = load_model(args.model)
+        if config.weight_rounding == "gptq":
+            from ..transform import restore_batches_
+
+            restore_batches_(stats, loaded.tokenizer, args.data)
+        gm, timing = capture(loaded.model), {}
+    else:
+        loaded, gm, stats, timing = load_and_calibrate(args, config)
+    t0 = time.perf_counter()
+    result = transform(loaded.model, stats, config, gm=gm)
+    timing["passes_s"] = round(time.perf_counter() - t0, 2)
+    manifest = {"source": loaded.source, "config": config.to_dict(), "layers": result.layers,
+                "reports": [r.to_dict() for r in result.reports]}
+    if args.out:
+        save_quantized(result.model, args.out, manifest, stats, loaded.tokenizer, force=args.force)
+    if args.json:
+        print(json.dumps({"reports": manifest["reports"], **timing, "out": args.out}, indent=1))
+    else:
+        for r in result.reports:
+            print(r.to_table(max_rows=None if args.all_rows else 12), end="\n\n")
+        print(f"passes {timing['passes_s']} s" + (f"; artifact written to {args.out}" if args.out else "; no --out given, nothing written"))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the calibrate, inspect, transform commands."""
+    p = sub.add_parser("calibrate", help="record per-channel activation statistics of every Linear")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    add_calibration_options(p, "--data")
+    add_outlier_options(p)
+    p.add_argument("--out", required=True, help="stats file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("inspect", help="summarise a stats file or a quantized artifact")
+    p.add_argument("path", help="stats file or artifact folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--graph", action="store_true", help="artifact: print the captured graph, quaff nodes marked ◆")
+    p.add_argument("--quaff-only", action="store_true", help="with --graph: only the quaff nodes")
+    p.add_argument("--fuse", action="store_true", help="with --graph/--dot: apply scale fusion and norm folding first")
+    p.add_argument("--dot", metavar="FILE", help="artifact: write a Graphviz drawing (.dot; .svg/.png need graphviz)")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("transform", help="calibrate, annotate outliers, rewrite Linear -> QuaffLinear, save")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    add_calibration_options(p, "--calib")
+    add_outlier_options(p)
+    p.add_argument("--stats", help="reuse a stats file from `quaff-fx calibrate` instead of calibrating")
+    p.add_argument("--out", help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--all-rows", action="store_true", help="print every row of the reports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_transform)
