@@ -15,10 +15,10 @@ so ``("mine.txt", "bundled")`` is half the user's text and half the corpus. Ever
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
