@@ -67,10 +67,18 @@ def _atomic_file(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp makes it 0600; an artifact's files are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    """0666 less the process umask: the mode ``open()`` would have given the file (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -160,6 +168,20 @@ def save_quantized(model: nn.Module, out: str | Path, manifest: dict[str, Any], 
     return Path(out)
 
 
+def is_artifact(folder: str | Path) -> bool:
+    """A folder holding a ``quaff.json``: what every command treats as a quaff-fx artifact (``read_manifest``
+    then checks its format and version)."""
+    folder = Path(folder)
+    return folder.is_dir() and (folder / MANIFEST).is_file()
+
+
+def build_manifest(source: dict[str, Any], config, layers: dict[str, dict[str, Any]], reports=()) -> dict[str, Any]:
+    """The caller's part of an artifact's manifest (``save_quantized`` adds format, version, tensors and checksum):
+    where the model came from, the QuaffConfig, the layer specs and the pass reports."""
+    return {"source": dict(source), "config": config.to_dict(), "layers": layers,
+            "reports": [r if isinstance(r, dict) else r.to_dict() for r in reports]}
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -185,13 +207,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_state_checked(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The artifact's tensors, each checked against the manifest's shape and dtype; aliases filled in.
-    The weights file must have the checksum the manifest recorded (a flipped bit is caught here)."""
+def check_weights(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """The weights file exists and has the checksum the manifest recorded (a flipped bit is caught here)."""
+    folder = Path(folder)
     if not (folder / WEIGHTS).is_file():
         raise QuaffError(f"{str(folder / WEIGHTS)!r} is missing")
     if manifest.get("weights_sha256") != sha256(folder / WEIGHTS):
-        raise QuaffError(f"{str(folder / WEIGHTS)!r} does not match the checksum in {MANIFEST}: the file is damaged or was edited")
+        raise QuaffError(f"{str(folder / WEIGHTS)!r} does not match the checksum in {MANIFEST}: "
+                         "the file is damaged or was edited")
+
+
+def load_state_checked(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The artifact's tensors, each checked against the manifest's shape and dtype; aliases filled in.
+    The weights file must have the checksum the manifest recorded (a flipped bit is caught here)."""
+    check_weights(folder, manifest)
     state, _ = read_safetensors(folder / WEIGHTS)
     expected = manifest["tensors"]
     if set(state) != set(expected):
