@@ -3,12 +3,16 @@ strategies and budgets, on several held-out texts, in one run (``quaff-fx sweep`
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import torch
 
 from .calibration import calibrate
 from .capture import capture
-from .config import OutlierConfig, QuaffConfig
+from .config import SMOOTH_GRID, OutlierConfig, QuaffConfig
 from .data import batches, count_batches, read_text, tokenize
 from .evaluate import perplexity
 from .hf import naive_w8a8_
@@ -64,7 +68,58 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
     fp = rows[0]["perplexity"]
     for r in rows:
         r["delta"] = {t: r["perplexity"][t] / fp[t] - 1 for t in fp}
+        r.update(summarize(r["delta"]))
     return rows
+
+
+def summarize(deltas: dict[str, float]) -> dict[str, Any]:
+    """Mean delta over the texts and the worst text: {"mean": m, "worst": [text, delta]}."""
+    worst = max(deltas, key=deltas.get)
+    return {"mean": sum(deltas.values()) / len(deltas), "worst": [worst, deltas[worst]]}
+
+
+def leave_one_source_out(model, sources: dict[str, torch.Tensor], candidates: dict[str, QuaffConfig], num_batches: int,
+                         batch_size: int = 2, seq_len: int = 256, eval_batches: int | None = 4,
+                         always: dict[str, torch.Tensor] | None = None, folds: list[str] | None = None,
+                         progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """For each source (token ids by name): calibrate on the windows of all the others (and of ``always``), mixed as
+    the bundled corpus is, quantize with each candidate and measure the perplexity delta on the left-out source.
+    Candidates with the same outlier selection share one calibration; ``folds`` limits the sources left out. Returns per-fold deltas and timings, the mean
+    and worst fold of each candidate, and the candidate chosen (least mean delta, then least worst)."""
+    from .corpus import interleave, source_windows, to_batches
+
+    gm_fp = capture(model)
+    results: dict[str, dict[str, Any]] = {}
+    for held in folds or list(sources):
+        held_ids = sources[held]
+        others = [source_windows(ids, seq_len) for name, ids in {**sources, **(always or {})}.items() if name != held]
+        calib = to_batches(interleave(others), batch_size, num_batches, f"calibration data without {held}")
+        fp = perplexity(model, held_ids, seq_len, 4, eval_batches)["perplexity"]
+        fold: dict[str, Any] = {"calib_tokens": len(calib) * batch_size * seq_len, "calib_s": 0.0, "delta": {}, "transform_s": {}}
+        for outliers, group in _by_outlier_config(candidates).items():
+            t0 = time.perf_counter()
+            stats = calibrate(gm_fp, calib, outliers, QuaffConfig().eligible, n_batches=len(calib),
+                              smooth_grid=SMOOTH_GRID if any(c.searches_smoothing for c in group.values()) else None)
+            fold["calib_s"] += time.perf_counter() - t0
+            for label, cfg in group.items():
+                m = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                transform(m, stats, cfg)
+                fold["transform_s"][label] = time.perf_counter() - t0
+                fold["delta"][label] = perplexity(m, held_ids, seq_len, 4, eval_batches)["perplexity"] / fp - 1
+                progress(f"{held}: {label} {100 * fold['delta'][label]:+.2f}%")
+                del m
+        results[held] = fold
+    summary = {label: summarize({h: f["delta"][label] for h, f in results.items()}) for label in candidates}
+    chosen = min(candidates, key=lambda c: (round(summary[c]["mean"], 6), summary[c]["worst"][1]))
+    return {"folds": results, "summary": summary, "chosen": chosen}
+
+
+def _by_outlier_config(candidates: dict[str, QuaffConfig]) -> dict[OutlierConfig, dict[str, QuaffConfig]]:
+    groups: dict[OutlierConfig, dict[str, QuaffConfig]] = {}
+    for label, cfg in candidates.items():
+        groups.setdefault(cfg.outliers, {})[label] = cfg
+    return groups
 
 
 def _fp_bytes(model) -> int:
@@ -82,7 +137,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows[1:]:
-        for text, d in r["delta"].items():
+        for d in r["delta"].values():
             ax.scatter(r["channels"], 100 * d, s=18)
             ax.annotate(r["method"], (r["channels"], 100 * d), fontsize=6)
     ax.set(xlabel="FP outlier channels kept (all layers)", ylabel="perplexity vs FP32 (%)", title="W8A8 accuracy vs outlier budget")
