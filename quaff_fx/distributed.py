@@ -1,9 +1,13 @@
 """Quaff fine-tuning under torch.distributed: DDP or FSDP2 (``fully_shard``), launched by ``torchrun`` or
 ``accelerate launch`` (both set RANK, WORLD_SIZE, MASTER_ADDR/PORT; nothing else is needed).
 
-The int8 weights, their scales and W_o are buffers: replicated, never sharded or reduced. Only the
-adapters train. The outlier scales' momentum update takes max|X_o| over the whole global batch (an
-all-reduce of k floats), so every rank holds the same scales as a single process would.
+Only the adapters train. Under DDP the int8 weights are replicated buffers. Under FSDP2 (``shard_model``)
+the int8 weight and W_o of every QuaffLinear become frozen parameters first (``int8_parameters_``: FSDP2
+shards parameters and replicates buffers), so each rank holds 1/world of them and each decoder layer
+all-gathers its own for compute; the small per-row and per-outlier vectors (w_scale, act_scale, outlier_idx,
+inv_smooth) stay replicated buffers. The outlier scales' momentum update takes max|X_o| over the whole global
+batch (``global_max``, a functional all-reduce of k floats that torch.compile traces), so every rank holds the
+same scales as a single process would, compiled or not.
 """
 from __future__ import annotations
 
@@ -42,12 +46,7 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
 
         return DistributedDataParallel(model, device_ids=None if not torch.cuda.is_available() else [torch.cuda.current_device()])
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in _decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        return shard_model(model)
     raise QuaffError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
 
 
@@ -58,10 +57,13 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def global_max_(t: torch.Tensor) -> torch.Tensor:
-    """In place: the maximum of ``t`` over all ranks (a no-op in a single process)."""
+def global_max(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of ``t`` over all ranks (``t`` itself in one process). A functional collective:
+    torch.compile traces it into the graph, where ``dist.all_reduce`` would break the graph or have to be skipped."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(t, "max", dist.group.WORLD)
     return t
 
 
@@ -71,3 +73,74 @@ def global_mean(value: float) -> float:
         dist.all_reduce(t)
         return float(t) / dist.get_world_size()
     return value
+
+
+SHARDED_TENSORS = ("w_int8", "w_outlier")  # per QuaffLinear: what FSDP2 shards (the rest is O(in + out), replicated)
+
+
+def int8_parameters_(model: nn.Module) -> int:
+    """Re-register each QuaffLinear's int8 weight and W_o as frozen parameters (``requires_grad=False``) so that
+    FSDP2 shards them; names, and so state_dict keys, stay the same. Idempotent; returns the number of layers.
+    Call it before ``fully_shard`` where something else shards the model (accelerate's FSDP2 plugin, the Trainer)."""
+    from .quaff_linear import QuaffLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuaffLinear)]
+    for module in layers:
+        if module.w_int8_t is not None:
+            raise QuaffError("a QuaffLinear keeps the transposed int8 copy of int8_backward_, which FSDP2 would "
+                             "replicate in full; call int8_backward_(model, False) before sharding")
+        for name in SHARDED_TENSORS:
+            if name in module._buffers:
+                module.register_parameter(name, nn.Parameter(module._buffers.pop(name), requires_grad=False))
+    return len(layers)
+
+
+def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
+    per layer for compute) and on the root (embeddings, final norm, head). ``mesh``: a 1-D DeviceMesh (default:
+    all ranks on this device type). A non-float parameter is never cast by a ``MixedPrecisionPolicy``: int8 stays int8."""
+    from torch.distributed.fsdp import fully_shard
+
+    int8_parameters_(model)
+    options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
+    layers = _decoder_layers(model)
+    if not layers:
+        raise QuaffError(f"found no decoder layers (an nn.ModuleList of blocks) in {type(model).__name__} to shard")
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def local_bytes(model: nn.Module, dtype: torch.dtype = torch.int8) -> int:
+    """Bytes of ``dtype`` tensors (parameters and buffers) that this rank holds: its shards under FSDP2."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(_local(t).numel() * t.element_size() for t in tensors if t.dtype == dtype)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) model, whole and on CPU, under its usual state_dict key; on rank 0 only
+    under FSDP2 (the other ranks get {} but must call it too: it all-gathers one tensor at a time)."""
+    if world()[1] == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load a whole state dict, given on rank 0 ({} elsewhere), into a sharded model: each rank keeps its shard
+    (resuming from ``full_state_dict``'s checkpoint). ``strict=False`` loads a part (adapters and scales).
+    ``state`` is left as it was (the loader would put the shards in its place)."""
+    if world()[1] == 1:
+        model.load_state_dict(state, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict))

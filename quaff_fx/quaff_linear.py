@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.quaff)
+from .distributed import global_max
 from .kernels.reference import outlier_scale, quantize_weight, smooth_factors
 
 
@@ -143,10 +144,7 @@ class QuaffLinear(nn.Linear):
     @torch.no_grad()
     def _update_scales(self, x: torch.Tensor) -> None:
         x_absmax = x.detach().index_select(-1, self.outlier_idx).abs().reshape(-1, self.outlier_idx.numel()).amax(0)
-        if not torch.compiler.is_compiling():
-            from .distributed import global_max_
-
-            global_max_(x_absmax)  # data-parallel ranks agree on the scales of the global batch
+        x_absmax = global_max(x_absmax)  # ranks agree on the global batch's scales (a collective compile traces)
         batch_scale = outlier_scale(x_absmax, self.w_outlier)
         self.act_scale.mul_(self.momentum).add_(batch_scale * (1.0 - self.momentum))
 

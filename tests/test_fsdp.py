@@ -1,0 +1,199 @@
+"""FSDP2 shards the int8 base; the outlier scales stay in sync under torch.compile. CPU, gloo, 2 processes.
+
+Compiled runs use backend="aot_eager" (dynamo + AOTAutograd, the graph-capture path the scale collective has to
+survive, without inductor's C++ compilation, which would take minutes on the CI's two cores)."""
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from test_distributed import _free_port
+from test_finetune import IDS, quantized_tiny
+from quaff_fx.data import windows
+from quaff_fx.distributed import full_state_dict, global_mean, local_bytes, load_full_state_dict, shard_model, wrap
+from quaff_fx.errors import QuaffError
+from quaff_fx.finetune import FinetuneConfig, batch_for_step, make_peft_model
+from quaff_fx.quaff_linear import QuaffLinear
+
+CFG = FinetuneConfig(steps=3, seq_len=32, batch_size=4, lr=1e-2)
+PROBE = IDS[:64].view(2, 32)  # the input on which merged models are compared
+
+
+def _scales(model) -> list[list[float]]:
+    return [m.act_scale.tolist() for m in model.modules() if isinstance(m, QuaffLinear) and m.act_scale.numel()]
+
+
+def _train(model, net, rank: int = 0, size: int = 1) -> list[float]:
+    """CFG.steps AdamW steps on this rank's slice of each global batch; the global mean loss per step."""
+    win = windows(IDS, CFG.seq_len)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=CFG.lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(CFG.steps):
+        batch = batch_for_step(win, step, CFG)[rank::size]
+        loss = net(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(global_mean(loss.item()))
+    model.eval()
+    return losses
+
+
+def _probe_loss(model) -> float:
+    with torch.no_grad():
+        return model(input_ids=PROBE, labels=PROBE).loss.item()
+
+
+def _merged_logits(state: dict[str, torch.Tensor]) -> list:
+    """An unsharded model of the same architecture, loaded from ``state``, its LoRA merged into the int8 base."""
+    fresh = make_peft_model(quantized_tiny(), CFG)
+    fresh.load_state_dict(state)  # strict: the gathered keys are the unsharded model's
+    merged = fresh.merge_and_unload()
+    with torch.no_grad():
+        return merged(input_ids=PROBE).logits.tolist()
+
+
+def _recording_aot_eager(counts: list[int]):
+    """aot_eager that first counts the all-reduces dynamo put in each graph (the scale sync, traced, not skipped)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        counts.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "all_reduce" in str(n.target)))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    return backend
+
+
+def _worker(rank: int, size: int, port: int, mode: str, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        queue.put((rank, _run(rank, size, mode)))  # plain Python values: a tensor would outlive its process's memory
+    except Exception:
+        queue.put((rank, {"error": traceback.format_exc()}))  # fail the test now, not at the queue's timeout
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(rank: int, size: int, mode: str) -> dict:
+    model = make_peft_model(quantized_tiny(), CFG)
+    out = {"bytes_before": local_bytes(model)}
+    net = shard_model(model) if mode.startswith("fsdp") else wrap(model, "ddp")
+    out["bytes_after"] = local_bytes(model)
+    traced = []
+    if mode.endswith("compile"):
+        net = torch.compile(net, backend=_recording_aot_eager(traced))
+    out["losses"] = _train(model, net, rank, size)
+    out["scales"] = _scales(model)
+    out["traced_all_reduces"] = sum(traced)
+    state = full_state_dict(model)
+    if mode == "fsdp":
+        fresh = shard_model(make_peft_model(quantized_tiny(), CFG))  # resume: rank 0's whole state into shards
+        load_full_state_dict(fresh, state if rank == 0 else {})
+        out["resumed_scales"] = _scales(fresh)
+        out["probe_loss"], out["resumed_probe_loss"] = _probe_loss(model), _probe_loss(fresh)
+        out["resumed_bytes"] = local_bytes(fresh)
+    if rank == 0:
+        out["int8_dtype"] = str(state[next(k for k in state if k.endswith("w_int8"))].dtype)
+        out["merged"] = _merged_logits(state)
+    return out
+
+
+def _spawn(mode: str) -> dict[int, dict]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, mode, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        rank, out = queue.get(timeout=240)
+        if "error" in out:  # the other rank may wait in a collective for ever
+            for p in procs:
+                p.terminate()
+            pytest.fail(f"rank {rank}: {out['error']}")
+        results[rank] = out
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One process, the whole global batch: losses, scales and merged logits to compare the ranks with."""
+    model = make_peft_model(quantized_tiny(), CFG)
+    losses = _train(model, model)
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        logits = merged(input_ids=PROBE).logits
+    return {"losses": torch.tensor(losses), "scales": _scales(merged), "logits": logits, "bytes": local_bytes(merged)}
+
+
+def _close(a, b, **tol) -> bool:
+    return torch.allclose(torch.tensor(a), torch.as_tensor(b), **tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp+compile", "ddp+compile"])
+def test_two_ranks_match_one_process(mode, single):
+    results = _spawn(mode)
+    for rank, out in results.items():
+        assert out["bytes_before"] == single["bytes"]
+        if mode.startswith("fsdp"):  # each rank holds its half of every int8 weight (dim 0 split evenly here)
+            assert out["bytes_after"] * 2 == single["bytes"], (rank, out["bytes_after"], single["bytes"])
+        else:
+            assert out["bytes_after"] == single["bytes"]
+        assert _close(out["losses"], single["losses"], atol=2e-3, rtol=1e-3), (mode, rank, out["losses"], single["losses"])
+        assert len(out["scales"]) == len(single["scales"]) > 0
+        for mine, ref in zip(out["scales"], single["scales"]):
+            assert _close(mine, ref, rtol=1e-5), (mode, rank, mine, ref)
+    assert results[0]["scales"] == results[1]["scales"]  # bit-identical across ranks: one all-reduced max
+    if mode.endswith("compile"):  # one per layer with outliers, in the forward graph(s)
+        assert results[0]["traced_all_reduces"] >= len(single["scales"]), results[0]["traced_all_reduces"]
+    assert results[0]["int8_dtype"] == "torch.int8"
+    # merged from the state gathered off the shards; a re-quantization may flip an int8 rounding, hence the tolerance
+    assert _close(results[0]["merged"], single["logits"], atol=5e-2), mode
+    if mode == "fsdp":
+        for out in results.values():
+            assert out["resumed_scales"] == out["scales"] and out["resumed_bytes"] * 2 == single["bytes"]
+            assert out["resumed_probe_loss"] == pytest.approx(out["probe_loss"], rel=1e-6)
+
+
+def test_state_dict_keys_and_merge_unchanged_by_int8_parameters():
+    """int8_parameters_ turns buffers into frozen parameters: same state_dict, same outputs, LoRA merge still works."""
+    from quaff_fx.distributed import int8_parameters_
+
+    plain = make_peft_model(quantized_tiny(), CFG)
+    converted = make_peft_model(quantized_tiny(), CFG)
+    assert int8_parameters_(converted) == int8_parameters_(converted) > 0  # idempotent
+    layer = next(m for m in converted.modules() if isinstance(m, QuaffLinear))
+    assert isinstance(layer.w_int8, torch.nn.Parameter) and not layer.w_int8.requires_grad and layer.w_int8.dtype == torch.int8
+    assert "w_int8" not in dict(layer.named_buffers())
+    a, b = plain.state_dict(), converted.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # parameters list before buffers
+    trainable = {n for n, p in converted.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in plain.named_parameters() if p.requires_grad} and all("lora" in n for n in trainable)
+    for model in (plain, converted):
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    with torch.no_grad():
+        ref, got = plain.merge_and_unload()(input_ids=PROBE).logits, converted.merge_and_unload()(input_ids=PROBE).logits
+    assert torch.equal(ref, got)
+    assert not torch.equal(ref, make_peft_model(quantized_tiny(), CFG)(input_ids=PROBE).logits)  # the merge did something
+
+
+def test_int8_backward_copy_is_refused_before_sharding():
+    from quaff_fx import int8_backward_
+    from quaff_fx.distributed import int8_parameters_
+
+    model = quantized_tiny()
+    int8_backward_(model)
+    with pytest.raises(QuaffError, match="int8_backward_"):
+        int8_parameters_(model)
