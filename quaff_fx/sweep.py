@@ -13,27 +13,29 @@ import torch
 from .calibration import calibrate
 from .capture import capture
 from .config import SMOOTH_GRID, OutlierConfig, QuaffConfig
-from .data import batches, count_batches, read_text, tokenize
+from .corpus import calibration_batches, interleave, source_windows, to_batches
+from .data import read_text, tokenize
 from .evaluate import perplexity
 from .hf import naive_w8a8_
 from .transform import transform
 
 
 def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str], ratios: list[float],
-          alphas: list[float], calib: Path | None = None, seq_len: int = 256, batch_size: int = 2, max_batches: int = 4,
+          alphas: list[float], calib: Path | None = None, seq_len: int = 256, batch_size: int = 2, max_batches: int = 32,
           eval_batches: int | None = None, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """One row per method: perplexity and its delta vs FP32 on each text, FP channels kept, FP column bytes."""
+    """One row per method: perplexity and its delta vs FP32 on each text, their mean and worst text, FP channels kept,
+    FP column bytes. Calibration: ``calib`` (a text or dataset) or, when None, the bundled corpus; ``max_batches``
+    batches of ``batch_size`` x ``seq_len`` tokens."""
     evals = {name: tokenize(tokenizer, read_text(path, "heldout")) for name, path in texts.items()}
-    calib_ids = tokenize(tokenizer, read_text(calib, "calibration"))
+    calib_batches = calibration_batches(tokenizer, (calib,) if calib else (), max_batches, batch_size, seq_len)
 
     def evaluate(m) -> dict[str, float]:
         return {name: perplexity(m, ids, seq_len, 4, eval_batches)["perplexity"] for name, ids in evals.items()}
 
     def stats_for(m, cfg: QuaffConfig):
         gm = capture(m)
-        n = count_batches(calib_ids, seq_len, batch_size, max_batches)
-        return gm, calibrate(gm, batches(calib_ids, seq_len, batch_size, max_batches, "calibration text"), cfg.outliers,
-                             cfg.eligible, n_batches=n, **cfg.calibration_options())
+        return gm, calibrate(gm, calib_batches, cfg.outliers, cfg.eligible, n_batches=len(calib_batches),
+                             **cfg.calibration_options())
 
     rows = [{"method": "fp32", "channels": 0, "fp_bytes": 0, "perplexity": evaluate(model)}]
     base = QuaffConfig.preset("fast")
@@ -51,19 +53,19 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
         progress(f"smoothquant {alpha} done")
     m = copy.deepcopy(model)
     kept = llm_int8_(m, max_stats, base.eligible)
-    rows.append({"method": "llm.int8 (|x|>6 in FP)", "channels": kept, "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
+    rows.append({"method": "llm.int8 (|x|>6 in FP)", "channels": kept, "fp_bytes": fp_column_bytes(m), "perplexity": evaluate(m)})
     default = QuaffConfig.preset("default")
     top = default.outliers
     grid = ([(f"quaff {s} {r:g}", QuaffConfig.preset("fast", outliers=OutlierConfig(s, 100.0, r))) for s in strategies for r in ratios]
             + [(f"quaff {top.strategy} {top.max_ratio:g} + smoothing a={a}", QuaffConfig.preset("fast", smooth_alpha=a)) for a in alphas]
             + [(f"quaff {top.strategy} {top.max_ratio:g} + smoothing a=auto", QuaffConfig.preset("fast", smooth_alpha="auto")),
-               ("quaff default (+ smoothing a=0.6 + gptq)", default)])
+               (f"quaff default (+ smoothing a={default.smooth_alpha} + {default.weight_rounding})", default)])
     for label, cfg in grid:
         m = copy.deepcopy(model)
         gm, stats = stats_for(m, cfg)
         result = transform(m, stats, cfg, gm=gm)
         rows.append({"method": label, "channels": sum(len(l["outliers"]) for l in result.layers.values()),
-                     "fp_bytes": _fp_bytes(m), "perplexity": evaluate(m)})
+                     "fp_bytes": fp_column_bytes(m), "perplexity": evaluate(m)})
         progress(f"{label} done")
     fp = rows[0]["perplexity"]
     for r in rows:
@@ -86,8 +88,6 @@ def leave_one_source_out(model, sources: dict[str, torch.Tensor], candidates: di
     the bundled corpus is, quantize with each candidate and measure the perplexity delta on the left-out source.
     Candidates with the same outlier selection share one calibration; ``folds`` limits the sources left out. Returns per-fold deltas and timings, the mean
     and worst fold of each candidate, and the candidate chosen (least mean delta, then least worst)."""
-    from .corpus import interleave, source_windows, to_batches
-
     gm_fp = capture(model)
     results: dict[str, dict[str, Any]] = {}
     for held in folds or list(sources):
@@ -122,7 +122,8 @@ def _by_outlier_config(candidates: dict[str, QuaffConfig]) -> dict[OutlierConfig
     return groups
 
 
-def _fp_bytes(model) -> int:
+def fp_column_bytes(model) -> int:
+    """Bytes of the FP outlier weight columns of every QuaffLinear of ``model``."""
     from .quaff_linear import QuaffLinear
 
     return sum(m.w_outlier.numel() * m.w_outlier.element_size() for m in model.modules() if isinstance(m, QuaffLinear))

@@ -1,88 +1,104 @@
-"""Perplexity of FP32, naive W8A8 and Quaff presets on several held-out texts, in one run.
+"""Perplexity of FP32, naive W8A8, SmoothQuant, LLM.int8-style and Quaff on held-out texts, in one run.
 
-    python tools/accuracy.py [--model smollm2] [--texts A B ...] [--seq-len 256] [--json]
+    python tools/accuracy.py [--model smollm2] [--texts A B ...] [--batches N] [--eval-batches N] [--json]
 
-Calibration is always on the bundled Apache-2.0 text; the default held-out texts are the three bundled
-ones (GPL-3, the Python language reference, the Vim user manual) and, where present, Debian's GFDL-1.3 and
-MPL-2.0 licence texts. Baselines: naive W8A8, SmoothQuant α=0.5, LLM.int8-style decomposition.
+Calibration: the bundled corpus (quaff_fx/data/corpus), ``--batches`` x 2 x 256 tokens mixed over its sources,
+as the defaults calibrate; one row also shows the previous calibration (the Apache-2.0 text alone, 4 x 2 x 256).
+Held-out texts (default ``REPORTED``): seven texts from sources that neither the calibration corpus nor the
+selection of the defaults (tools/select_defaults.py, leave-one-source-out over the corpus) ever read.
+Each row gives the perplexity delta vs FP32 on every text, the mean and the worst text.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import time
 from pathlib import Path
 
 from tabulate import tabulate
 
-from collections import Counter
-
-from quaff_fx import QuaffConfig, calibrate_text, capture, transform
+from quaff_fx import QuaffConfig, calibrate, capture, transform
 from quaff_fx.baselines import llm_int8_, smoothquant_
-from quaff_fx.data import heldout_paths, read_text, tokenize
+from quaff_fx.corpus import calibration_batches
+from quaff_fx.data import batches, bundled_text_path, read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.hf import naive_w8a8_
 from quaff_fx.model_loading import load_model
+from quaff_fx.sweep import fp_column_bytes, summarize
 
-DEBIAN = Path("/usr/share/common-licenses")
+DATA = bundled_text_path().parent
+# held-out texts reported in the README: legal (FSF x2), docs (Python, Vim), Q&A (Python FAQ), code (CPython), changelog (bash)
+REPORTED = ("gpl-3.0.txt", "gfdl-1.3.txt", "python-reference.txt", "vim-user-manual.txt", "python-faq.txt",
+            "python-stdlib-code.txt", "bash-changes.txt")
+DEFAULT_BATCHES = 32
 
 
-def default_texts() -> list[Path]:
-    return list(heldout_paths().values()) + [p for p in (DEBIAN / "GFDL-1.3", DEBIAN / "MPL-2.0") if p.is_file()]
+def quantized(model, config: QuaffConfig, calib: list) -> tuple:
+    """A quantized copy of ``model`` calibrated on ``calib``; its stats and (calibration, transform) seconds."""
+    model = copy.deepcopy(model)
+    gm = capture(model)
+    t0 = time.perf_counter()
+    stats = calibrate(gm, calib, config.outliers, config.eligible, n_batches=len(calib), **config.calibration_options())
+    t1 = time.perf_counter()
+    transform(model, stats, config, gm=gm)
+    return model, stats, (t1 - t0, time.perf_counter() - t1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--texts", nargs="*", type=Path, default=None)
+    ap.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="calibration batches of 2 x 256 tokens")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-batches", type=int, default=None, help="at most this many batches of 4 windows per text")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     fp = load_model(args.model)
-    texts = {p.name: tokenize(fp.tokenizer, read_text(p)) for p in (args.texts or default_texts())}
+    paths = args.texts or [DATA / name for name in REPORTED]
+    texts = {p.name: tokenize(fp.tokenizer, read_text(p)) for p in paths}
 
     def evaluate(model) -> dict[str, float]:
-        return {name: perplexity(model, ids, args.seq_len, 4)["perplexity"] for name, ids in texts.items()}
+        return {n: perplexity(model, ids, args.seq_len, 4, args.eval_batches)["perplexity"] for n, ids in texts.items()}
 
-    rows = {"fp32": evaluate(fp.model)}
+    rows, info = {"fp32": evaluate(fp.model)}, {}
     naive = copy.deepcopy(fp.model)
     naive_w8a8_(naive)
     rows["w8a8 naive"] = evaluate(naive)
     del naive
+    corpus = calibration_batches(fp.tokenizer, (), args.batches, 2, args.seq_len)
+    apache = list(batches(tokenize(fp.tokenizer, read_text(None)), args.seq_len, 2, 4))
     stats = None
-    for label, config in (("quaff paper preset", QuaffConfig.preset("paper")),
-                          ("quaff fast (top_abs 1%, no smoothing, nearest)", QuaffConfig.preset("fast")),
-                          ("quaff fast + smoothing a=0.5 (shared)", QuaffConfig.preset("fast", smooth_alpha=0.5)),
-                          ("quaff fast + smoothing auto", QuaffConfig.preset("fast", smooth_alpha="auto")),
-                          ("quaff fast + gptq rounding", QuaffConfig.preset("fast", weight_rounding="gptq")),
-                          ("quaff fast + smoothing a=0.5 (shared) + gptq rounding",
-                           QuaffConfig.preset("fast", smooth_alpha=0.5, weight_rounding="gptq")),
-                          ("quaff fast + smoothing a=0.5 per layer + gptq rounding",
-                           QuaffConfig.preset("fast", smooth_alpha=0.5, smooth_shared=False, weight_rounding="gptq")),
-                          ("quaff default (top_abs 1% + smoothing a=0.6 shared + gptq)", QuaffConfig.preset("default"))):
-        model = copy.deepcopy(fp.model)
-        gm = capture(model)
-        stats = calibrate_text(gm, fp.tokenizer, None, config)
-        result = transform(model, stats, config, gm=gm)
-        channels = sum(len(l["outliers"]) for l in result.layers.values())
-        rows[f"{label} ({channels} ch)"] = evaluate(model)
-        if config.searches_smoothing:
-            picked = Counter((n.rsplit(".", 1)[-1], r.get("smooth_alpha")) for n, r in
-                             ((r["module"], r) for r in result.reports[0].rows if r.get("status") == "annotated"))
-    for label, apply in (("smoothquant a=0.5", lambda m: smoothquant_(m, stats, 0.5, QuaffConfig().eligible)),
-                         ("llm.int8 (|x|>6 in FP)", lambda m: llm_int8_(m, stats, QuaffConfig().eligible))):
+    for label, config, calib in (
+            (f"quaff default, previous calibration (apache-2.0 alone, {len(apache)} x 2 x {args.seq_len})", QuaffConfig(), apache),
+            (f"quaff fast (no smoothing, nearest), corpus {len(corpus)} x 2 x {args.seq_len}", QuaffConfig.preset("fast"), corpus),
+            (f"quaff default, corpus {len(corpus)} x 2 x {args.seq_len}", QuaffConfig(), corpus)):
+        model, stats, (calib_s, transform_s) = quantized(fp.model, config, calib)
+        rows[label] = evaluate(model)
+        info[label] = {"calibration_s": round(calib_s, 1), "transform_s": round(transform_s, 1), "fp_column_bytes": fp_column_bytes(model)}
+        del model
+    eligible = QuaffConfig().eligible  # baselines use the corpus calibration's max|x| (the last stats above)
+    for label, apply in (("smoothquant a=0.5", lambda m: smoothquant_(m, stats, 0.5, eligible)),
+                         ("llm.int8 (|x|>6 in FP)", lambda m: llm_int8_(m, stats, eligible))):
         model = copy.deepcopy(fp.model)
         apply(model)
         rows[label] = evaluate(model)
     base = rows["fp32"]
+    deltas = {label: {t: v[t] / base[t] - 1 for t in texts} for label, v in rows.items()}
     if args.json:
-        print(json.dumps({"seq_len": args.seq_len, "perplexity": rows,
-                          "auto_smoothing": [[k, a, n] for (k, a), n in sorted(picked.items(), key=str)]}, indent=1))
+        print(json.dumps({"seq_len": args.seq_len, "eval_batches": args.eval_batches, "calibration_batches": len(corpus),
+                          "perplexity": rows, "delta": deltas, "summary": {k: summarize(d) for k, d in deltas.items()},
+                          "timings": info}, indent=1))
         return
-    table = [[label] + [f"{v[t]:.3f} ({100 * (v[t] / base[t] - 1):+.2f}%)" for t in texts] for label, v in rows.items()]
-    print(tabulate(table, headers=["model"] + list(texts)))
-    print("\nsmoothing α chosen by the error search of 'smoothing auto' (layer kind, α, layers):",
-          ", ".join(f"{k} {a}: {n}" for (k, a), n in sorted(picked.items(), key=str)))
+    table = []
+    for label, v in rows.items():
+        s = summarize(deltas[label])
+        table.append([label] + [f"{v[t]:.3f} ({100 * deltas[label][t]:+.2f}%)" for t in texts]
+                     + [f"{100 * s['mean']:+.2f}%", f"{s['worst'][0]} {100 * s['worst'][1]:+.2f}%"])
+    print(tabulate(table, headers=["model"] + list(texts) + ["mean", "worst"]))
+    for label, t in info.items():
+        print(f"{label}: calibration {t['calibration_s']} s, transform {t['transform_s']} s, "
+              f"FP outlier columns {t['fp_column_bytes'] / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

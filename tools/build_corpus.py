@@ -17,6 +17,7 @@ import sysconfig
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "quaff_fx" / "data"
+NON_LATIN = re.compile("[^\u0000-\u024f\u2000-\u206f]")  # lines with other scripts are left out
 LIMIT = 60_000  # characters per calibration source: ~15k tokens each, the corpus well under 1 MB
 
 
@@ -26,8 +27,10 @@ def gz(path: str) -> str:
 
 
 def cut(text: str, limit: int) -> str:
-    """The first ``limit`` characters, ended at a paragraph break."""
-    text = re.sub(r"\n{3,}", "\n\n", text.replace("\r", "")).strip()
+    """The first ``limit`` characters, ended at a paragraph break; whitespace and hyphens in plain ASCII."""
+    text = text.replace("\r", "").replace("\u00a0", " ").replace("\u2010", "-")  # no-break spaces, man's hyphens
+    text = "\n".join(line for line in text.split("\n") if not NON_LATIN.search(line))  # 2 names in dpkg's changelog
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
     if len(text) <= limit:
         return text + "\n"
     end = text.rfind("\n\n", 0, limit)
