@@ -60,7 +60,7 @@ class PassReport:
         t = self.totals()
         lines = [f"== {self.pass_name}: {t['transformed']} of {t['nodes']} nodes transformed", body]
         if max_rows is not None and len(self.rows) > max_rows:
-            lines.append(f"... {len(self.rows) - max_rows} more rows (use --json for all)")
+            lines.append(f"... {len(self.rows) - max_rows} more rows (--all-rows prints them all)")
         lines.append(f"total: {t['outliers']} outlier channels; weights {human_bytes(t['bytes_before'])} -> "
                      f"{human_bytes(t['bytes_after'])} (saved {human_bytes(t['bytes_saved'])}); "
                      f"FP outlier columns {human_bytes(t['outlier_bytes'])}"

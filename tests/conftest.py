@@ -70,6 +70,22 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
+# CLI options that make a transform take seconds on the tiny model (mean_times 10: channels 3 and 17 stand out)
+FAST = ["--batches", "2", "--batch-size", "2", "--seq-len", "64", "--strategy", "mean_times", "--threshold", "10",
+        "--max-ratio", "0.05"]
+
+
+@pytest.fixture(scope="session")
+def artifact(tiny_model_dir, tmp_path_factory):
+    """One artifact folder of the tiny Llama (default preset with FAST), built once per test run by the CLI.
+    Tests must not change it: copy it first (``shutil.copytree``)."""
+    from quaff_fx.cli import main
+
+    out = tmp_path_factory.mktemp("artifact") / "tiny-quaff"
+    assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST]) == 0
+    return out
+
+
 @pytest.fixture()
 def llama():
     return tiny_llama()

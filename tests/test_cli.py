@@ -5,23 +5,16 @@ import shutil
 import pytest
 import torch
 
+from conftest import FAST
 from quaff_fx.cli import main
 from quaff_fx.transform import load_quantized
 
-FAST = ["--batches", "2", "--batch-size", "2", "--seq-len", "64", "--strategy", "mean_times", "--threshold", "10", "--max-ratio", "0.05"]
 
 
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-@pytest.fixture(scope="module")
-def artifact(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "tiny-quaff"
-    assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST]) == 0
-    return out
 
 
 def test_calibrate_then_inspect(tiny_model_dir, tmp_path, capsys):

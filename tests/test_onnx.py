@@ -7,16 +7,6 @@ from quaff_fx.cli import main
 from quaff_fx.onnx_export import export_onnx, onnx_logits
 from quaff_fx.transform import load_quantized
 
-FAST = ["--batches", "2", "--batch-size", "2", "--seq-len", "64", "--max-ratio", "0.05"]
-
-
-@pytest.fixture(scope="module")
-def artifact(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "art"
-    assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST]) == 0
-    return out
-
-
 def test_export_matches_pytorch_and_stores_int8_weights(artifact, tmp_path):
     loaded, _ = load_quantized(artifact)
     from quaff_fx import QuaffLinear

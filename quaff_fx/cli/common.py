@@ -22,7 +22,7 @@ def add_outlier_options(p: argparse.ArgumentParser) -> None:
                    "rounding; 'accurate' is the same) | fast (top_abs 1%%, no smoothing, round to nearest: no XᵀX pass) | "
                    "paper (mean_times, threshold 100, 1%%, plain)")
     g.add_argument("--strategy", default=None, help="top_abs | mean_times | zscore | static (overrides the preset)")
-    g.add_argument("--threshold", type=float, default=None, help="mean_times: multiple of mean|x|; zscore: z bound (default 100)")
+    g.add_argument("--threshold", type=float, default=None, help="mean_times: multiple of mean|x|; zscore: z bound (default 100; top_abs and static ignore it)")
     g.add_argument("--max-ratio", type=float, default=None, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
     g.add_argument("--channels", default="", help="static strategy: comma-separated channel list")
     g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
@@ -36,21 +36,74 @@ def add_outlier_options(p: argparse.ArgumentParser) -> None:
                    help="int8 weight rounding: nearest | gptq (error-compensated with XᵀX of the calibration batches; the default preset's)")
 
 
-def add_calibration_options(p: argparse.ArgumentParser, data_flag: str) -> None:
+def add_calibration_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
-    g.add_argument(data_flag, dest="data", default=None, help="calibration text file (default: the bundled apache-2.0.txt)")
-    g.add_argument("--batches", type=int, default=4, help="calibration batches (default 4)")
-    g.add_argument("--batch-size", type=int, default=2, help="windows per batch (default 2)")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    g.add_argument("--calib", dest="calib", default=None, metavar="TEXT",
+                   help="calibration text file (default: the bundled apache-2.0.txt)")
+    g.add_argument("--data", dest="calib", help=argparse.SUPPRESS)  # the old name in calibrate, kept as an alias
+    g.add_argument("--batches", type=int, default=4, help="calibration batches")
+    g.add_argument("--batch-size", type=int, default=2, help="windows per batch")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs; auto = CUDA when available")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the model's floating weights")
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def device_of(args: argparse.Namespace):
+    """The torch.device ``--device`` names (auto: CUDA when available); a missing GPU is a clear error."""
+    import torch
+
+    choice = getattr(args, "device", "auto")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise QuaffError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
+    return torch.device(choice)
+
+
+def dtype_of(args: argparse.Namespace):
+    import torch
+
+    return getattr(torch, DTYPES[getattr(args, "dtype", "float32")])
+
+
+def phase(message: str) -> None:
+    """One line on stderr before a phase that takes a while, so a long quiet wait has a name."""
+    print(f"quaff-fx: {message}", file=sys.stderr, flush=True)
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for options with a real default (not None/False, not already named in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of one command: option defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def add_training_options(p: argparse.ArgumentParser, lr: float) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--data", default=None, help="training text (default: the bundled apache-2.0.txt)")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+    g.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    g.add_argument("--lr", type=float, default=lr, help="learning rate")
 
 
 def quaff_config(args: argparse.Namespace):
@@ -102,12 +155,12 @@ def load_and_calibrate(args: argparse.Namespace, config):
     from ..model_loading import load_model
     from ..transform import calibrate_text
 
-    read_text(args.data, "calibration")  # a bad text file fails now, not after the model has loaded
+    read_text(args.calib, "calibration")  # a bad text file fails now, not after the model has loaded
     loaded = load_model(args.model)
     t0 = time.perf_counter()
     gm = capture(loaded.model)
     t1 = time.perf_counter()
-    stats = calibrate_text(gm, loaded.tokenizer, args.data, config, args.seq_len, args.batch_size, args.batches,
+    stats = calibrate_text(gm, loaded.tokenizer, args.calib, config, args.seq_len, args.batch_size, args.batches,
                            progress("calibrating", args.batches))
     t2 = time.perf_counter()
     stats.info["model"] = loaded.source.get("name")

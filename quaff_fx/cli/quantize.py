@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..calibration_report import render_stats_summary, stats_summary
 from ..errors import QuaffError
 from .common import (
     MODEL_HELP,
@@ -33,86 +33,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, **timing, "out": args.out}, indent=1))
     else:
         print(render_stats_summary(summary))
-        print(f"capture {timing['capture_s']} s, calibration {timing['calibrate_s']} s ({stats.info['batches']} batches); stats written to {args.out}")
+        print(f"capture {timing['capture_s']} s, calibration {timing['calibrate_s']} s "
+              f"({stats.info['batches']} batches); stats written to {args.out}")
     return 0
 
 
-def stats_summary(stats) -> dict[str, Any]:
-    """Per-layer outliers, per-kind totals and the overlap of the outlier sets of the two halves."""
-    from ..outliers import jaccard
-
-    layers, kinds = [], defaultdict(lambda: {"layers": 0, "outliers": 0, "channels": 0, "jaccard": []})
-    for name, layer in stats.layers.items():
-        chosen = stats.outliers(name)
-        halves = [stats.half_outliers(name, h) for h in (0, 1)]
-        # a layer with no outlier in either half says nothing about stability
-        j = jaccard(*halves) if stats.info.get("batches", 0) > 1 and (halves[0].numel() or halves[1].numel()) else None
-        layers.append({"module": name, "in_features": layer.in_features, "outliers": chosen.numel(),
-                       "channels": chosen.tolist(), "max_mean_ratio": round(layer.max_mean_ratio(), 2), "halves_jaccard": j})
-        k = kinds[name.rsplit(".", 1)[-1]]
-        k["layers"] += 1
-        k["outliers"] += chosen.numel()
-        k["channels"] += layer.in_features
-        if j is not None:
-            k["jaccard"].append(j)
-    per_kind = {kind: {"layers": v["layers"], "outliers": v["outliers"], "outlier_ratio": v["outliers"] / max(v["channels"], 1),
-                       "mean_halves_jaccard": (sum(v["jaccard"]) / len(v["jaccard"])) if v["jaccard"] else None}
-                for kind, v in kinds.items()}
-    js = [l["halves_jaccard"] for l in layers if l["halves_jaccard"] is not None]
-    return {"outlier_config": stats.metadata()["outlier_config"], "info": stats.info, "layers": layers, "per_kind": per_kind,
-            "totals": {"layers": len(layers), "outliers": sum(l["outliers"] for l in layers),
-                       "mean_halves_jaccard": sum(js) / len(js) if js else None}}
-
-
-def render_stats_summary(summary: dict[str, Any], all_layers: bool = False) -> str:
-    from tabulate import tabulate
-
-    def f(v):
-        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else v)
-
-    out = []
-    if all_layers:
-        out.append(tabulate([[l["module"], l["in_features"], l["outliers"], l["max_mean_ratio"], f(l["halves_jaccard"]),
-                              ",".join(map(str, l["channels"][:8])) + (",..." if len(l["channels"]) > 8 else "")]
-                             for l in summary["layers"]],
-                            headers=["module", "in", "outliers", "max/mean", "jaccard(halves)", "channels"]))
-    out.append(tabulate([[k, v["layers"], v["outliers"], f"{100 * v['outlier_ratio']:.2f}%", f(v["mean_halves_jaccard"])]
-                         for k, v in summary["per_kind"].items()],
-                        headers=["layer kind", "layers", "outlier channels", "of inputs", "jaccard(halves)"]))
-    t = summary["totals"]
-    oc = summary["outlier_config"]
-    out.append(f"{t['layers']} layers, {t['outliers']} outlier channels ({oc['strategy']}, threshold {oc['threshold']}, "
-               f"max_ratio {oc['max_ratio']}); outlier sets of the two halves of the batches overlap by "
-               f"Jaccard (layers with outliers) {f(t['mean_halves_jaccard'])} on average")
-    return "\n\n".join(out)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..io import load_stats, read_manifest
+    from ..io import is_artifact, load_stats
 
     path = Path(args.path)
     if path.is_dir():
-        manifest = read_manifest(path)
-        return _inspect_artifact(manifest, args)
+        return _inspect_artifact(path, args)
     if args.graph or args.dot or args.fuse:
         raise QuaffError("--graph, --dot and --fuse need an artifact folder from `quaff-fx transform`, not a stats file")
     if not path.exists():
         raise QuaffError(f"{args.path!r} does not exist")
+    if is_artifact(path.parent) and path.name != "stats.safetensors":
+        raise QuaffError(f"{args.path!r} is a file inside an artifact; inspect the folder {str(path.parent)!r}")
     summary = stats_summary(load_stats(path))
     print(json.dumps(summary, indent=1) if args.json else render_stats_summary(summary, all_layers=True))
     return 0
 
 
-def _inspect_artifact(manifest: dict[str, Any], args: argparse.Namespace) -> int:
+def _inspect_artifact(folder: Path, args: argparse.Namespace) -> int:
+    """The artifact's layers and pass reports (or its graph); the weights are checked against their checksum first."""
+    from ..io import check_weights, read_manifest
     from ..report import PassReport
 
+    manifest = read_manifest(folder)
+    check_weights(folder, manifest)
     if args.graph or args.dot or args.fuse:
         return _inspect_graph(args)
     if args.json:
         print(json.dumps({k: manifest[k] for k in ("source", "config", "layers", "reports") if k in manifest}, indent=1))
         return 0
-    print(f"quaff-fx artifact of {manifest.get('source', {}).get('name')} ({manifest['model_config'].get('model_type')}), "
-          f"{len(manifest['layers'])} QuaffLinear layers")
+    print(f"quaff-fx artifact of {manifest.get('source', {}).get('name')} "
+          f"({manifest['model_config'].get('model_type')}), {len(manifest['layers'])} QuaffLinear layers")
     for r in manifest.get("reports", []):
         print(PassReport(r["pass"], r["rows"], r.get("notes", [])).to_table())
     return 0
@@ -136,14 +92,15 @@ def _inspect_graph(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, "fused": fused.report.to_dict() if fused else None, "dot": args.dot}, indent=1))
     elif args.graph:
         print(graph_text(gm, quaff_only=args.quaff_only))
-        print(f"\n{summary['nodes']} nodes, {summary['quaff_nodes']} quaff nodes (marked ◆)" + (f"; drawing written to {args.dot}" if args.dot else ""))
+        drawn = f"; drawing written to {args.dot}" if args.dot else ""
+        print(f"\n{summary['nodes']} nodes, {summary['quaff_nodes']} quaff nodes (marked ◆){drawn}")
     else:
         print(f"{summary['nodes']} nodes, {summary['quaff_nodes']} quaff nodes; drawing written to {args.dot}")
     return 0
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
-    from ..io import load_stats, save_quantized
+    from ..io import build_manifest, load_stats, save_quantized
     from ..transform import transform
 
     check_positive(args, "batches", "batch_size", "seq_len")
@@ -158,15 +115,14 @@ def cmd_transform(args: argparse.Namespace) -> int:
         if config.weight_rounding == "gptq":
             from ..transform import restore_batches_
 
-            restore_batches_(stats, loaded.tokenizer, args.data)
+            restore_batches_(stats, loaded.tokenizer, args.calib)
         gm, timing = capture(loaded.model), {}
     else:
         loaded, gm, stats, timing = load_and_calibrate(args, config)
     t0 = time.perf_counter()
     result = transform(loaded.model, stats, config, gm=gm)
     timing["passes_s"] = round(time.perf_counter() - t0, 2)
-    manifest = {"source": loaded.source, "config": config.to_dict(), "layers": result.layers,
-                "reports": [r.to_dict() for r in result.reports]}
+    manifest = build_manifest(loaded.source, config, result.layers, result.reports)
     if args.out:
         save_quantized(result.model, args.out, manifest, stats, loaded.tokenizer, force=args.force)
     if args.json:
@@ -174,7 +130,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
     else:
         for r in result.reports:
             print(r.to_table(max_rows=None if args.all_rows else 12), end="\n\n")
-        print(f"passes {timing['passes_s']} s" + (f"; artifact written to {args.out}" if args.out else "; no --out given, nothing written"))
+        written = f"; artifact written to {args.out}" if args.out else "; no --out given, nothing written"
+        print(f"passes {timing['passes_s']} s{written}")
     return 0
 
 
@@ -182,7 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the calibrate, inspect, transform commands."""
     p = sub.add_parser("calibrate", help="record per-channel activation statistics of every Linear")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    add_calibration_options(p, "--data")
+    add_calibration_options(p)
     add_outlier_options(p)
     p.add_argument("--out", required=True, help="stats file to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -198,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("transform", help="calibrate, annotate outliers, rewrite Linear -> QuaffLinear, save")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    add_calibration_options(p, "--calib")
+    add_calibration_options(p)
     add_outlier_options(p)
     p.add_argument("--stats", help="reuse a stats file from `quaff-fx calibrate` instead of calibrating")
     p.add_argument("--out", help="artifact folder to write")
