@@ -49,6 +49,9 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) create files 0600; an artifact is ordinary files
+            if f.is_file():
+                f.chmod(_file_mode())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
