@@ -1,7 +1,8 @@
-"""Perplexity of a causal LM on a text, in non-overlapping windows."""
+"""Perplexity of a causal LM on a text, in non-overlapping windows, and the models a comparison evaluates."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,9 +30,12 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4
         model.eval()
     total, count = 0.0, 0
     try:
+        device = _device_of(model)
         for batch in batches(ids, seq_len, batch_size, max_batches, source):
+            batch = batch.to(device)
             logits = fn(batch).float()
-            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                     reduction="sum").item()
             count += batch[:, 1:].numel()
     finally:
         if was_training:
@@ -39,6 +43,38 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4
     if not math.isfinite(total):
         raise QuaffError(f"the model produced NaN or Inf logits on the {source}; its weights or inputs are broken")
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+
+
+def _device_of(model) -> torch.device:
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def text_label(path: str | Path | None, kind: str = "heldout") -> str:
+    """How a printed number names its text: the file name, or the bundled text's name marked (bundled)."""
+    from .data import BUNDLED
+
+    return Path(path).name if path else f"{BUNDLED[kind]} (bundled)"
+
+
+def describe_perplexity(text: str, seq_len: int, tokens: int) -> str:
+    """The words that make two perplexities comparable: which text, which window, how many tokens scored."""
+    return f"perplexity on {text}, windows of {seq_len} tokens ({tokens} tokens scored)"
+
+
+def comparison_set(fp_model: torch.nn.Module, config, quantize: Callable[[torch.nn.Module], torch.nn.Module],
+                   quaff_model: torch.nn.Module | None = None) -> list[tuple[str, torch.nn.Module]]:
+    """(label, model) of the comparison ``eval --compare`` prints: the FP model, naive W8A8 of it (every
+    eligible Linear int8, no outlier handling) and Quaff (``quaff_model``, or ``quantize`` of a copy)."""
+    import copy
+
+    from .hf import naive_w8a8_
+
+    naive = copy.deepcopy(fp_model)
+    naive_w8a8_(naive, config)
+    if quaff_model is None:
+        quaff_model = quantize(copy.deepcopy(fp_model))
+    return [("fp32", fp_model), ("w8a8 naive", naive), ("quaff", quaff_model)]
 
 
 def check_seq_len(model, seq_len: int) -> None:
@@ -49,4 +85,5 @@ def check_seq_len(model, seq_len: int) -> None:
 
 def check_seq_limit(seq_len: int, limit: int | None) -> None:
     if limit is not None and seq_len > int(limit):
-        raise QuaffError(f"sequence length {seq_len} is past the model's limit of {limit} positions; pass a smaller --seq-len")
+        raise QuaffError(f"sequence length {seq_len} is past the model's limit of {limit} positions; "
+                         "pass a smaller --seq-len")

@@ -64,7 +64,8 @@ def graph_text(gm: GraphModule, quaff_only: bool = False) -> str:
             extra = f"  # outliers={mod.outlier_idx.numel()}" + (" prescaled" if mod.prescaled else "")
         args = ", ".join(_arg(a) for a in n.args)
         shape = _shape(n)
-        lines.append(f"{MARK if q else ' '} %{n.name} = {n.op} {_target(gm, n)}({args})" + (f" : {shape}" if shape else "") + extra)
+        shape = f" : {shape}" if shape else ""
+        lines.append(f"{MARK if q else ' '} %{n.name} = {n.op} {_target(gm, n)}({args}){shape}{extra}")
     return "\n".join(lines)
 
 

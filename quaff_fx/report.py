@@ -44,7 +44,8 @@ class PassReport:
                 "outliers": sum(r.get("outliers", 0) for r in done),
                 "bytes_before": before, "bytes_after": after, "bytes_saved": before - after,
                 "outlier_bytes": sum(r.get("outlier_bytes", 0) for r in done),
-                "int8_weight_bytes": sum(r.get("in_features", 0) * r.get("out_features", 0) for r in done if "bytes_after" in r)}
+                "int8_weight_bytes": sum(r.get("in_features", 0) * r.get("out_features", 0)
+                                         for r in done if "bytes_after" in r)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_name, "rows": self.rows, "totals": self.totals(), "notes": self.notes}
@@ -64,7 +65,8 @@ class PassReport:
         lines.append(f"total: {t['outliers']} outlier channels; weights {human_bytes(t['bytes_before'])} -> "
                      f"{human_bytes(t['bytes_after'])} (saved {human_bytes(t['bytes_saved'])}); "
                      f"FP outlier columns {human_bytes(t['outlier_bytes'])}"
-                     + (f" ({100 * t['outlier_bytes'] / t['int8_weight_bytes']:.1f}% of the int8 weights)" if t["int8_weight_bytes"] else ""))
+                     + (f" ({100 * t['outlier_bytes'] / t['int8_weight_bytes']:.1f}% of the int8 weights)"
+                        if t["int8_weight_bytes"] else ""))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -1,14 +1,19 @@
 """The quaff-fx command end to end on a tiny local model folder, and its bad-input errors."""
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
-
 from conftest import FAST
-from quaff_fx.cli import main
-from quaff_fx.transform import load_quantized
 
+from quaff_fx.cli import main
+from quaff_fx.data import read_text
+from quaff_fx.io import load_stats
+from quaff_fx.transform import load_quantized
 
 
 def run(capsys, *argv):
@@ -90,7 +95,7 @@ def test_inspect_artifact(artifact, capsys):
     (["calibrate", "/nonexistent/model", "--out", "{tmp}/s.st"], "neither 'smollm2' nor an existing file or folder"),
     (["calibrate", "{tmp}", "--out", "{tmp}/s.st"], "is not a Hugging Face model (it has no config.json)"),
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--data", "/nonexistent.txt"], "does not exist"),
-    (["calibrate", "{model}", "--out", "{tmp}/s.st", "--data", "{short}"], "too few for one batch"),
+    (["calibrate", "{model}", "--out", "{tmp}/s.st", "--calib", "{short}"], "too few for one batch"),
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--data", "{empty}"], "is empty"),
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--threshold", "0"], "threshold must be > 0"),
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--seq-len", "0"], "--seq-len must be >= 1"),
@@ -156,11 +161,13 @@ def test_bad_artifacts(artifact, tmp_path, capsys):
 
     cases = [(set_version, "format version 7"), (other_format, "not a quaff-fx model artifact"),
              (lambda d: (d / "model.safetensors").unlink(), "model.safetensors' is missing"),
-             (lambda d: (d / "quaff.json").unlink(), "nor a quaff-fx artifact (no quaff.json)"),
+             (lambda d: (d / "quaff.json").unlink(), "nor a quaff-fx artifact (no quaff.json)|quaff.json' is missing"),
              (truncate, "does not match the checksum")]
     for edit, message in cases:
-        code, _, err = run(capsys, "eval", broken(edit))
-        assert code == 2 and message in err, (message, err)
+        folder = broken(edit)
+        for command, expected in zip(("eval", "inspect"), (message.split("|") * 2)[:2]):
+            code, _, err = run(capsys, command, folder)  # inspect makes the checks every loader makes (23.5)
+            assert code == 2 and expected in err, (command, expected, err)
 
 
 def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
@@ -207,3 +214,118 @@ def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, caps
     assert q.inv_smooth is not None and not torch.equal(q.inv_smooth, torch.ones_like(q.inv_smooth))
     assert torch.equal(q.inv_smooth, attn.k_proj.inv_smooth) == ("fast" in extra)  # shared unless per layer
     assert main(["eval", str(out), "--seq-len", "64", "--json"]) == 0
+
+
+# -- issue 23: what a new user trips on ---------------------------------------------------------------------
+def test_a_closed_pipe_ends_quietly_with_exit_0(artifact):
+    """`quaff-fx inspect ... | head`: the reader goes away; no BrokenPipeError traceback, exit 0 (23.3)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "quaff_fx.cli", "inspect", str(artifact / "stats.safetensors")],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_long_phases_announce_themselves(artifact, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """transform (GPTQ), eval and bench name the phase they start on stderr (23.6)."""
+    code, _, err = run(capsys, "transform", tiny_model_dir, "--out", tmp_path / "a", *FAST)
+    assert code == 0 and "quaff-fx: running the passes (GPTQ rounding takes a while)" in err
+    code, _, err = run(capsys, "eval", artifact, "--seq-len", "64", "--max-batches", "1")
+    assert code == 0 and "quaff-fx: perplexity of quaff on gpl-3.0.txt (bundled)" in err
+    import quaff_fx.bench
+
+    seen = []
+
+    def fake_bench(*args, **kwargs):  # records what the user had been told when the silent minute starts
+        seen.append(capsys.readouterr().err)
+        return [{"variant": "fp32 eager", "seconds": 1.0, "speedup_vs_fp32_eager": 1.0}]
+
+    monkeypatch.setattr(quaff_fx.bench, "bench_inference", fake_bench)
+    assert main(["bench", str(tiny_model_dir), "--no-compile"]) == 0
+    assert "quaff-fx: loading the model, quantizing a copy" in seen[0]
+
+
+def test_eval_names_its_text_and_window(artifact, capsys):
+    """A printed perplexity says which text, which window and how many tokens (23.7)."""
+    code, out, _ = run(capsys, "eval", artifact, "--seq-len", "64", "--max-batches", "2")
+    assert code == 0 and "perplexity on gpl-3.0.txt (bundled), windows of 64 tokens (504 tokens scored)" in out
+
+
+def test_help_shows_defaults(capsys):
+    """--help states the defaults of the numbers a user sets (23.8)."""
+    for command, expected in [("finetune", ["optimizer steps (default: 20)", "windows per step (default: 4)",
+                                            "tokens per window (default: 128)", "LoRA rank (default: 8)",
+                                            "LoRA alpha (default: 16)"]),
+                              ("transform", ["calibration batches (default: 4)", "tokens per window (default: 256)"]),
+                              ("eval", ["tokens per window (default: 256)", "windows per forward (default: 4)"])]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert all(e in text for e in expected), (command, [e for e in expected if e not in text])
+
+
+def test_calibrate_and_transform_take_the_same_calibration_option(tiny_model_dir, tmp_path, capsys):
+    """One name, --calib, for the calibration text; calibrate's old --data still works, unlisted (23.8)."""
+    for command in ("calibrate", "transform"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--calib TEXT" in text and "--data" not in text, command
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(read_text(None, "heldout"))
+    for flag in ("--calib", "--data"):
+        stats = tmp_path / f"stats{flag}.safetensors"
+        code, _, err = run(capsys, "calibrate", tiny_model_dir, "--out", stats, flag, text_file, *FAST)
+        assert code == 0, err
+        assert load_stats(stats).info["text"] == "calib.txt"
+
+
+def test_the_summary_names_a_threshold_only_where_it_is_used(tiny_model_dir, tmp_path, capsys):
+    """top_abs ignores the threshold: printing "threshold 100.0" for it misleads (23.8)."""
+    code, out, _ = run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "a.st", "--batches", "2",
+                       "--seq-len", "64", "--max-ratio", "0.05")
+    assert code == 0 and "(top_abs, max_ratio 0.05)" in out and "threshold" not in out
+    code, out, _ = run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "b.st", *FAST)
+    assert code == 0 and "(mean_times, threshold 10.0, max_ratio 0.05)" in out
+
+
+def test_stats_layers_are_listed_in_natural_order(tmp_path):
+    """inspect STATS lists layers 0, 1, 2, ..., 10, not 0, 1, 10, 2 (safetensors sorts names as text) (23.8)."""
+    from conftest import tiny_llama
+
+    from quaff_fx import QuaffConfig, calibrate, capture
+    from quaff_fx.calibration_report import stats_summary
+    from quaff_fx.io import save_stats
+
+    model = tiny_llama(num_hidden_layers=11)
+    config = QuaffConfig.preset("fast")
+    gm = capture(model)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate(gm, [torch.randint(0, 256, (1, 8), generator=g) for _ in range(2)], config.outliers,
+                      config.eligible, n_batches=2)
+    save_stats(stats, tmp_path / "s.safetensors")
+    layers = [row["module"] for row in stats_summary(load_stats(tmp_path / "s.safetensors"))["layers"]]
+    numbers = [int(name.split(".")[2]) for name in layers]
+    assert numbers == sorted(numbers) and numbers[-1] == 10
+
+
+def test_written_files_have_ordinary_modes(artifact, tiny_model_dir, tmp_path, capsys):
+    """Artifacts and stats files are readable by the group and others as any file the user writes (23.8)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "s.st", *FAST)[0] == 0
+    files = [tmp_path / "s.st", *(p for p in artifact.rglob("*") if p.is_file())]
+    assert {str(p.relative_to(p.parent.parent)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+            if stat.S_IMODE(p.stat().st_mode) != expected} == {}
+
+
+def test_a_cut_report_points_at_all_rows(tiny_model_dir, capsys):
+    """The hint after a cut table names the option that prints every row (23.8)."""
+    code, out, _ = run(capsys, "transform", tiny_model_dir, *FAST)
+    assert code == 0 and "more rows (--all-rows prints them all)" in out and "--json for all" not in out
+    code, out, _ = run(capsys, "transform", tiny_model_dir, *FAST, "--all-rows")
+    assert code == 0 and "more rows" not in out

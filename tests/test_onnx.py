@@ -1,4 +1,7 @@
 """ONNX export of Quaff models, checked in onnxruntime."""
+import subprocess
+import sys
+
 import onnx
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch
 from quaff_fx.cli import main
 from quaff_fx.onnx_export import export_onnx, onnx_logits
 from quaff_fx.transform import load_quantized
+
 
 def test_export_matches_pytorch_and_stores_int8_weights(artifact, tmp_path):
     loaded, _ = load_quantized(artifact)
@@ -44,8 +48,40 @@ def test_cli_export_and_bad_inputs(artifact, tiny_model_dir, tmp_path, capsys):
 
 def test_plain_model_is_refused(tmp_path):
     from conftest import tiny_llama
+
     from quaff_fx import QuaffError
 
     with pytest.raises(QuaffError, match="not a Quaff model"):
         export_onnx(tiny_llama(), tmp_path / "z.onnx")
     assert not (tmp_path / "z.onnx").exists()
+
+
+def test_export_gives_a_verdict_on_the_logit_difference(artifact, tmp_path, monkeypatch):
+    """A max logit difference alone means nothing to a user: the check says match, agree or differ (23.7)."""
+    import quaff_fx.onnx_export as onnx_export
+
+    loaded, _ = load_quantized(artifact)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = loaded.model(input_ids=ids).logits
+    bumped = ref.clone()
+    bumped[0, 3, ref[0, 3].argmin()] += 0.5  # a visible move that leaves the predicted token alone
+    shuffled = ref[..., torch.randperm(ref.shape[-1], generator=torch.Generator().manual_seed(0))]
+    for got, verdict in [(ref, "match"), (bumped, "agree"), (shuffled, "differ")]:
+        monkeypatch.setattr(onnx_export, "onnx_logits", lambda path, ids, got=got: got)
+        check = onnx_export.compare_with_pytorch(loaded.model, tmp_path / "unused.onnx", ids)
+        assert check["verdict"] == verdict, (verdict, check)
+
+
+def test_cli_export_is_quiet_names_its_phases_and_judges(artifact, tmp_path):
+    """As a user runs it: no torchvision or FutureWarning noise, a line per phase, a verdict (23.6, 23.7, 23.8)."""
+    out = tmp_path / "m.onnx"
+    proc = subprocess.run([sys.executable, "-m", "quaff_fx.cli", "export-onnx", str(artifact), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"quaff-fx: loading {artifact}",
+        "quaff-fx: exporting to ONNX opset 18 and checking the file (minutes for SmolLM2)",
+        "quaff-fx: running the export in onnxruntime beside PyTorch"]
+    assert "the top-1 token agrees at 100.0%" in proc.stdout and "the export matches PyTorch" in proc.stdout

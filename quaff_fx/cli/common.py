@@ -18,22 +18,29 @@ def progress(desc: str, total: int | None):
 
 def add_outlier_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outlier selection")
-    g.add_argument("--preset", default="default", help="default (top_abs 1%% + smoothing 0.6 shared by siblings + GPTQ "
-                   "rounding; 'accurate' is the same) | fast (top_abs 1%%, no smoothing, round to nearest: no XᵀX pass) | "
-                   "paper (mean_times, threshold 100, 1%%, plain)")
+    g.add_argument("--preset", default="default",
+                   help="default (top_abs 1%% + smoothing 0.6 shared by siblings + GPTQ rounding; 'accurate' is the "
+                        "same) | fast (top_abs 1%%, no smoothing, round to nearest: no XᵀX pass) | "
+                        "paper (mean_times, threshold 100, 1%%, plain)")
     g.add_argument("--strategy", default=None, help="top_abs | mean_times | zscore | static (overrides the preset)")
-    g.add_argument("--threshold", type=float, default=None, help="mean_times: multiple of mean|x|; zscore: z bound (default 100; top_abs and static ignore it)")
-    g.add_argument("--max-ratio", type=float, default=None, help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="mean_times: multiple of mean|x|; zscore: z bound (default 100; top_abs and static ignore it)")
+    g.add_argument("--max-ratio", type=float, default=None,
+                   help="per-layer cap on outlier channels, fraction of inputs (default 0.01)")
     g.add_argument("--channels", default="", help="static strategy: comma-separated channel list")
-    g.add_argument("--include", action="append", help="fnmatch pattern of module names to quantize (repeatable; default all)")
-    g.add_argument("--exclude", action="append", help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
+    g.add_argument("--include", action="append",
+                   help="fnmatch pattern of module names to quantize (repeatable; default all)")
+    g.add_argument("--exclude", action="append",
+                   help="fnmatch pattern of module names to leave alone (repeatable; default lm_head, embeddings)")
     g.add_argument("--smooth-alpha", default=None,
                    help="SmoothQuant-style smoothing of the non-outlier channels: off | a number in (0, 1) | "
                         "auto (per input, chosen by the calibration's error search)")
     g.add_argument("--smooth-per-layer", action="store_true", default=None,
-                   help="with smoothing: each layer its own factor instead of one per input (siblings then cannot be fused)")
+                   help="with smoothing: each layer its own factor instead of one per input "
+                        "(siblings then cannot be fused)")
     g.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
-                   help="int8 weight rounding: nearest | gptq (error-compensated with XᵀX of the calibration batches; the default preset's)")
+                   help="int8 weight rounding: nearest | gptq (error-compensated with XᵀX of the calibration "
+                        "batches; the default preset's)")
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
@@ -114,7 +121,8 @@ def quaff_config(args: argparse.Namespace):
     except ValueError:
         raise QuaffError(f"--channels must be a comma-separated list of integers, got {args.channels!r}") from None
     base = OutlierConfig.preset(args.preset)
-    outliers = OutlierConfig(args.strategy or base.strategy, base.threshold if args.threshold is None else args.threshold,
+    outliers = OutlierConfig(args.strategy or base.strategy,
+                             base.threshold if args.threshold is None else args.threshold,
                              base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
     given = {k: v for k, v in (("weight_rounding", args.weight_rounding),
                                ("smooth_shared", None if args.smooth_per_layer is None else False)) if v is not None}
@@ -149,14 +157,24 @@ def check_out(path: str | None, force: bool) -> None:
         check_target(path, force)
 
 
+def load_model_for(args: argparse.Namespace):
+    """Load ``args.model`` in ``--dtype`` onto ``--device``, with a phase message."""
+    from ..model_loading import load_model
+
+    device = device_of(args)
+    phase(f"loading {args.model or 'smollm2'} ({getattr(args, 'dtype', 'float32')}, {device})")
+    loaded = load_model(args.model, dtype_of(args))
+    loaded.model.to(device)
+    return loaded
+
+
 def load_and_calibrate(args: argparse.Namespace, config):
     from ..capture import capture
     from ..data import read_text
-    from ..model_loading import load_model
     from ..transform import calibrate_text
 
     read_text(args.calib, "calibration")  # a bad text file fails now, not after the model has loaded
-    loaded = load_model(args.model)
+    loaded = load_model_for(args)
     t0 = time.perf_counter()
     gm = capture(loaded.model)
     t1 = time.perf_counter()

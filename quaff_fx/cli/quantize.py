@@ -5,17 +5,19 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from ..calibration_report import render_stats_summary, stats_summary
 from ..errors import QuaffError
 from .common import (
     MODEL_HELP,
     add_calibration_options,
+    add_device_options,
     add_outlier_options,
     check_out,
     check_positive,
     load_and_calibrate,
+    load_model_for,
+    phase,
     quaff_config,
 )
 
@@ -39,17 +41,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..io import is_artifact, load_stats
+    from ..io import load_stats
 
     path = Path(args.path)
     if path.is_dir():
         return _inspect_artifact(path, args)
     if args.graph or args.dot or args.fuse:
-        raise QuaffError("--graph, --dot and --fuse need an artifact folder from `quaff-fx transform`, not a stats file")
+        raise QuaffError("--graph, --dot and --fuse need an artifact folder from `quaff-fx transform`, "
+                         "not a stats file")
     if not path.exists():
         raise QuaffError(f"{args.path!r} does not exist")
-    if is_artifact(path.parent) and path.name != "stats.safetensors":
-        raise QuaffError(f"{args.path!r} is a file inside an artifact; inspect the folder {str(path.parent)!r}")
     summary = stats_summary(load_stats(path))
     print(json.dumps(summary, indent=1) if args.json else render_stats_summary(summary, all_layers=True))
     return 0
@@ -65,7 +66,8 @@ def _inspect_artifact(folder: Path, args: argparse.Namespace) -> int:
     if args.graph or args.dot or args.fuse:
         return _inspect_graph(args)
     if args.json:
-        print(json.dumps({k: manifest[k] for k in ("source", "config", "layers", "reports") if k in manifest}, indent=1))
+        shown = ("source", "config", "layers", "reports")
+        print(json.dumps({k: manifest[k] for k in shown if k in manifest}, indent=1))
         return 0
     print(f"quaff-fx artifact of {manifest.get('source', {}).get('name')} "
           f"({manifest['model_config'].get('model_type')}), {len(manifest['layers'])} QuaffLinear layers")
@@ -108,10 +110,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
     check_out(args.out, args.force)
     if args.stats:
         from ..capture import capture
-        from ..model_loading import load_model
 
         stats = load_stats(args.stats)
-        loaded = load_model(args.model)
+        loaded = load_model_for(args)
         if config.weight_rounding == "gptq":
             from ..transform import restore_batches_
 
@@ -119,19 +120,21 @@ def cmd_transform(args: argparse.Namespace) -> int:
         gm, timing = capture(loaded.model), {}
     else:
         loaded, gm, stats, timing = load_and_calibrate(args, config)
+    phase("running the passes" + (" (GPTQ rounding takes a while)" if config.weight_rounding == "gptq" else ""))
     t0 = time.perf_counter()
     result = transform(loaded.model, stats, config, gm=gm)
     timing["passes_s"] = round(time.perf_counter() - t0, 2)
     manifest = build_manifest(loaded.source, config, result.layers, result.reports)
     if args.out:
-        save_quantized(result.model, args.out, manifest, stats, loaded.tokenizer, force=args.force)
+        phase(f"writing {args.out}")
+        save_quantized(result.model.cpu(), args.out, manifest, stats, loaded.tokenizer, force=args.force)
     if args.json:
         print(json.dumps({"reports": manifest["reports"], **timing, "out": args.out}, indent=1))
-    else:
-        for r in result.reports:
-            print(r.to_table(max_rows=None if args.all_rows else 12), end="\n\n")
-        written = f"; artifact written to {args.out}" if args.out else "; no --out given, nothing written"
-        print(f"passes {timing['passes_s']} s{written}")
+        return 0
+    for r in result.reports:
+        print(r.to_table(max_rows=None if args.all_rows else 12), end="\n\n")
+    written = f"; artifact written to {args.out}" if args.out else "; no --out given, nothing written"
+    print(f"passes {timing['passes_s']} s{written}")
     return 0
 
 
@@ -141,13 +144,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     add_calibration_options(p)
     add_outlier_options(p)
+    add_device_options(p)
     p.add_argument("--out", required=True, help="stats file to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("inspect", help="summarise a stats file or a quantized artifact")
     p.add_argument("path", help="stats file or artifact folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--graph", action="store_true", help="artifact: print the captured graph, quaff nodes marked ◆")
     p.add_argument("--quaff-only", action="store_true", help="with --graph: only the quaff nodes")
     p.add_argument("--fuse", action="store_true", help="with --graph/--dot: apply scale fusion and norm folding first")
@@ -157,6 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     add_calibration_options(p)
     add_outlier_options(p)
+    add_device_options(p)
     p.add_argument("--stats", help="reuse a stats file from `quaff-fx calibrate` instead of calibrating")
     p.add_argument("--out", help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
