@@ -85,11 +85,15 @@ def test_top_abs_zscore_and_static():
     assert select(batch_counts(x, st), x.abs().amax(0), st).tolist() == [4, 9]  # 1000 is past this layer's width
 
 
-def test_selection_is_deterministic():
-    x = synthetic()
-    cfg = OutlierConfig("mean_times", threshold=5, max_ratio=0.05)
-    runs = [select(batch_counts(x, cfg), x.abs().amax(0), cfg).tolist() for _ in range(3)]
-    assert runs[0] == runs[1] == runs[2]
+def test_selection_breaks_ties_by_max_abs_then_lower_index():
+    cfg = OutlierConfig("mean_times", threshold=5, max_ratio=0.02)  # cap: 2 of 100 channels
+    counts = torch.zeros(100, dtype=torch.long)
+    counts[[10, 20, 30, 40]] = 3  # four channels as often outliers, two may stay
+    max_abs = torch.ones(100)
+    max_abs[30] = 9.0  # the larger max|x| wins a tie of counts
+    assert select(counts, max_abs, cfg).tolist() == [10, 30]  # then the lower index
+    counts[40] = 4  # more often an outlier beats a larger max|x|
+    assert select(counts, max_abs, cfg).tolist() == [30, 40]
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -186,6 +186,7 @@ def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
     assert code == 2 and "need an artifact folder" in err
 
 
+@pytest.mark.slow
 def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
     code, out, _ = run(capsys, "sweep", tiny_model_dir, "--seq-len", "64", "--ratios", "0.05", "--strategies", "top_abs",

@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 from test_finetune import IDS, quantized_tiny
 from quaff_fx.finetune import FinetuneConfig, make_peft_model, train
 
+pytestmark = pytest.mark.slow  # spawns processes (seconds of start-up each)
+
 CFG = FinetuneConfig(steps=3, seq_len=32, batch_size=4, lr=1e-2)
 
 

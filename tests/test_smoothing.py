@@ -55,8 +55,10 @@ def test_auto_picks_the_least_error_and_siblings_fuse(llama):
 
 def test_auto_reduces_the_layer_error_against_no_smoothing(llama):
     stats = stats_of(llama)
-    for layer in stats.layers.values():
-        assert float(layer.smooth_error.min()) <= float(layer.smooth_error[0])  # grid[0] is None: no smoothing
+    # grid[0] is None (no smoothing). down_proj reads the uneven MLP activations: some α cuts its error by over
+    # 10% (0.63-0.69 of it measured); inputs whose heavy channels are all outliers (scaled, not smoothed) may tie
+    ratio = {name: float(layer.smooth_error.min() / layer.smooth_error[0]) for name, layer in stats.layers.items()}
+    assert all(r <= 0.9 for name, r in ratio.items() if name.endswith("down_proj")), ratio
 
 
 def test_stats_keep_the_search_and_old_stats_are_refused_for_auto(llama, tmp_path):
