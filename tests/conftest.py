@@ -6,17 +6,34 @@ import copy
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    BertConfig,
+    BertModel,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=512)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512)
-    model = LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_key_value_heads": 2, **overrides})).eval()
     _plant_outliers(model)
     return model
 
@@ -29,20 +46,26 @@ def _plant_outliers(model: torch.nn.Module) -> None:
         emb[:, 17] *= 40
 
 
+# the one table of tiny random models, one per architecture family the README lists (keep them small: seconds)
 TINY = {
     "llama": lambda: tiny_llama(),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
-    "phi3": lambda: Phi3ForCausalLM(Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "llama-tied-bias": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=True,
+                                                            attention_bias=True, mlp_bias=True)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2)),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2)),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16)),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512)),
-    "bert": lambda: BertModel(BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=512)),
+    "opt": lambda: OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=512,
+                                            word_embed_proj_dim=64)),
+    "bert": lambda: BertModel(BertConfig(**COMMON)),
 }
 
 
 def make_tiny(arch: str) -> torch.nn.Module:
+    """A tiny random-init model of ``arch`` (a key of TINY), in eval mode, the same on every call."""
     torch.manual_seed(0)
     return TINY[arch]().eval()
 

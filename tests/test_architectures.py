@@ -4,45 +4,31 @@ import copy
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config,
-                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from conftest import make_tiny
 
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, transform
 from quaff_fx.finetune import FinetuneConfig, make_peft_model, train
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=256)
-ARCHS = {
-    # name: (builder, quantized layers expected)
-    "llama": (lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2)), 14),
-    "llama-tied-bias": (lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=True,
-                                                             attention_bias=True, mlp_bias=True)), 14),
-    "mistral": (lambda: MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2)), 14),
-    "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2)), 14),
-    "phi3": (lambda: Phi3ForCausalLM(Phi3Config(**COMMON, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)), 8),
-    "gemma": (lambda: GemmaForCausalLM(GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16)), 14),
-    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256)), 8),
-    "opt": (lambda: OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)), 12),
-    "bert": (lambda: BertModel(BertConfig(**COMMON)), 12),
-}
-CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))  # plain Quaff: the mechanics under test
+# quantized layers expected per architecture (conftest.TINY builds the models)
+EXPECTED = {"llama": 14, "llama-tied-bias": 14, "mistral": 14, "qwen2": 14, "phi3": 8, "gemma": 14, "gpt2": 8,
+            "opt": 12, "bert": 12}
+# plain Quaff: the mechanics under test
+CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))
 
 
 def forward(model, ids):
     return model(input_ids=ids)[0]
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", list(EXPECTED))
 def test_transform_eval_finetune(arch):
-    build, expected = ARCHS[arch]
-    torch.manual_seed(0)
-    model = build().eval()
+    expected = EXPECTED[arch]
+    model = make_tiny(arch)
     reference = copy.deepcopy(model)
     gm = capture(model)
     g = torch.Generator().manual_seed(0)
-    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], CFG.outliers, CFG.eligible, n_batches=2)
+    batches = [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)]
+    stats = calibrate(gm, batches, CFG.outliers, CFG.eligible, n_batches=2)
     result = transform(model, stats, CFG, gm=gm)
     assert len(result.layers) == expected
     assert sum(isinstance(m, QuaffLinear) for m in model.modules()) == expected

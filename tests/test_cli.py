@@ -31,7 +31,7 @@ def test_calibrate_then_inspect(tiny_model_dir, tmp_path, capsys):
     summary = json.loads(out)
     assert code == 0 and summary["totals"]["layers"] == 14
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(summary["per_kind"])
-    assert all(3 in l["channels"] for l in summary["layers"] if l["module"].endswith("q_proj"))
+    assert all(3 in row["channels"] for row in summary["layers"] if row["module"].endswith("q_proj"))
 
 
 def test_transform_from_a_stats_file_rereads_the_batches_for_gptq(artifact, tiny_model_dir, tmp_path, capsys):
@@ -40,11 +40,14 @@ def test_transform_from_a_stats_file_rereads_the_batches_for_gptq(artifact, tiny
     out = tmp_path / "from-stats"
     code, stdout, _ = run(capsys, "transform", tiny_model_dir, "--stats", stats, "--out", out, *FAST)
     assert code == 0 and "GPTQ rounding: 14 layers" in stdout
-    assert (out / "model.safetensors").read_bytes() == (artifact / "model.safetensors").read_bytes()  # same as in one run
+    same = (out / "model.safetensors").read_bytes() == (artifact / "model.safetensors").read_bytes()
+    assert same  # as in one run
     other = tmp_path / "other.txt"
     other.write_text("some other calibration text " * 200)
-    code, _, err = run(capsys, "transform", tiny_model_dir, "--stats", stats, "--calib", other, "--out", tmp_path / "y", *FAST)
-    assert code == 2 and "calibrated on 'apache-2.0.txt (bundled)', not 'other.txt'" in err and not (tmp_path / "y").exists()
+    code, _, err = run(capsys, "transform", tiny_model_dir, "--stats", stats, "--calib", other, "--out",
+                       tmp_path / "y", *FAST)
+    assert code == 2 and "calibrated on 'apache-2.0.txt (bundled)', not 'other.txt'" in err
+    assert not (tmp_path / "y").exists()
 
 
 def test_transform_writes_an_artifact_that_loads_to_the_same_logits(tiny_model_dir, tmp_path, capsys):
@@ -56,7 +59,8 @@ def test_transform_writes_an_artifact_that_loads_to_the_same_logits(tiny_model_d
     out = tmp_path / "art"
     code, stdout, _ = run(capsys, "transform", tiny_model_dir, "--out", out, *FAST)
     assert code == 0 and "rewrite_linear: 14 of 14" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "quaff.json", "stats.safetensors", "tokenizer"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["model.safetensors", "quaff.json", "stats.safetensors", "tokenizer"]
     # the same transform in-process, then compare with the artifact loaded back
     loaded = load_model(str(tiny_model_dir))
     cfg = QuaffConfig(outliers=OutlierConfig("mean_times", 10, 0.05))
@@ -81,7 +85,8 @@ def test_eval_and_compare(artifact, tiny_model_dir, capsys):
     code, out, _ = run(capsys, "eval", artifact, "--seq-len", "64", "--json")
     res = json.loads(out)["results"]
     assert code == 0 and res[0]["model"] == "quaff" and res[0]["perplexity"] > 1
-    code, out, _ = run(capsys, "eval", tiny_model_dir, "--compare", "--seq-len", "64", "--json", "--strategy", "mean_times", "--threshold", "10", "--max-ratio", "0.05")
+    code, out, _ = run(capsys, "eval", tiny_model_dir, "--compare", "--seq-len", "64", "--json", "--strategy",
+                       "mean_times", "--threshold", "10", "--max-ratio", "0.05")
     labels = [r["model"] for r in json.loads(out)["results"]]
     assert code == 0 and labels == ["fp32", "w8a8 naive", "quaff"]
 
@@ -107,7 +112,8 @@ def test_inspect_artifact(artifact, capsys):
 def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, tmp_path, capsys):
     (tmp_path / "short.txt").write_text("too short")
     (tmp_path / "empty.txt").write_text("  \n")
-    subs = {"{tmp}": str(tmp_path), "{model}": str(tiny_model_dir), "{short}": str(tmp_path / "short.txt"), "{empty}": str(tmp_path / "empty.txt")}
+    subs = {"{tmp}": str(tmp_path), "{model}": str(tiny_model_dir), "{short}": str(tmp_path / "short.txt"),
+            "{empty}": str(tmp_path / "empty.txt")}
     argv = [a for a in argv]
     for i, a in enumerate(argv):
         for k, v in subs.items():
@@ -172,10 +178,10 @@ def test_bad_artifacts(artifact, tmp_path, capsys):
 
 def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
     code, out, _ = run(capsys, "inspect", artifact, "--graph")
-    marked = [l for l in out.splitlines() if l.startswith("◆")]
-    assert code == 0 and len(marked) == 14 and all("quaff.linear" in l for l in marked)
+    marked = [line for line in out.splitlines() if line.startswith("◆")]
+    assert code == 0 and len(marked) == 14 and all("quaff.linear" in line for line in marked)
     code, out, _ = run(capsys, "inspect", artifact, "--graph", "--quaff-only", "--fuse")
-    marked = [l for l in out.splitlines() if l.startswith("◆")]
+    marked = [line for line in out.splitlines() if line.startswith("◆")]
     assert code == 0 and len(marked) == 14 - 6  # q/k/v and gate/up fused in 2 layers
     dot = tmp_path / "g.dot"
     code, out, _ = run(capsys, "inspect", artifact, "--dot", dot, "--json")
@@ -189,16 +195,16 @@ def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
 @pytest.mark.slow
 def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
-    code, out, _ = run(capsys, "sweep", tiny_model_dir, "--seq-len", "64", "--ratios", "0.05", "--strategies", "top_abs",
-                       "--alphas", "0.5", "--plot", plot, "--json",
-                       "--eval-batches", "1")
+    code, out, _ = run(capsys, "sweep", tiny_model_dir, "--seq-len", "64", "--ratios", "0.05", "--strategies",
+                       "top_abs", "--alphas", "0.5", "--plot", plot, "--json", "--eval-batches", "1")
     rows = json.loads(out)
-    assert code == 0 and [r["method"] for r in rows] == ["fp32", "w8a8 naive", "smoothquant a=0.5", "llm.int8 (|x|>6 in FP)",
-                                                          "quaff top_abs 0.05", "quaff top_abs 0.01 + smoothing a=0.5",
-                                                          "quaff top_abs 0.01 + smoothing a=auto",
-                                                          "quaff default (+ smoothing a=0.6 + gptq)"]
+    assert code == 0 and [r["method"] for r in rows] == [
+        "fp32", "w8a8 naive", "smoothquant a=0.5", "llm.int8 (|x|>6 in FP)", "quaff top_abs 0.05",
+        "quaff top_abs 0.01 + smoothing a=0.5", "quaff top_abs 0.01 + smoothing a=auto",
+        "quaff default (+ smoothing a=0.6 + gptq)"]
     assert set(rows[0]["delta"]) == {"gpl-3.0.txt", "python-reference.txt", "vim-user-manual.txt"}
-    assert all(d == 0.0 for d in rows[0]["delta"].values()) and all(p > 1 for r in rows for p in r["perplexity"].values())
+    assert all(d == 0.0 for d in rows[0]["delta"].values())
+    assert all(p > 1 for r in rows for p in r["perplexity"].values())
     assert rows[-4]["channels"] > 0 and rows[-1]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
 

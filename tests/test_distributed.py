@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_finetune import IDS, quantized_tiny
+
 from quaff_fx.finetune import FinetuneConfig, make_peft_model, train
 
 pytestmark = pytest.mark.slow  # spawns processes (seconds of start-up each)

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_llama
 from quaff_fx import OutlierConfig, QuaffError, QuaffLinear, calibrate, capture
 from quaff_fx.cli import main
 from quaff_fx.evaluate import perplexity
@@ -33,7 +33,8 @@ def test_quantize_rows_error_is_at_most_half_a_step(shape, magnitude, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 24), k=st.integers(2, 64), n=st.integers(1, 48), magnitude=magnitudes,
-       n_out=st.integers(0, 3), seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+       n_out=st.integers(0, 3), seed=st.integers(0, 10_000),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 def test_op_matches_reference_and_error_bound(m, k, n, magnitude, n_out, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
@@ -75,7 +76,7 @@ def test_extreme_thresholds(llama):
     none = calibrate(gm, data, OutlierConfig("mean_times", threshold=1e9))
     assert all(none.outliers(n).numel() == 0 for n in none.layers)
     every = calibrate(gm, data, OutlierConfig("mean_times", threshold=1e-9, max_ratio=0.1))
-    assert all(every.outliers(n).numel() == int(l.in_features * 0.1) for n, l in every.layers.items())
+    assert all(every.outliers(n).numel() == int(layer.in_features * 0.1) for n, layer in every.layers.items())
 
 
 def test_sequence_past_the_model_limit_is_refused(llama):
@@ -94,7 +95,8 @@ def test_nan_weights_are_reported_not_silently_evaluated():
 
 def test_one_token_text_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "one.txt").write_text("the")
-    assert main(["calibrate", str(tiny_model_dir), "--data", str(tmp_path / "one.txt"), "--out", str(tmp_path / "s")]) == 2
+    argv = ["calibrate", str(tiny_model_dir), "--calib", str(tmp_path / "one.txt"), "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
     assert "too few for one batch" in capsys.readouterr().err
 
 

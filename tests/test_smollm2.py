@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from quaff_fx import QuaffConfig, capture, calibrate_text, transform
+from quaff_fx import QuaffConfig, calibrate_text, capture, transform
 from quaff_fx.data import read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.hf import naive_w8a8_
