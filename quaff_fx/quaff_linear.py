@@ -143,6 +143,8 @@ class QuaffLinear(nn.Linear):
 
     @torch.no_grad()
     def _update_scales(self, x: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return  # an activation-checkpoint recomputation, inside backward: this batch has updated the scales already
         x_absmax = x.detach().index_select(-1, self.outlier_idx).abs().reshape(-1, self.outlier_idx.numel()).amax(0)
         x_absmax = global_max(x_absmax)  # ranks agree on the global batch's scales (a collective compile traces)
         batch_scale = outlier_scale(x_absmax, self.w_outlier)

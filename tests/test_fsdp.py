@@ -197,3 +197,17 @@ def test_int8_backward_copy_is_refused_before_sharding():
     int8_backward_(model)
     with pytest.raises(QuaffError, match="int8_backward_"):
         int8_parameters_(model)
+
+
+def test_gradient_checkpointing_updates_the_scales_once_per_step():
+    """The recomputation in backward runs the forward again; the momentum update must not run twice."""
+    batch = IDS[:128].view(4, 32)
+    scales = []
+    for checkpointing in (False, True):
+        base = quantized_tiny()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = make_peft_model(base, CFG).train()
+        model(input_ids=batch, labels=batch).loss.backward()
+        scales.append(_scales(model))
+    assert scales[0] == scales[1]
