@@ -13,8 +13,10 @@ stays in every fold's calibration. The texts that README's accuracy table report
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+from contextlib import contextmanager
 
 import torch
 from tabulate import tabulate
@@ -40,6 +42,35 @@ def candidate(spec: str) -> QuaffConfig:
     return QuaffConfig.preset("default", smooth_alpha=smooth, **overrides)
 
 
+@contextmanager
+def xtx_reused_across_candidates():
+    """GPTQ gathers XᵀX from the FP graph before rewriting it, so it does not depend on the candidate: within one fold
+    (same calibration batches) gather it once and hand the same sums to every candidate's rewrite. Selection only."""
+    from quaff_fx.passes import rewrite_linear
+
+    gather, cache = rewrite_linear.gather_xtx, {}
+
+    def cached(gm, nodes, batches):
+        digest = hashlib.sha1(torch.cat([b.reshape(-1) for b in batches]).numpy().tobytes()).hexdigest()
+        if cache.get("digest") != digest:  # a new fold: forget the last one's sums
+            cache.clear()
+            cache["digest"] = digest
+        missing = [n for n in nodes if n.name not in cache]
+        if missing:
+            cache.update({n.name: h for n, h in gather(gm, missing, batches).items()})
+        return {n: cache[n.name].clone() for n in nodes}
+
+    rewrite_linear.gather_xtx = cached
+    try:
+        yield
+    finally:
+        rewrite_linear.gather_xtx = gather
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -58,18 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     always = {n: texts.pop(n) for n in ALWAYS}
     runs = {}
     for n in args.batches:
-        runs[n] = leave_one_source_out(fp.model, texts, candidates, n, eval_batches=args.eval_batches, always=always,
-                                       folds=args.folds,
-                                       progress=lambda m, n=n: print(f"[{n} batches] {m}", file=sys.stderr, flush=True))
+        with xtx_reused_across_candidates():
+            runs[n] = leave_one_source_out(fp.model, texts, candidates, n, eval_batches=args.eval_batches,
+                                           always=always, folds=args.folds,
+                                           progress=lambda m, n=n: log(f"[{n} batches] {m}"))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"candidates": args.candidates, "eval_batches": args.eval_batches, "runs": runs}, f, indent=1)
     for n, run in runs.items():
         folds = run["folds"]
         print(f"\ncalibration {n} batches x 2 x 256 tokens (of the other sources); chosen: {run['chosen']}")
-        rows = [[c] + [f"{100 * f['delta'][c]:+.2f}%" for f in folds.values()]
-                + [f"{100 * run['summary'][c]['mean']:+.2f}%", f"{run['summary'][c]['worst'][0]} {100 * run['summary'][c]['worst'][1]:+.2f}%",
-                   f"{sum(f['transform_s'][c] for f in folds.values()) / len(folds):.0f} s"] for c in candidates]
+        summary = run["summary"]
+        rows = []
+        for c in candidates:
+            worst_text, worst = summary[c]["worst"]
+            rows.append([c] + [f"{100 * f['delta'][c]:+.2f}%" for f in folds.values()]
+                        + [f"{100 * summary[c]['mean']:+.2f}%", f"{worst_text} {100 * worst:+.2f}%",
+                           f"{sum(f['transform_s'][c] for f in folds.values()) / len(folds):.0f} s"])
         print(tabulate(rows, headers=["candidate"] + list(folds) + ["mean", "worst", "transform"]))
         print(f"calibration time per fold: {sum(f['calib_s'] for f in folds.values()) / len(folds):.1f} s")
     return 0
