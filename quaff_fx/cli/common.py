@@ -57,7 +57,8 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs; auto = CUDA when available")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the model's floating weights")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype of the model's floating weights (default: float32; an artifact: as saved)")
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -76,9 +77,11 @@ def device_of(args: argparse.Namespace):
 
 
 def dtype_of(args: argparse.Namespace):
+    """The torch dtype ``--dtype`` names, or None when not given (a model loads in float32, an artifact as saved)."""
     import torch
 
-    return getattr(torch, DTYPES[getattr(args, "dtype", "float32")])
+    name = getattr(args, "dtype", None)
+    return None if name is None else getattr(torch, DTYPES[name])
 
 
 def phase(message: str) -> None:
@@ -159,11 +162,13 @@ def check_out(path: str | None, force: bool) -> None:
 
 def load_model_for(args: argparse.Namespace):
     """Load ``args.model`` in ``--dtype`` onto ``--device``, with a phase message."""
+    import torch
+
     from ..model_loading import load_model
 
     device = device_of(args)
-    phase(f"loading {args.model or 'smollm2'} ({getattr(args, 'dtype', 'float32')}, {device})")
-    loaded = load_model(args.model, dtype_of(args))
+    phase(f"loading {args.model or 'smollm2'} ({getattr(args, 'dtype', None) or 'float32'}, {device})")
+    loaded = load_model(args.model, dtype_of(args) or torch.float32)
     loaded.model.to(device)
     return loaded
 

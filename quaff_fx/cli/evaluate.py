@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from .common import (
     check_positive,
     device_of,
     dtype_of,
+    load_model_for,
     phase,
     progress,
     quaff_config,
@@ -67,12 +67,10 @@ def _eval_models(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], Any]:
         loaded.model.to(device)
         if not args.compare:
             return [("quaff", loaded.model)], loaded.tokenizer
-        fp = load_model(_source_model(manifest.get("source", {})), dtype)
+        fp = load_model(_source_model(manifest.get("source", {})), dtype or loaded.model.dtype)
         fp.model.to(device)
         return comparison_set(fp.model, quaff_config(args), None, loaded.model), loaded.tokenizer or fp.tokenizer
-    phase(f"loading {args.model or 'smollm2'}")
-    fp = load_model(args.model, dtype)
-    fp.model.to(device)
+    fp = load_model_for(args)
     if not args.compare:
         return [("fp32", fp.model)], fp.tokenizer
     config = quaff_config(args)
@@ -102,15 +100,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from ..data import heldout_paths, read_text
-    from ..model_loading import load_model
     from ..sweep import plot, sweep
 
     texts = {Path(t).name: Path(t) for t in args.texts} if args.texts else heldout_paths()
     for t in texts.values():
         read_text(t, "heldout")  # a bad text fails before the model loads
-    loaded = load_model(args.model)
+    loaded = load_model_for(args)
     rows = sweep(loaded.model, loaded.tokenizer, texts, args.strategies, args.ratios, args.alphas, args.calib,
-                 seq_len=args.seq_len, eval_batches=args.eval_batches, progress=lambda m: print(m, file=sys.stderr))
+                 seq_len=args.seq_len, eval_batches=args.eval_batches, progress=phase)
     if args.plot:
         plot(rows, args.plot)
     if args.json:
@@ -183,7 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches of each text")
     p.add_argument("--plot", default=None, help="PNG of perplexity delta vs outlier budget")
-    p.add_argument("--json", action="store_true")
+    add_device_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("bench", help="time FP32 vs Quaff forward (eager, fused, compiled) side by side")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
