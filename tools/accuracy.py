@@ -1,4 +1,4 @@
-"""Perplexity of FP32, naive W8A8, SmoothQuant, LLM.int8-style and Quaff on held-out texts, in one run.
+"""Perplexity of FP32, naive W8A8, SmoothQuant α 0.5 and Quaff's default on held-out texts, in one run.
 
     python tools/accuracy.py [--model smollm2] [--texts A B ...] [--batches N] [--eval-batches N] [--json]
 
@@ -6,7 +6,8 @@ Calibration: the bundled corpus (quaff_fx/data/corpus), ``--batches`` x 2 x 256 
 as the defaults calibrate; one row also shows the previous calibration (the Apache-2.0 text alone, 4 x 2 x 256).
 Held-out texts (default ``REPORTED``): seven texts from sources that neither the calibration corpus nor the
 selection of the defaults (tools/select_defaults.py, leave-one-source-out over the corpus) ever read.
-Each row gives the perplexity delta vs FP32 on every text, the mean and the worst text.
+Each row gives the perplexity delta vs FP32 on every text, the mean and the worst text (``quaff-fx sweep`` has
+the other presets and baselines).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from quaff_fx import QuaffConfig, calibrate, capture, transform
-from quaff_fx.baselines import llm_int8_, smoothquant_
+from quaff_fx.baselines import smoothquant_
 from quaff_fx.corpus import calibration_batches
 from quaff_fx.data import batches, bundled_text_path, read_text, tokenize
 from quaff_fx.evaluate import perplexity
@@ -28,7 +29,8 @@ from quaff_fx.model_loading import load_model
 from quaff_fx.sweep import fp_column_bytes, summarize
 
 DATA = bundled_text_path().parent
-# held-out texts reported in the README: legal (FSF x2), docs (Python, Vim), Q&A (Python FAQ), code (CPython), changelog (bash)
+# held-out texts reported in the README: legal (FSF x2), docs (Python, Vim), Q&A (Python FAQ), code (CPython),
+# changelog (bash)
 REPORTED = ("gpl-3.0.txt", "gfdl-1.3.txt", "python-reference.txt", "vim-user-manual.txt", "python-faq.txt",
             "python-stdlib-code.txt", "bash-changes.txt")
 DEFAULT_BATCHES = 32
@@ -69,26 +71,24 @@ def main() -> None:
     corpus = calibration_batches(fp.tokenizer, (), args.batches, 2, args.seq_len)
     apache = list(batches(tokenize(fp.tokenizer, read_text(None)), args.seq_len, 2, 4))
     stats = None
-    for label, config, calib in (
-            (f"quaff default, previous calibration (apache-2.0 alone, {len(apache)} x 2 x {args.seq_len})", QuaffConfig(), apache),
-            (f"quaff fast (no smoothing, nearest), corpus {len(corpus)} x 2 x {args.seq_len}", QuaffConfig.preset("fast"), corpus),
-            (f"quaff default, corpus {len(corpus)} x 2 x {args.seq_len}", QuaffConfig(), corpus)):
-        model, stats, (calib_s, transform_s) = quantized(fp.model, config, calib)
+    window = f"x 2 x {args.seq_len}"
+    for label, calib in ((f"quaff default, previous calibration (apache-2.0 alone, {len(apache)} {window})", apache),
+                         (f"quaff default, corpus {len(corpus)} {window}", corpus)):
+        model, stats, (calib_s, transform_s) = quantized(fp.model, QuaffConfig(), calib)
         rows[label] = evaluate(model)
-        info[label] = {"calibration_s": round(calib_s, 1), "transform_s": round(transform_s, 1), "fp_column_bytes": fp_column_bytes(model)}
+        info[label] = {"calibration_s": round(calib_s, 1), "transform_s": round(transform_s, 1),
+                       "fp_column_bytes": fp_column_bytes(model)}
         del model
-    eligible = QuaffConfig().eligible  # baselines use the corpus calibration's max|x| (the last stats above)
-    for label, apply in (("smoothquant a=0.5", lambda m: smoothquant_(m, stats, 0.5, eligible)),
-                         ("llm.int8 (|x|>6 in FP)", lambda m: llm_int8_(m, stats, eligible))):
-        model = copy.deepcopy(fp.model)
-        apply(model)
-        rows[label] = evaluate(model)
+    model = copy.deepcopy(fp.model)  # SmoothQuant on the corpus calibration's max|x| (the last stats above)
+    smoothquant_(model, stats, 0.5, QuaffConfig().eligible)
+    rows["smoothquant a=0.5"] = evaluate(model)
     base = rows["fp32"]
     deltas = {label: {t: v[t] / base[t] - 1 for t in texts} for label, v in rows.items()}
     if args.json:
-        print(json.dumps({"seq_len": args.seq_len, "eval_batches": args.eval_batches, "calibration_batches": len(corpus),
-                          "perplexity": rows, "delta": deltas, "summary": {k: summarize(d) for k, d in deltas.items()},
-                          "timings": info}, indent=1))
+        summary = {k: summarize(d) for k, d in deltas.items()}
+        print(json.dumps({"seq_len": args.seq_len, "eval_batches": args.eval_batches,
+                          "calibration_batches": len(corpus), "perplexity": rows, "delta": deltas,
+                          "summary": summary, "timings": info}, indent=1))
         return
     table = []
     for label, v in rows.items():
