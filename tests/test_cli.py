@@ -82,11 +82,11 @@ def test_transform_is_deterministic(tiny_model_dir, tmp_path):
 
 
 def test_eval_and_compare(artifact, tiny_model_dir, capsys):
-    code, out, _ = run(capsys, "eval", artifact, "--seq-len", "64", "--json")
+    code, out, _ = run(capsys, "eval", artifact, "--seq-len", "64", "--max-batches", "2", "--json")
     res = json.loads(out)["results"]
     assert code == 0 and res[0]["model"] == "quaff" and res[0]["perplexity"] > 1
-    code, out, _ = run(capsys, "eval", tiny_model_dir, "--compare", "--seq-len", "64", "--json", "--strategy",
-                       "mean_times", "--threshold", "10", "--max-ratio", "0.05")
+    code, out, _ = run(capsys, "eval", tiny_model_dir, "--compare", "--seq-len", "64", "--max-batches", "2", "--json",
+                       "--strategy", "mean_times", "--threshold", "10", "--max-ratio", "0.05")
     labels = [r["model"] for r in json.loads(out)["results"]]
     assert code == 0 and labels == ["fp32", "w8a8 naive", "quaff"]
 
@@ -336,3 +336,9 @@ def test_a_cut_report_points_at_all_rows(tiny_model_dir, capsys):
     assert code == 0 and "more rows (--all-rows prints them all)" in out and "--json for all" not in out
     code, out, _ = run(capsys, "transform", tiny_model_dir, *FAST, "--all-rows")
     assert code == 0 and "more rows" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_clear_line(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "s.st", "--device", "cuda", *FAST)
+    assert code == 2 and "--device cuda: no CUDA device is available" in err and not (tmp_path / "s.st").exists()
