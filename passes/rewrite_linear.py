@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import torch
@@ -48,25 +49,31 @@ def _codes_key(annotation: dict[str, Any], config: QuaffConfig) -> str:
 
 
 def round_gptq_(gm: GraphModule, layers: list[tuple[LinearSite, torch.Tensor, QuaffLinear]], stats: CalibrationStats,
-                budget: int = GPTQ_MEMORY) -> int:
+                budget: int = GPTQ_MEMORY) -> tuple[int, dict[str, dict[str, float]]]:
     """GPTQ-round the int8 weights of ``layers`` (site, FP weight, its QuaffLinear) in place, gathering XᵀX from
-    the calibration batches on the not yet rewritten ``gm`` a chunk of inputs at a time; returns the chunks run."""
+    the calibration batches on the not yet rewritten ``gm`` a chunk of inputs at a time; returns the chunks run and
+    the seconds per layer (``xtx_s``: its share of its chunk's XᵀX gathering, ``gptq_s``: its rounding)."""
     by_input: dict[Node, list[tuple[LinearSite, torch.Tensor, QuaffLinear]]] = {}
     for layer in layers:
         by_input.setdefault(layer[0].input_node, []).append(layer)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = sorted(by_input, key=order.__getitem__)
     parts = chunks(nodes, {n: by_input[n][0][0].in_features for n in nodes}, budget)
+    seconds: dict[str, dict[str, float]] = {}
     for part in parts:
+        t0 = time.perf_counter()
         xtx = gather_xtx(gm, part, stats.batches)
+        share = (time.perf_counter() - t0) / sum(len(by_input[n]) for n in part)
         for node in part:
             h_x = xtx.pop(node)
             for site, weight, mod in by_input[node]:
+                t1 = time.perf_counter()
                 h = seen_hessian(h_x, mod.input_scale(torch.float64))
                 seen = weight.detach().float() if mod.inv_smooth is None else weight.detach().float() / mod.inv_smooth[None, :]
                 mod.w_int8.copy_(gptq_round(seen, h.to(weight.device), mod.w_scale))
+                seconds[site.module_name] = {"xtx_s": share, "gptq_s": time.perf_counter() - t1}
             del h_x
-    return len(parts)
+    return len(parts), seconds
 
 
 class RewriteLinear(QuaffPass):
@@ -91,11 +98,13 @@ class RewriteLinear(QuaffPass):
         if gptq:  # before any node is rewritten: XᵀX comes from the FP graph, whatever the chunking
             if self.stats is None or self.stats.batches is None:
                 raise QuaffError("GPTQ rounding needs calibration stats that kept their batches (see AnnotateOutliers)")
-            chunks_run = round_gptq_(gm, gptq, self.stats, self.gptq_memory)
+            chunks_run, seconds = round_gptq_(gm, gptq, self.stats, self.gptq_memory)
             report.notes.append(f"GPTQ rounding: {len(gptq)} layers, XᵀX gathered in {chunks_run} chunk(s) of at most "
                                 f"{self.gptq_memory >> 20} MiB")
             self.stats.gptq_codes.update({site.module_name: (_codes_key(site.node.meta[META_KEY], self.config), quaff.w_int8)
                                           for site, _, quaff in gptq})
+        else:
+            seconds = {}
         for site, annotation, weight, quaff in todo:
             # an exported graph was captured in eval mode (and cannot be switched); an fx graph keeps its mode
             quaff.train(gm.training and gm.meta.get(META_KEY, {}).get("capture") == "fx")
@@ -119,7 +128,8 @@ class RewriteLinear(QuaffPass):
             after = quaff_bytes(site.in_features, site.out_features, k, weight.element_size())
             report.add(node=node.name, module=site.module_name, in_features=site.in_features, out_features=site.out_features,
                        outliers=k, bytes_before=before, bytes_after=after, bytes_saved=before - after,
-                       outlier_bytes=k * site.out_features * weight.element_size(), status="rewritten")
+                       outlier_bytes=k * site.out_features * weight.element_size(), status="rewritten",
+                       **{k: round(v, 4) for k, v in seconds.get(site.module_name, {}).items()})
         modified = bool(report.rows)
         if modified:
             gm.graph.eliminate_dead_code()

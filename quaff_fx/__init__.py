@@ -6,6 +6,8 @@ from .errors import QuaffError
 from .io import load_stats, save_quantized, save_stats
 from .quaff_linear import QuaffLinear, int8_backward_
 from .pipeline import QuaffPass, QuaffPassResult, run_passes
+from .quantize import CalibrationConfig, QuantizeResult, quantize_, register_quantize_handler
+from .baselines import LLMInt8Config, NaiveW8A8Config, SmoothQuantConfig
 from .report import PassReport
 from .transform import TransformResult, calibrate_text, default_passes, load_quantized, transform
 
@@ -13,6 +15,8 @@ __all__ = [
     "CalibrationStats", "OutlierConfig", "PassReport", "QuaffConfig", "QuaffError", "QuaffLinear", "QuaffPass",
     "QuaffPassResult", "TransformResult", "calibrate", "calibrate_text", "capture", "default_passes", "find_linears", "load_quantized",
     "int8_backward_", "load_stats", "run_passes", "save_quantized", "save_stats", "transform",
+    "CalibrationConfig", "QuantizeResult", "quantize_", "register_quantize_handler", "NaiveW8A8Config", "SmoothQuantConfig",
+    "LLMInt8Config",
 ]
 __version__ = "0.1.0"
 from .backend import make_backend  # noqa: E402  (registers the torch.compile backend "quaff")

@@ -17,8 +17,9 @@ import torch
 from .backend import make_backend
 from .capture import capture
 from .config import QuaffConfig
+from .errors import QuaffError
 from .model_loading import load_model
-from .transform import calibrate_text, transform
+from .quantize import CalibrationConfig, quantize_
 
 
 def _time(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
@@ -38,11 +39,8 @@ def bench_inference(model_name: str | None = None, batch: int = 4, seq_len: int 
                     warmup: int = 2, compiled: bool = True, progress=print) -> list[dict]:
     loaded = load_model(model_name)
     fp = loaded.model
-    config = QuaffConfig()
     quaff = copy.deepcopy(fp)
-    gm = capture(quaff)
-    stats = calibrate_text(gm, loaded.tokenizer, None, config)
-    transform(quaff, stats, config, gm=gm)
+    quantize_(quaff, QuaffConfig(), CalibrationConfig(), loaded.tokenizer)
     from quaff_fx.passes import FuseScales
 
     fused_graph = capture(quaff)
@@ -116,11 +114,7 @@ def train_step_variant(variant: str, model_name: str | None, batch: int, seq_len
     loaded = load_model(model_name)
     model = loaded.model
     if variant.startswith("quaff"):
-        config = QuaffConfig()
-        gm = capture(model)
-        stats = calibrate_text(gm, loaded.tokenizer, None, config)
-        transform(model, stats, config, gm=gm)
-        del gm
+        quantize_(model, QuaffConfig(), CalibrationConfig(), loaded.tokenizer)
     gc.collect()
     peft_model = make_peft_model(model, FinetuneConfig(rank=8))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
@@ -170,7 +164,7 @@ def bench_train(model_name: str | None = None, batch: int = 4, seq_len: int = 25
                "1" if profile and v == "quaff eager" else "0"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"bench variant {v!r} failed:\n{proc.stderr[-2000:]}")
+            raise QuaffError(f"bench variant {v!r} failed:\n{proc.stderr[-2000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         progress(f"{v}: {rows[-1]['seconds']:.3f} s/step, peak {rows[-1]['peak_rss'] / 2**20:.0f} MiB")
     base = rows[0]

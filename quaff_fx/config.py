@@ -12,6 +12,8 @@ STRATEGIES = ("mean_times", "top_abs", "zscore", "static")
 DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*wte", "*wpe")
 # the smoothing strengths the calibration tries per input (None: no smoothing); "auto" picks among them
 SMOOTH_GRID: tuple[float | None, ...] = (None, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MOMENTUM = 0.9  # the outlier scales' running-average momentum in training (QuaffConfig.momentum's default)
+CONFIG_VERSION = 1  # format version of QuaffConfig.to_dict (what an artifact's manifest records)
 
 
 TOP_1PCT = {"strategy": "top_abs", "max_ratio": 0.01}
@@ -95,7 +97,7 @@ class QuaffConfig:
 
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     weight_granularity: str = "channel"
-    momentum: float = 0.9
+    momentum: float = MOMENTUM
     exact_grad: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -138,13 +140,22 @@ class QuaffConfig:
         return hit(self.include) and not hit(self.exclude)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON-able fields with the format version (``from_dict`` reads it back to an equal config)."""
+        return {**dataclasses.asdict(self), "format_version": CONFIG_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuaffConfig":
+        """The config ``to_dict`` wrote (a dict without ``format_version`` is read as version 1)."""
+        if not isinstance(data, dict):
+            raise QuaffError(f"a quaff config is a JSON object, got {type(data).__name__}")
+        version = data.get("format_version", 1)
+        if version != CONFIG_VERSION:
+            raise QuaffError(f"quaff config format version {version!r}; this quaff-fx reads version {CONFIG_VERSION}: "
+                             "upgrade quaff-fx or transform the model again")
         try:
-            outliers = OutlierConfig(**{**data.get("outliers", {}), "channels": tuple(data.get("outliers", {}).get("channels", ()))})
-            rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k != "outliers"}
+            raw = dict(data.get("outliers", {}))
+            outliers = OutlierConfig(**{**raw, "channels": tuple(raw.get("channels", ()))})
+            rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k not in ("outliers", "format_version")}
             return cls(outliers=outliers, **rest)
         except TypeError as exc:
             raise QuaffError(f"quaff config has unknown or missing fields: {exc}") from None
