@@ -44,7 +44,8 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=None if not torch.cuda.is_available() else [torch.cuda.current_device()])
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=device_ids)
     if mode == "fsdp":
         return shard_model(model)
     raise QuaffError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
@@ -98,7 +99,7 @@ def int8_parameters_(model: nn.Module) -> int:
 def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
     per layer for compute) and on the root (embeddings, final norm, head). ``mesh``: a 1-D DeviceMesh (default:
-    all ranks on this device type). A non-float parameter is never cast by a ``MixedPrecisionPolicy``: int8 stays int8."""
+    all ranks on this device type). A ``MixedPrecisionPolicy`` never casts a non-float parameter: int8 stays int8."""
     from torch.distributed.fsdp import fully_shard
 
     int8_parameters_(model)
@@ -143,4 +144,5 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], stric
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+    set_model_state_dict(model, dict(state), options=options)

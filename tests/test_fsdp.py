@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_distributed import _free_port
 from test_finetune import IDS, quantized_tiny
+
 from quaff_fx.data import windows
-from quaff_fx.distributed import full_state_dict, global_mean, local_bytes, load_full_state_dict, shard_model, wrap
+from quaff_fx.distributed import full_state_dict, global_mean, load_full_state_dict, local_bytes, shard_model, wrap
 from quaff_fx.errors import QuaffError
 from quaff_fx.finetune import FinetuneConfig, batch_for_step, make_peft_model
 from quaff_fx.quaff_linear import QuaffLinear
@@ -149,7 +149,7 @@ def test_two_ranks_match_one_process(mode, single):
             assert out["bytes_after"] * 2 == single["bytes"], (rank, out["bytes_after"], single["bytes"])
         else:
             assert out["bytes_after"] == single["bytes"]
-        assert _close(out["losses"], single["losses"], atol=2e-3, rtol=1e-3), (mode, rank, out["losses"], single["losses"])
+        assert _close(out["losses"], single["losses"], atol=2e-3, rtol=1e-3), (mode, rank, out["losses"], single)
         assert len(out["scales"]) == len(single["scales"]) > 0
         for mine, ref in zip(out["scales"], single["scales"]):
             assert _close(mine, ref, rtol=1e-5), (mode, rank, mine, ref)
@@ -173,20 +173,24 @@ def test_state_dict_keys_and_merge_unchanged_by_int8_parameters():
     converted = make_peft_model(quantized_tiny(), CFG)
     assert int8_parameters_(converted) == int8_parameters_(converted) > 0  # idempotent
     layer = next(m for m in converted.modules() if isinstance(m, QuaffLinear))
-    assert isinstance(layer.w_int8, torch.nn.Parameter) and not layer.w_int8.requires_grad and layer.w_int8.dtype == torch.int8
+    assert isinstance(layer.w_int8, torch.nn.Parameter) and layer.w_int8.dtype == torch.int8
+    assert not layer.w_int8.requires_grad
     assert "w_int8" not in dict(layer.named_buffers())
     a, b = plain.state_dict(), converted.state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # parameters list before buffers
     trainable = {n for n, p in converted.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in plain.named_parameters() if p.requires_grad} and all("lora" in n for n in trainable)
+    assert trainable == {n for n, p in plain.named_parameters() if p.requires_grad}
+    assert all("lora" in n for n in trainable)
     for model in (plain, converted):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
     with torch.no_grad():
-        ref, got = plain.merge_and_unload()(input_ids=PROBE).logits, converted.merge_and_unload()(input_ids=PROBE).logits
+        ref = plain.merge_and_unload()(input_ids=PROBE).logits
+        got = converted.merge_and_unload()(input_ids=PROBE).logits
+        unmerged = make_peft_model(quantized_tiny(), CFG)(input_ids=PROBE).logits
     assert torch.equal(ref, got)
-    assert not torch.equal(ref, make_peft_model(quantized_tiny(), CFG)(input_ids=PROBE).logits)  # the merge did something
+    assert not torch.equal(ref, unmerged)  # the merge did something
 
 
 def test_int8_backward_copy_is_refused_before_sharding():

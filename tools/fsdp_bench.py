@@ -1,0 +1,216 @@
+"""Data-parallel LoRA training of a Llama-shaped model (random init) on 1 and 2 GPUs: tokens/s and peak memory per
+GPU for one GPU, DDP and FSDP2, Quaff (int8 base) against bf16, with gradient checkpointing and torch.compile.
+
+    python tools/fsdp_bench.py [--size 8b] [--gpus 1,2] [--models bf16,quaff] [--batch 2] [--seq-len 2048] [--steps 8]
+                               [--out fsdp.jsonl]          # starts one torchrun per (GPU count, model, mode)
+    python tools/fsdp_bench.py --report a.jsonl b.jsonl     # the table (with ratios) from rows of several runs
+
+Each configuration runs in its own ``torchrun --standalone`` process group (clean peak memory): every rank builds the
+model on its own device with the same seed, quantizes it with quaff-fx (preset 'fast': the benchmark is about speed
+and memory, not GPTQ rounding), enables gradient checkpointing, puts PEFT LoRA r=16 on every projection, then wraps
+it: one process as it is; several with DDP or FSDP2 (``quaff_fx.distributed.shard_model``: per decoder layer and
+root, the int8 base sharded) and compiles the wrapped model. The batch per GPU is fixed (weak scaling); tokens/s
+counts the global batch; step time is the median after warm-up; peak memory is ``max_memory_allocated`` of rank 0
+after warm-up (every rank holds the same amount). Scaling = tokens/s with 2 GPUs / tokens/s with 1; memory ratio =
+peak per GPU / peak of the 1-GPU run of the same model (the issue's targets: ≥ 1.8× and FSDP2 ≤ 0.6×).
+``--device cpu --size tiny --compile-backend aot_eager`` runs the same code on CPU with gloo (a smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocab)
+
+
+SIZES = {"tiny": _llama(64, 128, 2, 4, 2, 256), "1b": _llama(2048, 5632, 22, 32, 4, 32000),
+         "8b": _llama(4096, 14336, 32, 32, 8, 128256)}  # 1b: TinyLlama-1.1B's shape; 8b: Llama-3-8B's
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(args, device):
+    """The random Llama on ``device`` (built there, in bf16: an 8B fp32 model on the CPU takes minutes), quantized
+    for 'quaff', with gradient checkpointing and LoRA."""
+    import peft
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(max_position_embeddings=max(2048, args.seq_len), **SIZES[args.size])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with device:
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(default)
+    if args.model == "quaff":
+        quantize(model, cfg.vocab_size, device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+
+
+def quantize(model, vocab: int, device) -> None:
+    """quaff-fx's pipeline on random token ids (a random-init model has no text to calibrate on)."""
+    import torch
+
+    from quaff_fx import QuaffConfig
+
+    config = QuaffConfig.preset("fast")
+    ids = torch.randint(0, vocab, (2, 256), generator=torch.Generator().manual_seed(1)).to(device)
+    try:
+        from quaff_fx import CalibrationConfig, quantize_
+    except ImportError:  # before quantize_ lands: the steps it runs
+        from quaff_fx import calibrate, capture, transform
+
+        gm = capture(model, (ids,), dynamic=False)
+        stats = calibrate(gm, [ids], config.outliers, config.eligible, **config.calibration_options())
+        transform(model, stats, config, gm=gm)
+        return
+    quantize_(model, config, CalibrationConfig(token_batches=(ids,), num_batches=1, batch_size=2, seq_len=256))
+
+
+def worker(args) -> None:
+    """One configuration, inside torchrun: rank 0 appends its row to ``args.out``."""
+    import torch
+    import torch.distributed as dist
+
+    from quaff_fx.distributed import init_from_env, local_bytes, shard_model, wrap
+
+    rank, size = init_from_env()
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = build(args, device)
+    net = model if size == 1 else shard_model(model) if args.mode == "fsdp" else wrap(model, "ddp")
+    if args.compile_backend != "none":
+        net = torch.compile(net, backend=args.compile_backend)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    batch = torch.randint(0, SIZES[args.size]["vocab_size"], (args.batch, args.seq_len), generator=gen).to(device)
+    model.train()
+
+    def step() -> float:
+        loss = net(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()  # a host sync: the step is over when it returns
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.empty_cache()  # the build's (bf16 before quantization, full before sharding) is gone
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(args.steps):
+        if size > 1:
+            dist.barrier()
+        t = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    row = {"model": args.model, "gpus": size, "mode": "single" if size == 1 else args.mode, "size": args.size,
+           "batch_per_gpu": args.batch, "seq_len": args.seq_len, "seconds": sec, "warmup_s": warmup_s,
+           "tokens_per_s": args.batch * args.seq_len * size / sec, "loss": losses[-1],
+           "int8_bytes_per_gpu": local_bytes(model), "bf16_bytes_per_gpu": local_bytes(model, torch.bfloat16),
+           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+           "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+           "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend}
+    if rank == 0:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    if size > 1:
+        dist.destroy_process_group()
+
+
+def report(rows: list[dict]) -> str:
+    """One line per configuration; scaling and memory against the 1-GPU run of the same model."""
+    one = {r["model"]: r for r in rows if r["gpus"] == 1}
+    lines = [f"{'model':6} {'gpus':>4} {'mode':6} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
+             f"{'mem vs 1 GPU':>13} {'int8 GiB/GPU':>13} {'loss':>7}"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["gpus"], r["mode"])):
+        base = one.get(r["model"])
+        scaling = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "-"
+        mem = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base and base["peak_bytes"] and r["peak_bytes"] else "-"
+        lines.append(f"{r['model']:6} {r['gpus']:>4} {r['mode']:6} {r['tokens_per_s']:>10.0f} {scaling:>8} {peak:>13} "
+                     f"{mem:>13} {r['int8_bytes_per_gpu'] / 2**30:>13.2f} {r['loss']:>7.3f}")
+    quaff, bf16 = one.get("quaff"), one.get("bf16")
+    if quaff and bf16:
+        memory = f", peak memory {quaff['peak_bytes'] / bf16['peak_bytes']:.2f}x" if quaff["peak_bytes"] else ""
+        lines.append(f"quaff / bf16 on 1 GPU: tokens/s {quaff['tokens_per_s'] / bf16['tokens_per_s']:.2f}x{memory}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="8b")
+    p.add_argument("--gpus", default="1,2", help="process counts to run, comma-separated")
+    p.add_argument("--models", default="bf16,quaff")
+    p.add_argument("--modes", default="ddp,fsdp", help="wrappers for more than one process")
+    p.add_argument("--batch", type=int, default=2, help="sequences per GPU")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend, or none")
+    p.add_argument("--out", default="fsdp_bench.jsonl", help="rows are appended here (JSON lines)")
+    p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    if args.report is not None:
+        print(report(_rows(args.report)))
+        return 0
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    failed = 0
+    for gpus in [int(g) for g in args.gpus.split(",")]:
+        for model in args.models.split(","):
+            for mode in (["single"] if gpus == 1 else args.modes.split(",")):
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+                       __file__, *_strip_lists(sys.argv[1:]), "--worker", "--model", model, "--mode", mode,
+                       "--out", args.out]
+                print(f"== {model}, {gpus} process(es), {mode}", flush=True)
+                failed += subprocess.run(cmd, env=env).returncode != 0
+    print(report(_rows([args.out] if Path(args.out).exists() else [])))
+    return 1 if failed else 0
+
+
+def _rows(paths: list[str]) -> list[dict]:
+    return [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _strip_lists(argv: list[str]) -> list[str]:
+    """The driver's own options (what to run, where rows go) are not the workers'."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--gpus", "--models", "--modes", "--out"):
+            skip = True
+            continue
+        if not a.startswith(("--gpus=", "--models=", "--modes=", "--out=")):
+            out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
