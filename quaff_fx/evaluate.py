@@ -62,18 +62,21 @@ def describe_perplexity(text: str, seq_len: int, tokens: int) -> str:
     return f"perplexity on {text}, windows of {seq_len} tokens ({tokens} tokens scored)"
 
 
-def comparison_set(fp_model: torch.nn.Module, config, quantize: Callable[[torch.nn.Module], torch.nn.Module],
-                   quaff_model: torch.nn.Module | None = None) -> list[tuple[str, torch.nn.Module]]:
-    """(label, model) of the comparison ``eval --compare`` prints: the FP model, naive W8A8 of it (every
-    eligible Linear int8, no outlier handling) and Quaff (``quaff_model``, or ``quantize`` of a copy)."""
+def comparison_set(fp_model: torch.nn.Module, config, calibration=None, tokenizer=None,
+                   quaff_model: torch.nn.Module | None = None,
+                   progress: bool | Callable = False) -> list[tuple[str, torch.nn.Module]]:
+    """(label, model) of the comparison ``eval --compare`` prints: the FP model, naive W8A8 of a copy (every
+    eligible Linear int8, no outlier handling) and Quaff (``quaff_model``, or ``quantize_`` of a copy with
+    ``config`` on ``calibration``)."""
     import copy
 
-    from .hf import naive_w8a8_
+    from .baselines import NaiveW8A8Config
+    from .quantize import quantize_
 
     naive = copy.deepcopy(fp_model)
-    naive_w8a8_(naive, config)
+    quantize_(naive, NaiveW8A8Config(include=config.include, exclude=config.exclude), calibration, tokenizer)
     if quaff_model is None:
-        quaff_model = quantize(copy.deepcopy(fp_model))
+        quaff_model = quantize_(copy.deepcopy(fp_model), config, calibration, tokenizer, progress=progress).model
     return [("fp32", fp_model), ("w8a8 naive", naive), ("quaff", quaff_model)]
 
 

@@ -47,6 +47,12 @@ class PassReport:
                 "int8_weight_bytes": sum(r.get("in_features", 0) * r.get("out_features", 0)
                                          for r in done if "bytes_after" in r)}
 
+    def without_timings(self) -> "PassReport":
+        """The report less its per-row seconds (columns ending in ``_s``): what an artifact records, so that the
+        same inputs give byte-identical files however fast the machine was."""
+        rows = [{k: v for k, v in row.items() if not k.endswith("_s")} for row in self.rows]
+        return PassReport(self.pass_name, rows, list(self.notes))
+
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_name, "rows": self.rows, "totals": self.totals(), "notes": self.notes}
 

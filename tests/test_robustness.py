@@ -97,7 +97,7 @@ def test_one_token_text_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "one.txt").write_text("the")
     argv = ["calibrate", str(tiny_model_dir), "--calib", str(tmp_path / "one.txt"), "--out", str(tmp_path / "s")]
     assert main(argv) == 2
-    assert "too few for one batch" in capsys.readouterr().err
+    assert "no calibration window" in capsys.readouterr().err
 
 
 # -- damaged artifacts ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
 from ..errors import QuaffError
 
@@ -45,12 +45,35 @@ def add_outlier_options(p: argparse.ArgumentParser) -> None:
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib", dest="calib", default=None, metavar="TEXT",
-                   help="calibration text file (default: the bundled apache-2.0.txt)")
-    g.add_argument("--data", dest="calib", help=argparse.SUPPRESS)  # the old name in calibrate, kept as an alias
+    g.add_argument("--calib", dest="calib", action="append", default=None, metavar="TEXT",
+                   help="calibration text file or dataset (.jsonl/.json/.csv/.parquet, a saved datasets folder) or "
+                        "'bundled'; repeatable, each an equal share of the windows (default: the bundled corpus)")
+    g.add_argument("--data", dest="calib", action="append", help=argparse.SUPPRESS)  # calibrate's old name
     g.add_argument("--batches", type=int, default=4, help="calibration batches")
     g.add_argument("--batch-size", type=int, default=2, help="windows per batch")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+
+
+def calibration_config(args: argparse.Namespace, **overrides):
+    """The CalibrationConfig the calibration options describe; each text is checked now, before the model loads."""
+    from ..corpus import BUNDLED, DATASET_SUFFIXES
+    from ..data import read_text
+    from ..quantize import CalibrationConfig
+
+    texts = tuple(getattr(args, "calib", None) or ())
+    for item in texts:
+        path = Path(item)
+        if item == BUNDLED and not path.exists():
+            continue
+        if path.suffix in DATASET_SUFFIXES or path.is_dir():
+            if not path.exists():
+                raise QuaffError(f"calibration dataset {item!r} does not exist")
+            continue
+        read_text(path, "calibration")  # missing, unreadable or empty: one clear error now
+    fields = {"texts": texts, "device": device_of(args)}
+    if hasattr(args, "batches"):  # the command has the calibration group (eval's --seq-len is its own window)
+        fields.update(num_batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len)
+    return CalibrationConfig(**{**fields, **overrides})
 
 
 def add_device_options(p: argparse.ArgumentParser) -> None:
@@ -173,22 +196,11 @@ def load_model_for(args: argparse.Namespace):
     return loaded
 
 
-def load_and_calibrate(args: argparse.Namespace, config):
-    from ..capture import capture
-    from ..data import read_text
-    from ..transform import calibrate_text
+def quantize_loaded(loaded, config, calibration, stats=None):
+    """``quantize_`` on a loaded model (its tokenizer), phases announced on stderr."""
+    from ..quantize import quantize_
 
-    read_text(args.calib, "calibration")  # a bad text file fails now, not after the model has loaded
-    loaded = load_model_for(args)
-    t0 = time.perf_counter()
-    gm = capture(loaded.model)
-    t1 = time.perf_counter()
-    stats = calibrate_text(gm, loaded.tokenizer, args.calib, config, args.seq_len, args.batch_size, args.batches,
-                           progress("calibrating", args.batches))
-    t2 = time.perf_counter()
-    stats.info["model"] = loaded.source.get("name")
-    timing = {"capture_s": round(t1 - t0, 2), "calibrate_s": round(t2 - t1, 2)}
-    return loaded, gm, stats, timing
+    return quantize_(loaded.model, config, calibration, tokenizer=loaded.tokenizer, stats=stats, progress=True)
 
 
 def torch_threads() -> int:

@@ -11,12 +11,12 @@ from .common import (
     MODEL_HELP,
     add_device_options,
     add_outlier_options,
+    calibration_config,
     check_positive,
     device_of,
     dtype_of,
     load_model_for,
     phase,
-    progress,
     quaff_config,
     torch_threads,
 )
@@ -60,23 +60,29 @@ def _eval_models(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], Any]:
     from ..model_loading import load_model
     from ..transform import load_quantized
 
-    device, dtype = device_of(args), dtype_of(args)
+    calibration = calibration_config(args) if args.compare else None
     if args.model and is_artifact(args.model):
         phase(f"loading the artifact {args.model}")
-        loaded, manifest = load_quantized(args.model, dtype)
-        loaded.model.to(device)
+        loaded, manifest = load_quantized(args.model, dtype_of(args))
+        loaded.model.to(device_of(args))
+        if getattr(args, "adapter", None):
+            from ..training.adapter import load_adapter
+
+            phase(f"loading the adapter {args.adapter} (with its trained outlier scales)")
+            return [("quaff+adapter", load_adapter(loaded.model, args.adapter))], loaded.tokenizer
         if not args.compare:
             return [("quaff", loaded.model)], loaded.tokenizer
-        fp = load_model(_source_model(manifest.get("source", {})), dtype or loaded.model.dtype)
-        fp.model.to(device)
-        return comparison_set(fp.model, quaff_config(args), None, loaded.model), loaded.tokenizer or fp.tokenizer
+        fp = load_model(_source_model(manifest.get("source", {})), dtype_of(args) or loaded.model.dtype)
+        fp.model.to(device_of(args))
+        tokenizer = loaded.tokenizer or fp.tokenizer
+        return comparison_set(fp.model, quaff_config(args), calibration, tokenizer, loaded.model), tokenizer
+    if getattr(args, "adapter", None):
+        raise QuaffError("--adapter needs a quaff-fx artifact folder as the model (the one the adapter was trained on)")
     fp = load_model_for(args)
     if not args.compare:
         return [("fp32", fp.model)], fp.tokenizer
-    config = quaff_config(args)
-    phase("quantizing a copy (naive W8A8 and Quaff)")
-    models = comparison_set(fp.model, config, lambda m: _quantize_for_compare(m, fp.tokenizer, config, args))
-    return models, fp.tokenizer
+    phase("quantizing two copies (naive W8A8 and Quaff)")
+    return comparison_set(fp.model, quaff_config(args), calibration, fp.tokenizer, progress=True), fp.tokenizer
 
 
 def _source_model(source: dict[str, Any]) -> str:
@@ -84,16 +90,6 @@ def _source_model(source: dict[str, Any]) -> str:
     if source.get("name") == "smollm2":
         return "smollm2"
     return str(Path(source["path"]) / source.get("gguf_file", ""))
-
-
-def _quantize_for_compare(model, tokenizer, config, args: argparse.Namespace):
-    from ..capture import capture
-    from ..transform import calibrate_text, transform
-
-    gm = capture(model)
-    stats = calibrate_text(gm, tokenizer, args.calib, config, 256, 2, 4, progress("calibrating", 4))
-    transform(model, stats, config, gm=gm)
-    return model
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -164,7 +160,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches (default all)")
     p.add_argument("--compare", action="store_true", help="evaluate FP32, naive W8A8 and Quaff in one run")
-    p.add_argument("--calib", default=None, help="with --compare on a model: calibration text (default bundled)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a finetune's OUT/adapter folder: evaluate the artifact with it (and its trained outlier scales)")
+    p.add_argument("--calib", action="append", default=None, metavar="TEXT",
+                   help="with --compare on a model: calibration text or dataset (repeatable; default: the bundled "
+                        "corpus; 4 batches of 2 x 256 tokens)")
     add_outlier_options(p)
     add_device_options(p)
     p.add_argument("--json", action="store_true")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from ..calibration_report import render_stats_summary, stats_summary
@@ -13,30 +12,45 @@ from .common import (
     add_calibration_options,
     add_device_options,
     add_outlier_options,
+    calibration_config,
     check_out,
     check_positive,
-    load_and_calibrate,
     load_model_for,
     phase,
+    progress,
     quaff_config,
+    quantize_loaded,
 )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Stats only: capture and calibrate (``quantize_``'s calibration phase), no rewrite."""
+    from types import SimpleNamespace
+
+    from ..capture import capture
     from ..io import save_stats
+    from ..quantize import Timer, calibrate_model
 
     check_positive(args, "batches", "batch_size", "seq_len")
     config = quaff_config(args)
     check_out(args.out, args.force)
-    _, _, stats, timing = load_and_calibrate(args, config)
+    calibration = calibration_config(args)
+    loaded = load_model_for(args)
+    timer = Timer()
+    with timer("capture"):
+        gm = capture(loaded.model)
+    reporter = SimpleNamespace(say=phase, wrap=lambda it: progress("calibrating", calibration.num_batches)(it))
+    stats = calibrate_model(loaded.model, gm, config, calibration, loaded.tokenizer, reporter, timer)
+    stats.info["model"] = loaded.source.get("name")
     save_stats(stats, args.out, force=args.force)
     summary = stats_summary(stats)
+    timings = {phase_name: round(s, 2) for phase_name, s in timer.timings.items()}
     if args.json:
-        print(json.dumps({**summary, **timing, "out": args.out}, indent=1))
-    else:
-        print(render_stats_summary(summary))
-        print(f"capture {timing['capture_s']} s, calibration {timing['calibrate_s']} s "
-              f"({stats.info['batches']} batches); stats written to {args.out}")
+        print(json.dumps({**summary, "timings": timings, "out": args.out}, indent=1))
+        return 0
+    print(render_stats_summary(summary))
+    print(f"capture {timings['capture']} s, calibration {timings['calibration']} s "
+          f"({stats.info['batches']} batches of {stats.info['text']}); stats written to {args.out}")
     return 0
 
 
@@ -103,38 +117,28 @@ def _inspect_graph(args: argparse.Namespace) -> int:
 
 def cmd_transform(args: argparse.Namespace) -> int:
     from ..io import build_manifest, load_stats, save_quantized
-    from ..transform import transform
 
     check_positive(args, "batches", "batch_size", "seq_len")
     config = quaff_config(args)
     check_out(args.out, args.force)
-    if args.stats:
-        from ..capture import capture
-
-        stats = load_stats(args.stats)
-        loaded = load_model_for(args)
-        if config.weight_rounding == "gptq":
-            from ..transform import restore_batches_
-
-            restore_batches_(stats, loaded.tokenizer, args.calib)
-        gm, timing = capture(loaded.model), {}
-    else:
-        loaded, gm, stats, timing = load_and_calibrate(args, config)
-    phase("running the passes" + (" (GPTQ rounding takes a while)" if config.weight_rounding == "gptq" else ""))
-    t0 = time.perf_counter()
-    result = transform(loaded.model, stats, config, gm=gm)
-    timing["passes_s"] = round(time.perf_counter() - t0, 2)
-    manifest = build_manifest(loaded.source, config, result.layers, result.reports)
+    calibration = calibration_config(args)
+    stats = load_stats(args.stats) if args.stats else None
+    loaded = load_model_for(args)
+    result = quantize_loaded(loaded, config, calibration, stats)
+    result.stats.info.setdefault("model", loaded.source.get("name"))
+    manifest = build_manifest(loaded.source, config, result.layers, [r.without_timings() for r in result.reports])
     if args.out:
         phase(f"writing {args.out}")
-        save_quantized(result.model.cpu(), args.out, manifest, stats, loaded.tokenizer, force=args.force)
+        with result.timed("save"):
+            save_quantized(result.model.cpu(), args.out, manifest, result.stats, loaded.tokenizer, force=args.force)
     if args.json:
-        print(json.dumps({"reports": manifest["reports"], **timing, "out": args.out}, indent=1))
+        timings = dict(result.timing_rows())
+        print(json.dumps({"reports": manifest["reports"], "timings": timings, "out": args.out}, indent=1))
         return 0
     for r in result.reports:
         print(r.to_table(max_rows=None if args.all_rows else 12), end="\n\n")
-    written = f"; artifact written to {args.out}" if args.out else "; no --out given, nothing written"
-    print(f"passes {timing['passes_s']} s{written}")
+    written = f"artifact written to {args.out}" if args.out else "no --out given, nothing written"
+    print(f"{result.timing_text()}; {written}")
     return 0
 
 
