@@ -1,95 +1,257 @@
 """quaff-fx finetune and ossh."""
+
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from ..errors import QuaffError
-from .common import MODEL_HELP, add_outlier_options, add_training_options, check_out, progress, quaff_config
+from .common import (
+    MODEL_HELP,
+    add_device_options,
+    add_outlier_options,
+    add_training_options,
+    calibration_config,
+    check_out,
+    device_of,
+    dtype_of,
+    phase,
+    quaff_config,
+)
+
+
+def _check_finetune_args(args: argparse.Namespace):
+    """Every option checked before any data is read or model loaded: (FinetuneConfig, TrainConfig, out)."""
+    from ..finetune import FinetuneConfig
+    from ..training.trainer import TrainConfig
+
+    if args.merge and args.peft != "lora":
+        raise QuaffError(
+            f"--merge works with --peft lora only (an {args.peft} adapter cannot be folded into int8 weights)"
+        )
+    if args.merge and args.fp32:
+        raise QuaffError("--merge writes a Quaff artifact; it does not apply to --fp32 training")
+    if not 0 <= args.eval_split < 1:
+        raise QuaffError(f"--eval-split must be in [0, 1), got {args.eval_split}")
+    if args.eval_data is not None and args.eval_split_given:
+        raise QuaffError("give --eval-data FILE or --eval-split FRACTION, not both")
+    device = device_of(args)
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    cfg = FinetuneConfig(
+        args.peft,
+        max(args.steps, 1),
+        args.batch_size,
+        args.seq_len,
+        args.lr,
+        args.rank,
+        args.alpha,
+        args.virtual_tokens,
+        args.save_every,
+        args.seed,
+    )
+    tcfg = TrainConfig(
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        lr_scheduler=args.lr_scheduler,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=device.type,
+        bf16=bf16,
+        compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
+        report_to=args.report_to,
+    )
+    out = Path(args.out)
+    if args.resume:
+        if not any((out / "checkpoints").glob("checkpoint-*")):
+            raise QuaffError(f"--resume: {args.out!r} has no checkpoint to continue from; start without --resume")
+    elif out.exists() and not args.force:
+        raise QuaffError(f"{args.out!r} exists; pass --resume to continue its training or --force to start over")
+    check_out(args.out, force=True)  # the folder it goes in must exist
+    return cfg, tcfg, out
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..data import read_text, tokenize
     from ..distributed import init_from_env
-    from ..finetune import FinetuneConfig, make_peft_model, perplexity_of, save_adapter, train
+    from ..finetune import make_peft_model
+    from ..training.adapter import save_adapter
+    from ..training.data import build_examples, read_rows, split
+    from ..training.trainer import fit, write_log
 
-    cfg = FinetuneConfig(args.peft, args.steps, args.batch_size, args.seq_len, args.lr, args.rank, args.alpha,
-                         args.virtual_tokens, args.checkpoint_every, args.seed)
+    cfg, tcfg, out = _check_finetune_args(args)
     rank, size = init_from_env()  # torchrun / accelerate launch set the environment; one process otherwise
-    out = Path(args.out)
-    if out.exists() and not (args.resume or args.force) and not (size > 1 and rank > 0):
-        raise QuaffError(f"{args.out!r} exists; pass --resume to continue its training or --force to start over")
-    check_out(args.out, force=True)  # the folder it goes in must exist
-    text = read_text(args.data, "calibration")
-    heldout = read_text(args.eval_text, "heldout")
-    model, tokenizer, source = _finetune_base(args)
-    ids = tokenize(tokenizer, text)
+    if tcfg.batch_size % size:
+        raise QuaffError(f"--batch-size {tcfg.batch_size} does not split over {size} processes")
+    tcfg.batch_size //= size
+    train_rows = read_rows(args.data)  # a bad row fails here, before the model loads
+    eval_rows = read_rows(args.eval_data) if args.eval_data else None
+    calibration = (
+        calibration_config(
+            args, num_batches=args.calib_batches, batch_size=args.calib_batch_size, seq_len=args.calib_seq_len
+        )
+        if not (args.fp32 or _is_artifact(args.model))
+        else None
+    )
+    model, tokenizer, source, config = _finetune_base(args, calibration)
+    name = args.data or "the bundled apache-2.0.txt"
+    examples = build_examples(train_rows, tokenizer, cfg.seq_len, args.packing, f"training data {name}")
+    if eval_rows is not None:
+        train_set, eval_set = (
+            examples,
+            build_examples(eval_rows, tokenizer, cfg.seq_len, args.packing, f"eval data {args.eval_data}"),
+        )
+        eval_name = f"{args.eval_data} ({len(eval_set)} examples)"
+    else:
+        train_set, eval_set = split(examples, args.eval_split, cfg.seed)
+        eval_name = f"{len(eval_set)} held-out examples ({args.eval_split:.0%}) of {name}"
+    if args.int8_backward:
+        from ..quaff_linear import int8_backward_
+
+        int8_backward_(model)
+    created = rank == 0 and not out.exists()
     if rank == 0:
         if args.force and out.exists() and not args.resume:
-            import shutil
-
             shutil.rmtree(out)
         out.mkdir(exist_ok=True)
-    peft_model = make_peft_model(model, cfg)
-    log = train(peft_model, ids, cfg, out, resume=args.resume, progress=progress(f"finetune {cfg.peft}", cfg.steps) if rank == 0 else None,
-                distributed="ddp" if size > 1 else None)
-    log["heldout_perplexity"] = perplexity_of(peft_model, tokenize(tokenizer, heldout), cfg.seq_len)
-    log["trainable_parameters"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    log["world_size"] = size
+    try:
+        peft_model = make_peft_model(model, cfg)
+        evaluated = eval_name if eval_set else "nothing"
+        phase(f"fine-tuning {cfg.peft} on {len(train_set)} examples of {name}; eval on {evaluated}")
+        log = fit(
+            peft_model, train_set, eval_set, tcfg, out / "checkpoints", pad_id=_pad_id(tokenizer), resume=args.resume
+        )
+    except BaseException:
+        if created and not any((out / "checkpoints").glob("checkpoint-*")):
+            shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no empty folder behind
+        raise
+    log.update(
+        {
+            "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+            "world_size": size,
+            "eval_set": eval_name if eval_set else None,
+            "train_examples": len(train_set),
+        }
+    )
     if rank > 0:
         return 0  # rank 0 writes and reports
-    save_adapter(peft_model, out, log, {"source": source, "quantized": not args.fp32, "finetune": log["config"]})
+    base = source.get("artifact") or source.get("name") or source.get("path")
+    save_adapter(peft_model, out / "adapter", base)
+    write_log(log, out)
+    from ..io import write_json
+
+    write_json(
+        out / "finetune.json",
+        {
+            "source": source,
+            "quantized": config is not None,
+            "quaff_config": config,
+            "finetune": {**vars(cfg), **log["config"]},
+        },
+    )
     if args.merge:
-        _save_merged(peft_model, out / "merged", source, tokenizer, cfg)
-    losses = log["losses"]
-    summary = {"steps": len(losses), "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "heldout_perplexity": log["heldout_perplexity"], "seconds": round(log["seconds"], 2),
-               "trainable_parameters": log["trainable_parameters"], "out": args.out}
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print(f"{cfg.peft} on {'fp32' if args.fp32 else 'quaff int8'} base: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} "
-              f"in {summary['steps']} steps ({summary['seconds']} s), held-out perplexity {summary['heldout_perplexity']:.3f}; "
-              f"{summary['trainable_parameters']} trainable parameters; adapter, loss.json and loss.svg in {args.out}")
+        phase(f"merging the adapter and re-quantizing into {out / 'merged'}")
+        _save_merged(peft_model, out / "merged", source, tokenizer, config)
+    _report(args, cfg, log)
     return 0
 
 
-def _finetune_base(args: argparse.Namespace):
-    """The model to train: an artifact as saved, or a model quantized here (or left FP32 with --fp32)."""
+def _report(args: argparse.Namespace, cfg, log: dict) -> None:
+    losses = log["losses"]
+    summary = {
+        "steps": log["steps"],
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "eval_loss": log.get("eval_loss"),
+        "eval_perplexity": log.get("eval_perplexity"),
+        "eval_set": log["eval_set"],
+        "seq_len": cfg.seq_len,
+        "seconds": round(log["seconds"], 2),
+        "tokens_per_s": log.get("tokens_per_s"),
+        "peak_memory_bytes": log.get("peak_memory_bytes"),
+        "trainable_parameters": log["trainable_parameters"],
+        "out": args.out,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return
+    base = "fp32" if args.fp32 else "quaff int8"
+    line = (
+        f"{cfg.peft} on {base} base: training loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} in "
+        f"{summary['steps']} steps ({summary['seconds']} s"
+    )
+    if summary["tokens_per_s"]:
+        line += f", {summary['tokens_per_s']:.0f} tokens/s"
+    if summary["peak_memory_bytes"]:
+        line += f", peak GPU memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"
+    print(line + ")")
+    if summary["eval_loss"] is not None:
+        print(
+            f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}) "
+            f"on {summary['eval_set']}, examples of up to {cfg.seq_len} tokens, loss on trained tokens only"
+        )
+    print(
+        f"{summary['trainable_parameters']} trainable parameters; adapter/ (with its outlier scales), loss.json, "
+        f"loss.png in {args.out}"
+        + ("; merged/ is re-quantized: evaluate it, it can score a little worse than the adapter" if args.merge else "")
+    )
+
+
+def _pad_id(tokenizer) -> int | None:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _is_artifact(model: str | None) -> bool:
+    from ..io import is_artifact
+
+    return bool(model) and is_artifact(model)
+
+
+def _finetune_base(args: argparse.Namespace, calibration):
+    """(model, tokenizer, source, QuaffConfig dict or None): an artifact as saved, or a model quantized here with
+    the calibration options (or left unquantized with --fp32), on --device in --dtype (bf16 on CUDA by default)."""
+    import torch
+
     from ..model_loading import load_model
     from ..transform import load_quantized
 
-    target = Path(args.model) if args.model else None
-    if target is not None and target.is_dir() and (target / "quaff.json").exists():
+    device = device_of(args)
+    dtype = dtype_of(args) or (torch.bfloat16 if device.type == "cuda" else None)
+    if _is_artifact(args.model):
         if args.fp32:
             raise QuaffError("--fp32 needs a model, not a quantized artifact")
-        loaded, manifest = load_quantized(target)
-        return loaded.model, loaded.tokenizer, {"artifact": str(target.resolve()), **manifest.get("source", {})}
-    loaded = load_model(args.model)
-    if not args.fp32:
-        from ..capture import capture
-        from ..transform import calibrate_text, transform
+        phase(f"loading the artifact {args.model}")
+        loaded, manifest = load_quantized(args.model, dtype)
+        source = {"artifact": str(Path(args.model).resolve()), **manifest.get("source", {})}
+        return loaded.model.to(device), loaded.tokenizer, source, manifest["config"]
+    phase(f"loading {args.model or 'smollm2'} ({dtype or torch.float32}, {device})")
+    loaded = load_model(args.model, dtype or torch.float32)
+    loaded.model.to(device)
+    if args.fp32:
+        return loaded.model, loaded.tokenizer, loaded.source, None
+    from ..quantize import quantize_
 
-        config = quaff_config(args)
-        gm = capture(loaded.model)
-        stats = calibrate_text(gm, loaded.tokenizer, None, config, progress=progress("calibrating", 4))
-        transform(loaded.model, stats, config, gm=gm)
-    return loaded.model, loaded.tokenizer, loaded.source
+    config = quaff_config(args)
+    quantize_(loaded.model, config, calibration, loaded.tokenizer, progress=True)
+    return loaded.model, loaded.tokenizer, loaded.source, config.to_dict()
 
 
-def _save_merged(peft_model, folder: Path, source: dict, tokenizer, cfg) -> None:
+def _save_merged(peft_model, folder: Path, source: dict, tokenizer, config: dict | None) -> None:
     from ..config import QuaffConfig
-    from ..io import save_quantized
+    from ..io import build_manifest, save_quantized
     from ..quaff_linear import QuaffLinear
     from ..transform import layer_spec
 
-    if cfg.peft != "lora":
-        raise QuaffError("--merge works with --peft lora only")
     merged = peft_model.merge_and_unload()
     layers = {n: layer_spec(m) for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
-    save_quantized(merged, folder, {"source": source, "config": QuaffConfig().to_dict(), "layers": layers, "reports": []},
-                   tokenizer=tokenizer, force=True)
+    manifest = build_manifest(source, QuaffConfig.from_dict(config), layers)
+    save_quantized(merged, folder, manifest, tokenizer=tokenizer, force=True)
 
 
 def cmd_ossh(args: argparse.Namespace) -> int:
@@ -105,12 +267,18 @@ def cmd_ossh(args: argparse.Namespace) -> int:
     check_out(args.out, args.force)
     text = read_text(args.data, "calibration")
     args.fp32 = False
-    model, tokenizer, _ = _finetune_base(args)
+    calibration = None if _is_artifact(args.model) else calibration_config(args, seq_len=min(args.seq_len, 256))
+    model, tokenizer, _, _ = _finetune_base(args, calibration)
     peft_model = make_peft_model(model, cfg)
     tracker = OutlierTracker(peft_model, every=args.every)
     try:
-        log = train(peft_model, tokenize(tokenizer, text), cfg, progress=progress("ossh", cfg.steps),
-                    on_step=lambda step, loss: tracker.record(step, loss))
+        log = train(
+            peft_model,
+            tokenize(tokenizer, text),
+            cfg,
+            progress=True,
+            on_step=lambda step, loss: tracker.record(step, loss),
+        )
     finally:
         tracker.close()
     summary = tracker.summary()
@@ -121,40 +289,130 @@ def cmd_ossh(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "per_layer"}, indent=1))
     else:
-        print(tabulate([[k, f"{sum(v['jaccard']) / len(v['jaccard']):.3f}", f"{min(v['jaccard']):.3f}", f"{v['jaccard'][-1]:.3f}"]
-                        for k, v in sorted(summary["per_kind"].items())],
-                       headers=["layer kind", "mean Jaccard", "min", "last step"]))
-        print(f"{summary['layers']} layers over {cfg.steps} steps: mean Jaccard {summary['mean_jaccard']:.3f}, "
-              f"mean recall {summary['mean_recall']:.3f}; plot {out}, data {out.with_suffix('.json')}")
+        print(
+            tabulate(
+                [
+                    [
+                        k,
+                        f"{sum(v['jaccard']) / len(v['jaccard']):.3f}",
+                        f"{min(v['jaccard']):.3f}",
+                        f"{v['jaccard'][-1]:.3f}",
+                    ]
+                    for k, v in sorted(summary["per_kind"].items())
+                ],
+                headers=["layer kind", "mean Jaccard", "min", "last step"],
+            )
+        )
+        print(
+            f"{summary['layers']} layers over {cfg.steps} steps: mean Jaccard {summary['mean_jaccard']:.3f}, "
+            f"mean recall {summary['mean_recall']:.3f}; plot {out}, data {out.with_suffix('.json')}"
+        )
     return 0
+
+
+class _Given(argparse.Action):
+    """Stores the value and records that the user gave it (to refuse --eval-split with --eval-data)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="training data: a text file (packed windows), JSON/JSONL/CSV rows with 'text', 'prompt'+'completion' "
+        "or chat 'messages', or a saved datasets folder (default: the bundled apache-2.0.txt)",
+    )
+    g.add_argument("--eval-data", default=None, metavar="FILE", help="evaluation data, in the same formats")
+    g.add_argument(
+        "--eval-split",
+        type=float,
+        default=0.05,
+        action=_Given,
+        help="without --eval-data: the fraction of the training examples held out for evaluation (0: none)",
+    )
+    g.add_argument("--packing", action="store_true", help="rows: concatenate them and cut full windows of --seq-len")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=20, help="optimizer steps (0: use --epochs)")
+    g.add_argument("--epochs", type=float, default=0.0, help="passes over the data, when --steps is 0")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per step (over all processes)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation: batches per optimizer step")
+    g.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    g.add_argument("--lr-scheduler", default="linear", help="linear | cosine | constant | constant_with_warmup | ...")
+    g.add_argument(
+        "--warmup", type=float, default=0.0, help="warm-up: a fraction of the steps (< 1) or a number of steps"
+    )
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
+    g.add_argument("--checkpoint-every", dest="save_every", type=int, help=argparse.SUPPRESS)  # the old name
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 mixed precision (default: on with CUDA, off on the CPU)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
+    g.add_argument(
+        "--int8-backward",
+        action="store_true",
+        help="GPU: the backward's grad_X as an int8 GEMM (faster; keeps a transposed int8 copy of W)",
+    )
+    g.add_argument("--report-to", default="none", choices=("none", "tensorboard"), help="training logs for")
+    g = p.add_argument_group("calibration (a model quantized here)")
+    g.add_argument(
+        "--calib",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="calibration text or dataset, repeatable (default: the bundled corpus)",
+    )
+    g.add_argument("--calib-batches", type=int, default=4, help="calibration batches")
+    g.add_argument("--calib-batch-size", type=int, default=2, help="windows per calibration batch")
+    g.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the finetune, ossh commands."""
-    p = sub.add_parser("finetune", help="PEFT fine-tuning (LoRA, IA3, prompt, prefix) on the int8 Quaff base")
+    p = sub.add_parser(
+        "finetune",
+        help="PEFT fine-tuning (LoRA, IA3, prompt, prefix) on the int8 Quaff base, with the Hugging Face Trainer",
+    )
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP + ", or an artifact folder")
-    add_training_options(p, lr=2e-4)
-    p.add_argument("--eval-text", default=None, help="held-out text for the final perplexity (default: bundled gpl-3.0.txt)")
-    p.add_argument("--peft", default="lora", help="lora | ia3 | prompt | prefix (default lora)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
-    p.add_argument("--virtual-tokens", type=int, default=16, help="prompt/prefix tuning length")
-    p.add_argument("--checkpoint-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="quaff-finetune", help="output folder (default quaff-finetune)")
+    _add_finetune_options(p)
+    g = p.add_argument_group("adapter")
+    g.add_argument("--peft", default="lora", choices=("lora", "ia3", "prompt", "prefix"), help="PEFT method")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
+    g.add_argument("--virtual-tokens", type=int, default=16, help="prompt/prefix tuning length")
+    p.add_argument("--out", default="quaff-finetune", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--force", action="store_true", help="start over in an existing --out")
-    p.add_argument("--fp32", action="store_true", help="fine-tune the unquantized model (the baseline)")
-    p.add_argument("--merge", action="store_true", help="LoRA: also save the merged, re-quantized model in OUT/merged")
+    p.add_argument(
+        "--fp32", action="store_true", help="fine-tune the unquantized model (the baseline; --dtype sets its dtype)"
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="LoRA: also write the merged, re-quantized artifact in OUT/merged"
+    )
+    add_device_options(p)
     add_outlier_options(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, eval_split_given=False)
     p = sub.add_parser("ossh", help="track outlier channels during LoRA fine-tuning against the calibrated ones")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP + ", or an artifact folder")
     add_training_options(p, lr=1e-3)
     p.add_argument("--every", type=int, default=1, help="record every N steps")
     p.add_argument("--out", default="ossh.png", help="PNG plot (the data goes beside it as .json)")
     p.add_argument("--force", action="store_true")
+    add_device_options(p)
     add_outlier_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ossh)

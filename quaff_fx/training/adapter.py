@@ -1,0 +1,108 @@
+"""A fine-tuned adapter folder: PEFT's own files plus the outlier scales training moved. The scales belong
+with the adapter: the int8 base computes with them, so a base without them is not the model that was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import QuaffError
+from ..io import atomic_dir, read_json, read_safetensors, write_json
+from ..quaff_linear import QuaffLinear
+
+SCALES = "quaff_scales.safetensors"
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a sharded one (FSDP2's DTensor), else the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def scale_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The momentum-updated outlier scales by base-model layer name (PEFT's prefixes and wrappers removed)."""
+    return {
+        f"{_base_name(n)}.act_scale": _full(m.act_scale.detach()).float().cpu().clone()
+        for n, m in base_of(model).named_modules()
+        if isinstance(m, QuaffLinear) and m.outlier_idx.numel()
+    }
+
+
+def _base_name(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def load_scales_(model: nn.Module, scales: dict[str, torch.Tensor], where: str) -> int:
+    """Copy saved outlier scales into ``model``'s QuaffLinears; every layer named must exist and fit."""
+    layers = {f"{_base_name(n)}.act_scale": m for n, m in base_of(model).named_modules() if isinstance(m, QuaffLinear)}
+    for name, t in scales.items():
+        layer = layers.get(name)
+        if layer is None or layer.act_scale.shape != t.shape:
+            raise QuaffError(
+                f"{where}: outlier scales {name!r} do not fit this model; load the adapter on the artifact "
+                "it was trained on"
+            )
+        with torch.no_grad():
+            layer.act_scale.copy_(t)
+    return len(scales)
+
+
+def write_scales(model: nn.Module, path: Path) -> None:
+    save_file(scale_state(model) or {"_none": torch.zeros(0)}, str(path))
+
+
+def read_scales(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in read_safetensors(path)[0].items() if k != "_none"}
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base: str | None, force: bool = True) -> Path:
+    """Write the adapter of a PEFT ``model`` atomically: PEFT's files, ``quaff_scales.safetensors`` and an
+    adapter_config.json whose base model is ``base`` (the artifact or model trained on; None when unknown)."""
+    with atomic_dir(folder, force) as tmp:
+        model.save_pretrained(str(tmp))
+        write_scales(model, tmp / SCALES)
+        config = read_json(tmp / "adapter_config.json")
+        config["base_model_name_or_path"] = base
+        write_json(tmp / "adapter_config.json", config)
+    return Path(folder)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
+    """``model`` (a Quaff artifact's model, from ``load_quantized``) with the adapter in ``adapter_dir`` on top
+    and the outlier scales trained with it: the fine-tuned model as it was at the end of training."""
+    import peft
+
+    from ..finetune import register_quaff_lora
+
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise QuaffError(
+            f"{str(folder)!r} is not an adapter folder (no adapter_config.json); pass OUT/adapter of a finetune"
+        )
+    config = peft.PeftConfig.from_pretrained(str(folder))
+    register_quaff_lora(config)
+    scales = read_scales(folder / SCALES) if (folder / SCALES).is_file() else {}
+    try:
+        wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config, is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise QuaffError(
+            f"{str(folder)!r}: the adapter does not fit this model: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    load_scales_(wrapped, scales, str(folder))
+    wrapped.eval()
+    return wrapped
+
+
+def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """What an adapter folder says about itself: PEFT type and base model."""
+    config = read_json(Path(adapter_dir) / "adapter_config.json")
+    return {"peft_type": config.get("peft_type"), "base_model": config.get("base_model_name_or_path")}

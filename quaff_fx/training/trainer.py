@@ -1,0 +1,246 @@
+"""The Hugging Face Trainer as the fine-tuning engine, with what Quaff adds: the momentum-updated outlier
+scales saved in every checkpoint and restored on resume (a TrainerCallback), the loss log as JSON and a PNG,
+tokens per second and peak memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from ..errors import QuaffError
+from ..io import write_json
+from .adapter import SCALES, load_scales_, read_scales, write_scales
+from .data import Collator
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class TrainConfig:
+    """The Trainer's settings as quaff-fx names them (``steps`` wins over ``epochs`` when > 0)."""
+
+    steps: int = 20
+    epochs: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup: float = 0.0  # < 1: a fraction of the steps; >= 1: a number of steps
+    eval_every: int = 0
+    save_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    report_to: str = "none"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "save_every"):
+            if getattr(self, name) < 1:
+                raise QuaffError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 1 and not self.epochs > 0:
+            raise QuaffError("give --steps N (>= 1) or --epochs E (> 0)")
+        if not self.lr > 0:
+            raise QuaffError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise QuaffError(f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.warmup < 0 or self.eval_every < 0:
+            raise QuaffError("--warmup and --eval-every must be >= 0")
+        if self.report_to not in ("none", "tensorboard"):
+            raise QuaffError(f"--report-to {self.report_to!r}: choose none or tensorboard")
+
+
+class QuaffStateCallback(TrainerCallback):
+    """Saves the outlier scales into each checkpoint folder and, on resume, loads them back before the first
+    step: the scales are buffers the optimizer never sees, so without this a resumed run would start from the
+    calibrated scales instead of the trained ones."""
+
+    def __init__(self, model: nn.Module, resume_from: str | Path | None = None) -> None:
+        self.model, self.resume_from = model, resume_from
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.resume_from is not None:
+            path = Path(self.resume_from) / SCALES
+            if not path.is_file():
+                raise QuaffError(f"checkpoint {str(self.resume_from)!r} has no {SCALES}; it cannot resume exactly")
+            load_scales_(self.model, read_scales(path), str(self.resume_from))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_scales(self.model, folder / SCALES)
+
+
+class StepHook(TrainerCallback):
+    """Calls ``on_step(step, loss)`` after each logged step (0-based step; the OSSH tracker's hook)."""
+
+    def __init__(self, on_step) -> None:
+        self.on_step = on_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.on_step(state.global_step - 1, logs["loss"])
+
+
+class LossBar(ProgressCallback):
+    """The Trainer's progress bar (on stderr) with the loss in it, and no log dicts printed on stdout."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+
+class Throughput(TrainerCallback):
+    """Tokens seen (non-padding) and wall time of the steps after the first (compilation and warm-up)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.t_first, self.t_last, self.first_tokens = 0, None, None, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first, self.first_tokens = now, self.tokens
+        self.t_last = now
+
+    def rate(self) -> float | None:
+        if self.t_first is None or self.t_last is None or self.t_last <= self.t_first:
+            return None
+        return (self.tokens - self.first_tokens) / (self.t_last - self.t_first)
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    length = {"max_steps": cfg.steps} if cfg.steps > 0 else {"num_train_epochs": cfg.epochs}
+    evals = (
+        {"eval_strategy": "steps", "eval_steps": cfg.eval_every}
+        if has_eval and cfg.eval_every
+        else {"eval_strategy": "no"}
+    )
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=cfg.device == "cpu",
+        torch_compile=cfg.compile,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        remove_unused_columns=False,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        warmup_steps=int(cfg.warmup) if cfg.warmup >= 1 else cfg.warmup,
+        **length,
+        **evals,
+    )
+
+
+def fit(
+    model: nn.Module,
+    train: Sequence[dict],
+    eval_set: Sequence[dict],
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    pad_id: int | None = None,
+    resume: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, Any]:
+    """Train the PEFT ``model`` on ``train`` with the Trainer; checkpoints go to ``output_dir`` (``resume``:
+    continue from its latest). Returns the log: per-step training loss, eval losses, final eval loss, speed."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    last = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
+    if resume and last is None:
+        raise QuaffError(f"--resume: no checkpoint in {str(output_dir)!r}; start without --resume")
+    throughput = Throughput()
+    collator = Collator(pad_id)
+
+    def counting(batch):
+        out = collator(batch)
+        throughput.tokens += int(out["attention_mask"].sum())
+        return out
+
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, output_dir, bool(eval_set)),
+        train_dataset=list(train),
+        eval_dataset=list(eval_set) or None,
+        data_collator=counting,
+        callbacks=[QuaffStateCallback(model, last), throughput, *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossBar())
+    if cfg.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - t0
+    history = trainer.state.log_history
+    log: dict[str, Any] = {
+        "losses": [h["loss"] for h in history if "loss" in h],
+        "loss_steps": [h["step"] for h in history if "loss" in h],
+        "eval": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "steps": result.global_step,
+        "seconds": seconds,
+        "tokens_per_s": throughput.rate(),
+        "config": asdict(cfg),
+    }
+    if eval_set:
+        loss = trainer.evaluate()["eval_loss"]
+        log["eval_loss"] = loss
+        log["eval_perplexity"] = math.exp(loss) if loss < 50 else math.inf
+    if cfg.device == "cuda":
+        log["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    model.eval()
+    return log
+
+
+def write_log(log: dict[str, Any], folder: Path) -> None:
+    """loss.json and loss.png (training loss per step, eval loss where measured)."""
+    write_json(folder / "loss.json", log)
+    plot_losses(log, folder / "loss.png")
+
+
+def plot_losses(log: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(log["loss_steps"], log["losses"], label="training loss")
+    if log.get("eval"):
+        ax.plot([e["step"] for e in log["eval"]], [e["loss"] for e in log["eval"]], "o-", label="eval loss")
+    if log.get("eval_loss") is not None:
+        ax.axhline(log["eval_loss"], ls="--", c="gray", label=f"final eval loss {log['eval_loss']:.4f}")
+    ax.set(xlabel="optimizer step", ylabel="loss", title="quaff-fx finetune")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

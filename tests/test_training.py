@@ -1,0 +1,259 @@
+"""Fine-tuning with the Trainer: data formats and label masking, resume, adapter reload, merge, bad data, the CLI."""
+
+import json
+
+import pytest
+import torch
+from test_finetune import IDS, quantized_tiny
+from transformers import TrainerCallback
+
+from quaff_fx import QuaffError
+from quaff_fx.cli import main
+from quaff_fx.data import read_text
+from quaff_fx.finetune import FinetuneConfig, make_peft_model
+from quaff_fx.training import TrainConfig, build_examples, fit, load_adapter, read_rows, save_adapter
+from quaff_fx.training.adapter import scale_state
+from quaff_fx.training.data import IGNORE, check_row, encode_row
+from quaff_fx.transform import load_quantized
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SENTENCES = [s.strip() for s in read_text(None, "calibration").split(".") if len(s.split()) > 8][:40]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prompt_rows():
+    return [
+        {"prompt": " ".join(s.split()[:3]) + " ->", "completion": " " + " ".join(s.split()[3:6])} for s in SENTENCES
+    ]
+
+
+def chat_rows():
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(s.split()[:2])},
+                {"role": "assistant", "content": " ".join(s.split()[2:5])},
+            ]
+        }
+        for s in SENTENCES
+    ]
+
+
+def test_prompt_tokens_take_no_loss(tiny_tokenizer):
+    row = check_row({"prompt": "Licensed under", "completion": " the Apache License"}, "t:1")
+    ids, labels = encode_row(row, tiny_tokenizer)
+    n_prompt = len(tiny_tokenizer("Licensed under", add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tiny_tokenizer.eos_token_id
+    assert ids[n_prompt:-1] == tiny_tokenizer(" the Apache License", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_loss_on_assistant_turns_only(tiny_tokenizer):
+    tiny_tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        msgs = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What license?"},
+            {"role": "assistant", "content": "Apache"},
+            {"role": "user", "content": "Version?"},
+            {"role": "assistant", "content": "Two"},
+        ]
+        ids, labels = encode_row(check_row({"messages": msgs}, "t:1"), tiny_tokenizer)
+    finally:
+        tiny_tokenizer.chat_template = None
+
+    def tok(text):
+        return tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert [t for t, lab in zip(ids, labels) if lab != IGNORE] == tok("Apache</s>") + tok("Two</s>")
+    assert len(ids) > len(tok("Apache</s>Two</s>")) + len(tok("What license?"))
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"prompt": "a"}\n', ":1: field 'completion' is missing"),
+        ('{"text": "ok"}\n{"txt": "typo"}\n', ":2: field 'text' is missing"),
+        ('{"text": "ok"}\nnot json\n', ":2: not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: field 'messages' has no assistant turn"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(QuaffError, match=message):
+        read_rows(path)
+
+
+def test_bad_csv_and_bad_data_in_the_cli_write_nothing(tiny_model_dir, tmp_path, capsys):
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("prompt,completion\nhello,world\nno completion,\n")
+    with pytest.raises(QuaffError, match=r"d.csv:3: field 'completion' is empty"):
+        read_rows(csv_file)
+    out = tmp_path / "ft"
+    assert main(["finetune", str(tiny_model_dir), "--data", str(csv_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "d.csv:3: field 'completion' is empty" in err and "loading" not in err  # before the model loads
+    assert not out.exists()
+
+
+def test_options_checked_before_any_work(artifact, tmp_path, capsys):
+    """--peft ia3 --merge is refused at once; too long a --seq-len fails without leaving an empty folder (23.4)."""
+    out = tmp_path / "x"
+    assert main(["finetune", str(artifact), "--peft", "ia3", "--merge", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--merge works with --peft lora only" in err and "loading" not in err and not out.exists()
+    assert main(["finetune", str(artifact), "--seq-len", "100000", "--out", str(out)]) == 2
+    assert "too few tokens" in capsys.readouterr().err and not out.exists()
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _tiny_examples():
+    win = IDS[: 24 * 32].view(24, 32)
+    return [{"input_ids": w.tolist(), "labels": w.tolist()} for w in win]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopped after 2 of 4 steps and resumed: steps 3 and 4 lose what an uninterrupted run loses, and the
+    outlier scales end where they would (the callback restored them)."""
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, save_every=2, lr_scheduler="cosine", progress=False)
+    fcfg = FinetuneConfig(seq_len=32)
+    full_model = make_peft_model(quantized_tiny(), fcfg)
+    full = fit(full_model, _tiny_examples(), [], cfg, tmp_path / "full")["losses"]
+    part_model = make_peft_model(quantized_tiny(), fcfg)
+    fit(part_model, _tiny_examples(), [], cfg, tmp_path / "part", callbacks=[StopAt(2)])
+    resumed_model = make_peft_model(quantized_tiny(), fcfg)
+    resumed = fit(resumed_model, _tiny_examples(), [], cfg, tmp_path / "part", resume=True)["losses"]
+    assert len(resumed) == 4 and resumed[2:] == pytest.approx(full[2:], abs=1e-5)  # the log carries steps 1-2 over
+    for name, scale in scale_state(full_model).items():
+        assert torch.allclose(scale_state(resumed_model)[name], scale, rtol=1e-6), name
+
+
+def test_adapter_reload_reproduces_the_trained_logits(artifact, tmp_path):
+    """load_adapter puts the trained outlier scales back: the logits are the trained model's, bit for bit,
+    while PEFT's own loader (no scales) gives other logits (23.2)."""
+    import peft
+
+    loaded, _ = load_quantized(artifact)
+    model = make_peft_model(loaded.model, FinetuneConfig(seq_len=32))
+    fit(model, _tiny_examples(), [], TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False), tmp_path / "ck")
+    probe = IDS[:64].view(2, 32)
+    with torch.no_grad():
+        trained = model(input_ids=probe).logits
+    folder = save_adapter(model, tmp_path / "adapter", str(artifact))
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(artifact)
+    with torch.no_grad():
+        reloaded = load_adapter(load_quantized(artifact)[0].model, folder)(input_ids=probe).logits
+        plain = peft.PeftModel.from_pretrained(load_quantized(artifact)[0].model, str(folder))(input_ids=probe).logits
+    assert torch.equal(reloaded, trained)
+    assert not torch.allclose(plain, trained, atol=1e-4)
+
+
+def test_prompt_completion_and_chat_data_train_with_falling_loss(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        for rows in (prompt_rows(), chat_rows()):
+            examples = build_examples(
+                read_rows(write_jsonl(tmp_path / "d.jsonl", rows)), tiny_tokenizer, 64, False, "d"
+            )
+            model = make_peft_model(quantized_tiny(), FinetuneConfig(seq_len=32))
+            cfg = TrainConfig(steps=10, batch_size=8, lr=2e-2, lr_scheduler="constant", progress=False)
+            losses = fit(model, examples[:8], [], cfg, tmp_path / "ck", pad_id=0)["losses"]
+            assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    finally:
+        tiny_tokenizer.chat_template = None
+
+
+def test_cli_finetune_jsonl_merge_eval_and_adapter(artifact, tmp_path, capsys):
+    """A prompt/completion JSONL on an artifact: adapter (with scales), loss.json/png, eval loss on the split,
+    --merge writes an artifact with the artifact's config; eval ART --adapter DIR scores the adapter."""
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
+    out = tmp_path / "ft"
+    argv = [
+        "finetune",
+        str(artifact),
+        "--data",
+        str(data),
+        "--steps",
+        "3",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--eval-split",
+        "0.1",
+        "--save-every",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+        "--merge",
+    ]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["eval_loss"] > 0 and "4 held-out examples" in summary["eval_set"]
+    assert {"adapter", "checkpoints", "loss.json", "loss.png", "finetune.json", "merged"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert (out / "adapter" / "quaff_scales.safetensors").is_file()
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    manifest = json.loads((artifact / "quaff.json").read_text())
+    assert json.loads((out / "merged" / "quaff.json").read_text())["config"] == manifest["config"]
+    assert main(argv) == 2 and "pass --resume" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                str(artifact),
+                "--adapter",
+                str(out / "adapter"),
+                "--seq-len",
+                "32",
+                "--max-batches",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["results"][0]["model"] == "quaff+adapter"
+
+
+def test_cli_prompt_tuning_finishes(artifact, tmp_path, capsys):
+    """Prompt tuning used to crash in the final perplexity (virtual tokens in the logits, 23.1)."""
+    out = tmp_path / "pt"
+    assert (
+        main(
+            [
+                "finetune",
+                str(artifact),
+                "--peft",
+                "prompt",
+                "--steps",
+                "1",
+                "--seq-len",
+                "32",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["eval_loss"] > 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
