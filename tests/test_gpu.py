@@ -3,10 +3,12 @@ import pytest
 import torch
 
 from quaff_fx.kernels import reference
-from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.ops import CUDA_KERNELS
+from quaff_fx.quaff_linear import QuaffLinear
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and CUDA_KERNELS), reason="needs CUDA and Triton")
+if CUDA_KERNELS:
+    from quaff_fx.kernels import triton_kernels as tk
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 96, 40), (17, 4096, 1000), (1000, 576, 1536), (4096, 4096, 4096), (333, 14336, 4096)])
@@ -32,7 +34,8 @@ def test_forward_matches_reference(m, k, n, dtype):
 @pytest.mark.parametrize("path", ["dequantized", "exact", "int8 on the Wᵀ copy", "int8 on the copy, smoothed", "dequantized, smoothed"])
 @pytest.mark.parametrize("m,k,n", [(5, 96, 40), (2048, 4096, 11008), (100, 20000, 136)])
 def test_grad_input_matches_reference(m, k, n, path):
-    """grad_X on CUDA: W dequantized + cuBLAS, or the int8 GEMM on the transposed int8 copy (the gradient
+    """grad_X on CUDA: W dequantized + cuBLAS (the grad_X mode 'dequantize', or exact), or the int8 GEMM on the
+    transposed int8 copy (the gradient
     quantized per row, as the reference does when not exact); 1/s of the smoothing as a column scale. The
     100×136 gradient against a 20000-wide W: the two-pass quantization (rows wider than ONE_PASS_MAX)."""
     g = torch.Generator().manual_seed(1)
@@ -43,8 +46,12 @@ def test_grad_input_matches_reference(m, k, n, path):
     ref = reference.grad_input(grad, q.w_int8, q.w_scale, exact or path.startswith("dequantized"))
     ref = ref if inv is None else ref * inv
     w_t = q.w_int8.t().contiguous().cuda() if path.startswith("int8") else None
-    got = torch.ops.quaff.linear_grad_input(grad.cuda().bfloat16(), q.w_int8.cuda(), q.w_scale.cuda(), exact,
-                                            None if inv is None else inv.cuda(), w_t).float().cpu()
+    tk.set_grad_x_mode("dequantize" if path.startswith("dequantized") else "int8")
+    try:
+        got = torch.ops.quaff.linear_grad_input(grad.cuda().bfloat16(), q.w_int8.cuda(), q.w_scale.cuda(), exact,
+                                                None if inv is None else inv.cuda(), w_t).float().cpu()
+    finally:
+        tk.set_grad_x_mode("int8")
     assert torch.allclose(got, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
 
 
@@ -97,3 +104,63 @@ def test_forward_without_outliers_with_many_and_prescaled(n_out):
         xs[:, idx] /= q.act_scale
         y2 = torch.ops.quaff.linear(xs.cuda(), *args, None, True).cpu()
         assert torch.allclose(y2, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 96, 40), (333, 1000, 777), (2048, 4096, 1024), (64, 14336, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_grad_input_on_transient_transpose_matches_reference(m, k, n, dtype):
+    """grad_X in int8 without the kept copy (the default: a transient transposed W) equals the reference's
+    not-exact grad_X (the gradient quantized per row), 1/s included; odd sizes, three dtypes."""
+    g = torch.Generator().manual_seed(4)
+    q = QuaffLinear.from_weight(torch.randn(n, k, generator=g), None, [0, 3]).eval()
+    grad = torch.randn(m, n, generator=g) * (torch.rand(m, 1, generator=g) * 4)
+    inv = torch.rand(k, generator=g) + 0.5
+    ref = reference.grad_input(grad.to(dtype).float(), q.w_int8, q.w_scale, False) * inv
+    got = torch.ops.quaff.linear_grad_input(grad.cuda().to(dtype), q.w_int8.cuda(), q.w_scale.cuda(), False,
+                                            inv.cuda()).float().cpu()
+    tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
+    assert torch.allclose(got, ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    assert torch.linalg.norm(got - ref) / torch.linalg.norm(ref) < tol
+
+
+@pytest.mark.parametrize("r,c", [(1, 1), (5, 300), (129, 127), (4096, 14336)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_transpose_is_exact(r, c, dtype):
+    x = torch.randint(-127, 128, (r, c), device="cuda").to(dtype)
+    y = tk.transpose(x)
+    assert y.shape == (c, r) and y.is_contiguous() and torch.equal(y, x.t())
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (300, 1000, 520)])
+def test_int8_gemm_n_major_b_is_exact(m, k, n):
+    """The int8 GEMM with B [K, N] row-major (N-major tiles; slow, kept for the measurement) and on the K-major
+    copy give the exact integer product (the int32 accumulator, then the fp32 scales)."""
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (k, n), dtype=torch.int8, device="cuda")
+    sa = torch.rand(m, device="cuda") + 0.5
+    exact = (a.double() @ b.double()) * sa.double()[:, None]
+    for got in (tk.int8_gemm(a, b, sa, None, torch.float32, b_is_nk=False),
+                tk.int8_gemm(a, tk.transpose(b), sa, None, torch.float32, b_is_nk=True)):
+        assert torch.allclose(got.double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("t,h,v,chunk", [(7, 32, 50, 3), (1000, 256, 32000, 256), (4095, 512, 128256, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_cross_entropy_on_cuda(t, h, v, chunk, dtype):
+    """The chunked linear + cross-entropy against F.cross_entropy on the full logits: loss and grad of the
+    hidden states, ignored labels included, chunks that do not divide the tokens."""
+    from quaff_fx.kernels.linear_ce import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    hid = torch.randn(t, h, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(v, h, device="cuda", generator=g) * h ** -0.5).to(dtype)
+    labels = torch.randint(0, v, (t,), device="cuda", generator=g)
+    labels[:: 5] = -100
+    h1, h2 = hid.clone().requires_grad_(), hid.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((h1 @ w.t()).float(), labels)
+    ref.backward()
+    got = linear_cross_entropy(h2, w, labels, chunk)
+    got.backward()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert abs(got.item() - ref.item()) < tol * abs(ref.item())
+    assert torch.linalg.norm(h2.grad.float() - h1.grad.float()) / torch.linalg.norm(h1.grad.float()) < tol

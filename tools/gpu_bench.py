@@ -79,7 +79,8 @@ def breakdown(timer, k: int = 4096, n: int = 14336, m: int = 8192) -> None:
         "quaff linear op forward (all of it)": lambda: torch.ops.quaff.linear(x, quaff.w_int8, quaff.w_scale, quaff.outlier_idx,
                                                                           quaff.act_scale, w_o),
         "dequantize W to bf16 (Triton)": lambda: tk.dequantize(quaff.w_int8, quaff.w_scale, torch.bfloat16),
-        "grad_X: dequantized W + cuBLAS (used)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False),
+        "grad_X: dequantized W + cuBLAS (exact)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, True),
+        "grad_X: int8 on a transient Wᵀ (default)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False),
         "grad_X: int8 on the Wᵀ copy (int8_backward_)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False, None, w_t),
         "  of which quantize grad (Triton)": lambda: tk.quantize_rows(g, quaff.w_scale),
         "  of which int8 GEMM on the Wᵀ copy": lambda: tk.int8_gemm(qg, w_t, sg, None, torch.bfloat16),
@@ -90,13 +91,54 @@ def breakdown(timer, k: int = 4096, n: int = 14336, m: int = 8192) -> None:
         print(f"  {name:44s} {timer(fn) * 1e3:.3f} ms", flush=True)
 
 
+def grad_x_modes(timer, m: int = 4096) -> list[dict]:
+    """grad_X of a layer without the transposed copy, each mode of ``set_grad_x_mode`` (int8 on a transient
+    transposed copy, dequantized W + cuBLAS), against the kept copy and bf16, at Llama-3-8B's shapes; the int8
+    GEMM's TOPS on W as it is (N-major tiles) and on the copy (K-major); the int8 transpose's bandwidth."""
+    rows = []
+    for k, n in [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        quaff = QuaffLinear.from_weight(w, None, []).eval()
+        g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        qg, sg, _ = tk.quantize_rows(g, quaff.w_scale)
+        w_t = quaff.w_int8.t().contiguous()
+        flops = 2 * m * n * k
+        row = {"K": k, "N": n, "M": m, "bf16 grad_X GEMM": timer(lambda: g @ w),
+               "int8 GEMM on the copy": timer(lambda: tk.int8_gemm(qg, w_t, sg, None, torch.bfloat16)),
+               "int8 GEMM on W, N-major": timer(lambda: tk.int8_gemm(qg, quaff.w_int8, sg, None, torch.bfloat16,
+                                                                     b_is_nk=False)),
+               "transpose W (torch)": timer(lambda: quaff.w_int8.t().contiguous()),
+               "transpose W (Triton)": timer(lambda: tk.transpose(quaff.w_int8))}
+        for mode in tk.GRAD_X_MODES:
+            tk.set_grad_x_mode(mode)
+            row[f"grad_X {mode}"] = timer(lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False))
+        tk.set_grad_x_mode("int8")
+        row["grad_X int8 on the copy"] = timer(lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False, None, w_t))
+        row = {key: (v * 1e3 if isinstance(v, float) else v) for key, v in row.items()}  # ms
+        row["transpose GB/s"] = 2 * n * k / (row["transpose W (Triton)"] / 1e3) / 1e9
+        for key in ("int8 GEMM on the copy", "int8 GEMM on W, N-major"):
+            row[f"{key} TOPS"] = flops / (row[key] / 1e3) / 1e12
+        row["bf16 TFLOPS"] = flops / (row["bf16 grad_X GEMM"] / 1e3) / 1e12
+        rows.append(row)
+        print(f"grad_X K={k} N={n} M={m}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items() if key not in "KNM"),
+              flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     ap.add_argument("--eager-timing", action="store_true", help="time eager calls (CPU launch overhead included)")
+    ap.add_argument("--grad-x-only", action="store_true", help="only the grad_X modes at Llama-3-8B's shapes")
     args = ap.parse_args()
     timer = cuda_time if args.eager_timing else graph_time
+    if args.grad_x_only:
+        rows = grad_x_modes(timer)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for k, n in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02

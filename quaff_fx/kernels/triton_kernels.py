@@ -13,11 +13,13 @@ A forward pass is three launches:
    column-major for the GEMM: the layout the Hopper int8 tensor cores want.
 The smoothing's 1/s, when the layer has one, is folded into the dense vector of step 0: no extra pass over X.
 
-The backward (grad_X = grad · W · diag(1/s)) has two forms. Where the layer keeps a transposed int8 copy of W
-([K, N]: the int8 tensor cores take K-major operands only, and W [N, K] is N-major for this product), the
-gradient times W's row scales is quantized per row (step 1's kernel) and multiplied in int8 (step 2's kernel,
-1/s as its column scale). Without the copy, W is dequantized (with 1/s) into the gradient's dtype in one pass
-and cuBLAS multiplies: exact up to the dtype, and no extra weight memory.
+The backward (grad_X = grad · W · diag(1/s)) is an int8 GEMM unless the layer is ``exact``: the gradient times
+W's row scales is quantized per row (step 1's kernel) and multiplied (step 2's kernel, 1/s as its column scale)
+with the transposed int8 weight [K, N] (the int8 tensor cores take K-major operands only, and W [N, K] is N-major
+for this product: read as it is, the same kernel reaches about 300 TOPS instead of 1000). That transposed weight
+is the layer's kept copy where ``int8_backward_`` made one (one more byte per weight), else a transient one that
+``transpose`` makes in one tiled pass and that is freed after the layer. ``exact`` (or the grad_X mode
+'dequantize'): W is dequantized (with 1/s) into the gradient's dtype in one pass and cuBLAS multiplies.
 """
 from __future__ import annotations
 
@@ -176,7 +178,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     """C = (A · B) · sa[:, None] (· sb[None, :]) (+ bias) (+ x_o · ((act_scale − 1) · w_outlier)ᵀ).
 
     a: int8 [M, K]; b: int8 weight, [N, K] when ``b_is_nk`` (C = A Bᵀ, the forward) or [K, N] (C = A B);
-    x_o [M, k] (x's dtype), w_outlier [N, k], act_scale [k]: the outlier correction, made in the epilogue."""
+    x_o [M, k] (x's dtype), w_outlier [N, k], act_scale [k]: the outlier correction, made in the epilogue.
+    B [K, N] row-major (N-major tiles) is correct but slow: about 300 TOPS on an H100 against 1000 K-major."""
     m, k = a.shape
     n = b.shape[0] if b_is_nk else b.shape[1]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -229,13 +232,51 @@ def dequantize(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, 
     return out
 
 
+@triton.jit
+def _transpose_kernel(x_ptr, y_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tile = tl.load(x_ptr + offs_r[:, None] * C + offs_c[None, :], mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
+    tl.store(y_ptr + offs_c[:, None] * R + offs_r[None, :], tl.trans(tile),
+             mask=(offs_c[:, None] < C) & (offs_r[None, :] < R))
+
+
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """x [R, C] (contiguous) -> its transpose [C, R], contiguous, in one tiled pass (torch's int8 ``.t().contiguous()``
+    reaches about a seventh of the memory bandwidth)."""
+    x = x.contiguous()
+    r, c = x.shape
+    y = torch.empty((c, r), dtype=x.dtype, device=x.device)
+    block = 128
+    grid = (triton.cdiv(r, block), triton.cdiv(c, block))
+    _transpose_kernel[grid](x, y, r, c, BLOCK_R=block, BLOCK_C=block, num_warps=8)
+    return y
+
+
+GRAD_X_MODES = ("int8", "dequantize")
+_grad_x_mode = "int8"
+
+
+def set_grad_x_mode(mode: str) -> None:
+    """How the CUDA backward computes grad_X of a layer that has no transposed int8 copy, when not ``exact``:
+    'int8' (the default: the gradient, times W's row scales, quantized per row, and the int8 GEMM on a transient
+    transposed copy of W, made by ``transpose`` and freed after the layer: the int8 tensor cores take K-major
+    operands only) or 'dequantize' (W dequantized into the gradient's dtype, cuBLAS; exact up to the dtype)."""
+    global _grad_x_mode
+    if mode not in GRAD_X_MODES:
+        raise ValueError(f"grad_X mode {mode!r}: use one of {GRAD_X_MODES}")
+    _grad_x_mode = mode
+
+
 def grad_input(grad: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, exact: bool,
                inv_smooth: torch.Tensor | None = None, w_int8_t: torch.Tensor | None = None) -> torch.Tensor:
-    """grad_X = (grad · W) · inv_smooth on CUDA. In int8 when not ``exact`` and the transposed int8 copy
-    ``w_int8_t`` [K, N] is given: the gradient, times the weight's row scales, quantized per row, then the
-    int8 GEMM on the copy (K-major for the tensor cores) with inv_smooth as its column scale. Otherwise W
-    (with inv_smooth) is dequantized into grad's dtype in one pass and cuBLAS multiplies."""
-    if w_int8_t is not None and not exact:
+    """grad_X = (grad · W) · inv_smooth on CUDA. When not ``exact``, in int8 (unless the grad_X mode is
+    'dequantize' and there is no copy): the gradient times the weight's row scales, quantized per row, then the
+    int8 GEMM on the transposed int8 weight (``w_int8_t`` [K, N] if the layer keeps it, else a transient one)
+    with inv_smooth as its column scale. Otherwise W (with inv_smooth) is dequantized into grad's dtype in one
+    pass and cuBLAS multiplies."""
+    if not exact and (w_int8_t is not None or _grad_x_mode == "int8"):
         q, sg, _ = quantize_rows(grad, w_scale.float())
-        return int8_gemm(q, w_int8_t, sg, inv_smooth, grad.dtype, b_is_nk=True)  # w_int8_t: [K, N], N contracted
+        w_t = w_int8_t if w_int8_t is not None else transpose(w_int8)
+        return int8_gemm(q, w_t, sg, inv_smooth, grad.dtype, b_is_nk=True)  # w_t: [K, N], N contracted
     return grad @ dequantize(w_int8, w_scale, grad.dtype, inv_smooth)
