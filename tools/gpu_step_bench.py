@@ -290,6 +290,9 @@ def run_all(args) -> list[dict]:
             err.seek(0)
             _finish(v, p.returncode, head + rest, err.read(), rows)
             err.close()
+            if args.out:  # every finished row kept, should a later variant not finish in time
+                with open(args.out, "w") as f:
+                    json.dump({"title": "partial", "command": sys.argv, "rows": rows}, f, indent=1)
     return rows
 
 
