@@ -1,6 +1,10 @@
 """The quaff-fx command end to end on a tiny local model folder, and its bad-input errors."""
+import argparse
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -10,7 +14,7 @@ import pytest
 import torch
 from conftest import FAST
 
-from quaff_fx.cli import main
+from quaff_fx.cli import build_parser, main
 from quaff_fx.data import read_text
 from quaff_fx.io import load_stats
 from quaff_fx.transform import load_quantized
@@ -22,11 +26,20 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_calibrate_then_inspect(tiny_model_dir, tmp_path, capsys):
-    stats = tmp_path / "stats.safetensors"
-    code, out, _ = run(capsys, "calibrate", tiny_model_dir, "--out", stats, *FAST)
-    assert code == 0 and stats.is_file()
-    assert "down_proj" in out and "Jaccard" in out
+@pytest.fixture(scope="module")
+def calibrated(tiny_model_dir, tmp_path_factory):
+    """One `quaff-fx calibrate` run (FAST options): the stats file and what the command printed."""
+    stats = tmp_path_factory.mktemp("calibrated") / "stats.safetensors"
+    out = io.StringIO()  # a module fixture cannot use capsys
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["calibrate", str(tiny_model_dir), "--out", str(stats), *FAST])
+    assert code == 0
+    return stats, out.getvalue()
+
+
+def test_calibrate_then_inspect(calibrated, capsys):
+    stats, out = calibrated
+    assert stats.is_file() and "down_proj" in out and "Jaccard" in out
     code, out, _ = run(capsys, "inspect", stats, "--json")
     summary = json.loads(out)
     assert code == 0 and summary["totals"]["layers"] == 14
@@ -34,9 +47,9 @@ def test_calibrate_then_inspect(tiny_model_dir, tmp_path, capsys):
     assert all(3 in row["channels"] for row in summary["layers"] if row["module"].endswith("q_proj"))
 
 
-def test_transform_from_a_stats_file_rereads_the_batches_for_gptq(artifact, tiny_model_dir, tmp_path, capsys):
-    stats = tmp_path / "stats.safetensors"
-    assert main(["calibrate", str(tiny_model_dir), "--out", str(stats), *FAST]) == 0
+def test_transform_from_a_stats_file_rereads_the_batches_for_gptq(artifact, calibrated, tiny_model_dir, tmp_path,
+                                                                   capsys):
+    stats, _ = calibrated
     out = tmp_path / "from-stats"
     code, stdout, _ = run(capsys, "transform", tiny_model_dir, "--stats", stats, "--out", out, *FAST)
     assert code == 0 and "GPTQ rounding: 14 layers" in stdout
@@ -67,8 +80,10 @@ def test_the_artifact_loads_to_the_logits_of_the_same_quantize_in_process(artifa
 
 def test_transform_is_deterministic(artifact, tiny_model_dir, tmp_path, capsys):
     again = tmp_path / "again"
-    code, stdout, _ = run(capsys, "transform", tiny_model_dir, "--out", again, *FAST)
+    code, stdout, err = run(capsys, "transform", tiny_model_dir, "--out", again, *FAST)
     assert code == 0 and "rewrite_linear: 14 of 14" in stdout
+    assert "quaff-fx: running the passes (GPTQ rounding)" in err  # a long phase announces itself (23.6)
+    assert "more rows (--all-rows prints them all)" in stdout and "--json for all" not in stdout  # (23.8)
     for name in ("model.safetensors", "quaff.json", "stats.safetensors"):
         assert (again / name).read_bytes() == (artifact / name).read_bytes(), name
 
@@ -78,7 +93,7 @@ def test_eval_and_compare(artifact, tiny_model_dir, capsys):
     res = json.loads(out)["results"]
     assert code == 0 and res[0]["model"] == "quaff" and res[0]["perplexity"] > 1
     code, out, _ = run(capsys, "eval", tiny_model_dir, "--compare", "--seq-len", "64", "--max-batches", "2", "--json",
-                       "--strategy", "mean_times", "--threshold", "10", "--max-ratio", "0.05")
+                       "--preset", "fast", "--strategy", "mean_times", "--threshold", "10", "--max-ratio", "0.05")
     labels = [r["model"] for r in json.loads(out)["results"]]
     assert code == 0 and labels == ["fp32", "w8a8 naive", "quaff"]
 
@@ -213,7 +228,7 @@ def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, caps
     q = attn.q_proj
     assert q.inv_smooth is not None and not torch.equal(q.inv_smooth, torch.ones_like(q.inv_smooth))
     assert torch.equal(q.inv_smooth, attn.k_proj.inv_smooth) == ("fast" in extra)  # shared unless per layer
-    assert main(["eval", str(out), "--seq-len", "64", "--json"]) == 0
+    assert main(["eval", str(out), "--seq-len", "64", "--max-batches", "1", "--json"]) == 0
 
 
 # -- issue 23: what a new user trips on ---------------------------------------------------------------------
@@ -230,9 +245,7 @@ def test_a_closed_pipe_ends_quietly_with_exit_0(artifact):
 
 
 def test_long_phases_announce_themselves(artifact, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """transform (GPTQ), eval and bench name the phase they start on stderr (23.6)."""
-    code, _, err = run(capsys, "transform", tiny_model_dir, "--out", tmp_path / "a", *FAST)
-    assert code == 0 and "quaff-fx: running the passes (GPTQ rounding)" in err
+    """eval and bench name the phase they start on stderr (transform: test_transform_is_deterministic) (23.6)."""
     code, _, err = run(capsys, "eval", artifact, "--seq-len", "64", "--max-batches", "1")
     assert code == 0 and "quaff-fx: perplexity of quaff on gpl-3.0.txt (bundled)" in err
     import quaff_fx.bench
@@ -254,17 +267,19 @@ def test_eval_names_its_text_and_window(artifact, capsys):
     assert code == 0 and "perplexity on gpl-3.0.txt (bundled), windows of 64 tokens (504 tokens scored)" in out
 
 
-def test_help_shows_defaults(capsys):
+def test_help_shows_defaults():
     """--help states the defaults of the numbers a user sets (23.8)."""
-    for command, expected in [("finetune", ["optimizer steps (default: 20)", "windows per step (default: 4)",
-                                            "tokens per window (default: 128)", "LoRA rank (default: 8)",
-                                            "LoRA alpha (default: 16)"]),
-                              ("transform", ["calibration batches (default: 4)", "tokens per window (default: 256)"]),
-                              ("eval", ["tokens per window (default: 256)", "windows per forward (default: 4)"])]:
-        with pytest.raises(SystemExit):
-            main([command, "--help"])
-        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-        assert all(e in text for e in expected), (command, [e for e in expected if e not in text])
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, options in [("finetune", ["--steps", "--batch-size", "--seq-len", "--rank", "--alpha"]),
+                             ("transform", ["--batches", "--batch-size", "--seq-len"]),
+                             ("eval", ["--seq-len", "--batch-size"])]:
+        parser = commands[command]
+        text = " ".join(parser.format_help().split())  # argparse wraps lines
+        for option in options:
+            action = next(a for a in parser._actions if option in a.option_strings)
+            metavar = action.metavar or action.dest.upper()
+            shown = re.search(rf" {option} {metavar} [^\[]*?\(default: {re.escape(str(action.default))}\)", text)
+            assert shown, (command, option, action.default)
 
 
 def test_calibrate_and_transform_take_the_same_calibration_option(tiny_model_dir, tmp_path, capsys):
@@ -274,61 +289,63 @@ def test_calibrate_and_transform_take_the_same_calibration_option(tiny_model_dir
             main([command, "--help"])
         text = capsys.readouterr().out
         assert "--calib TEXT" in text and "--data" not in text, command
+    assert build_parser().parse_args(["calibrate", "--data", "a.txt", "--out", "s"]).calib == ["a.txt"]
     text_file = tmp_path / "calib.txt"
     text_file.write_text(read_text(None, "heldout"))
-    for flag in ("--calib", "--data"):
-        stats = tmp_path / f"stats{flag}.safetensors"
-        code, _, err = run(capsys, "calibrate", tiny_model_dir, "--out", stats, flag, text_file, *FAST)
-        assert code == 0, err
-        assert load_stats(stats).info["text"] == "calib.txt"
+    stats = tmp_path / "stats.safetensors"
+    code, out, err = run(capsys, "calibrate", tiny_model_dir, "--out", stats, "--calib", text_file, "--batches", "2",
+                         "--seq-len", "64", "--max-ratio", "0.05")
+    assert code == 0 and load_stats(stats).info["text"] == "calib.txt", err
+    # top_abs ignores the threshold: printing "threshold 100.0" for it misleads (23.8)
+    assert "(top_abs, max_ratio 0.05)" in out and "threshold" not in out
 
 
-def test_the_summary_names_a_threshold_only_where_it_is_used(tiny_model_dir, tmp_path, capsys):
-    """top_abs ignores the threshold: printing "threshold 100.0" for it misleads (23.8)."""
-    code, out, _ = run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "a.st", "--batches", "2",
-                       "--seq-len", "64", "--max-ratio", "0.05")
-    assert code == 0 and "(top_abs, max_ratio 0.05)" in out and "threshold" not in out
-    code, out, _ = run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "b.st", *FAST)
-    assert code == 0 and "(mean_times, threshold 10.0, max_ratio 0.05)" in out
+def test_the_summary_names_the_threshold_where_it_is_used(calibrated):
+    assert "(mean_times, threshold 10.0, max_ratio 0.05)" in calibrated[1]
+
+
+class _Stack(torch.nn.Module):
+    """Eleven Linears named layers.0 .. layers.10: enough for text order (0, 1, 10, 2) to differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(11)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 def test_stats_layers_are_listed_in_natural_order(tmp_path):
     """inspect STATS lists layers 0, 1, 2, ..., 10, not 0, 1, 10, 2 (safetensors sorts names as text) (23.8)."""
-    from conftest import tiny_llama
-
     from quaff_fx import QuaffConfig, calibrate, capture
     from quaff_fx.calibration_report import stats_summary
     from quaff_fx.io import save_stats
 
-    model = tiny_llama(num_hidden_layers=11)
     config = QuaffConfig.preset("fast")
-    gm = capture(model)
     g = torch.Generator().manual_seed(0)
-    stats = calibrate(gm, [torch.randint(0, 256, (1, 8), generator=g) for _ in range(2)], config.outliers,
+    stats = calibrate(capture(_Stack()), [torch.randn(4, 8, generator=g) for _ in range(2)], config.outliers,
                       config.eligible, n_batches=2)
     save_stats(stats, tmp_path / "s.safetensors")
     layers = [row["module"] for row in stats_summary(load_stats(tmp_path / "s.safetensors"))["layers"]]
-    numbers = [int(name.split(".")[2]) for name in layers]
-    assert numbers == sorted(numbers) and numbers[-1] == 10
+    assert layers == [f"layers.{i}" for i in range(11)]
 
 
-def test_written_files_have_ordinary_modes(artifact, tiny_model_dir, tmp_path, capsys):
+def test_written_files_have_ordinary_modes(artifact, calibrated):
     """Artifacts and stats files are readable by the group and others as any file the user writes (23.8)."""
     umask = os.umask(0)
     os.umask(umask)
     expected = 0o666 & ~umask
-    assert run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "s.st", *FAST)[0] == 0
-    files = [tmp_path / "s.st", *(p for p in artifact.rglob("*") if p.is_file())]
+    files = [calibrated[0], *(p for p in artifact.rglob("*") if p.is_file())]
     assert {str(p.relative_to(p.parent.parent)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
             if stat.S_IMODE(p.stat().st_mode) != expected} == {}
 
 
-def test_a_cut_report_points_at_all_rows(tiny_model_dir, capsys):
-    """The hint after a cut table names the option that prints every row (23.8)."""
-    code, out, _ = run(capsys, "transform", tiny_model_dir, *FAST)
-    assert code == 0 and "more rows (--all-rows prints them all)" in out and "--json for all" not in out
-    code, out, _ = run(capsys, "transform", tiny_model_dir, *FAST, "--all-rows")
-    assert code == 0 and "more rows" not in out
+def test_all_rows_prints_every_row(tiny_model_dir, capsys):
+    """The option the cut-table hint names does what it says (23.8)."""
+    code, out, _ = run(capsys, "transform", tiny_model_dir, *FAST, "--preset", "fast", "--all-rows")
+    assert code == 0 and "more rows" not in out and out.count(" rewritten") == 14
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
