@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="calibration batches of 2 x 256 tokens")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-batches", type=int, default=None, help="at most this many batches of 4 windows per text")
+    ap.add_argument("--previous", action="store_true", help="also the default on the previous calibration (Apache-2.0)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     fp = load_model(args.model)
@@ -72,8 +73,9 @@ def main() -> None:
     apache = list(batches(tokenize(fp.tokenizer, read_text(None)), args.seq_len, 2, 4))
     stats = None
     window = f"x 2 x {args.seq_len}"
-    for label, calib in ((f"quaff default, previous calibration (apache-2.0 alone, {len(apache)} {window})", apache),
-                         (f"quaff default, corpus {len(corpus)} {window}", corpus)):
+    previous = f"quaff default, previous calibration (apache-2.0 alone, {len(apache)} {window})"
+    runs = [(previous, apache)] if args.previous else []
+    for label, calib in runs + [(f"quaff default, corpus {len(corpus)} {window}", corpus)]:
         model, stats, (calib_s, transform_s) = quantized(fp.model, QuaffConfig(), calib)
         rows[label] = evaluate(model)
         info[label] = {"calibration_s": round(calib_s, 1), "transform_s": round(transform_s, 1),
