@@ -11,13 +11,24 @@ from quaff_fx.onnx_export import export_onnx, onnx_logits
 from quaff_fx.transform import load_quantized
 
 
-def test_export_matches_pytorch_and_stores_int8_weights(artifact, tmp_path):
-    loaded, _ = load_quantized(artifact)
+@pytest.fixture(scope="module")
+def exported(artifact, tmp_path_factory):
+    """`quaff-fx export-onnx` of the session artifact, run as a user runs it (its own process): the one export
+    of the fast tests; the file and the finished process."""
+    out = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    proc = subprocess.run([sys.executable, "-m", "quaff_fx.cli", "export-onnx", str(artifact), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_export_matches_pytorch_and_stores_int8_weights(artifact, exported):
     from quaff_fx import QuaffLinear
 
+    loaded, _ = load_quantized(artifact)
     layers = [m for m in loaded.model.modules() if isinstance(m, QuaffLinear)]
     assert layers and all(m.inv_smooth is not None for m in layers)  # the default preset: 1/s inside each op
-    path = export_onnx(loaded.model, tmp_path / "m.onnx")
+    path, _ = exported
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     ops = {n.op_type for n in model.graph.node}
@@ -34,9 +45,8 @@ def test_export_matches_pytorch_and_stores_int8_weights(artifact, tmp_path):
 
 
 def test_cli_export_and_bad_inputs(artifact, tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "cli.onnx"
-    assert main(["export-onnx", str(artifact), "--out", str(out)]) == 0
-    assert "passes onnx.checker" in capsys.readouterr().out and out.is_file()
+    out = tmp_path / "cli.onnx"  # the successful export: test_cli_export_is_quiet_names_its_phases_and_judges
+    out.write_bytes(b"")
     assert main(["export-onnx", str(tiny_model_dir), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "not a quaff-fx artifact folder" in capsys.readouterr().err
     assert main(["export-onnx", str(artifact), "--out", str(tmp_path / "y.onnx"), "--opset", "9"]) == 2
@@ -73,13 +83,11 @@ def test_export_gives_a_verdict_on_the_logit_difference(artifact, tmp_path, monk
         assert check["verdict"] == verdict, (verdict, check)
 
 
-def test_cli_export_is_quiet_names_its_phases_and_judges(artifact, tmp_path):
+def test_cli_export_is_quiet_names_its_phases_and_judges(artifact, exported):
     """As a user runs it: no torchvision or FutureWarning noise, a line per phase, a verdict (23.6, 23.7, 23.8)."""
-    out = tmp_path / "m.onnx"
-    proc = subprocess.run([sys.executable, "-m", "quaff_fx.cli", "export-onnx", str(artifact), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    out, proc = exported
     assert "torchvision" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    assert "passes onnx.checker" in proc.stdout and out.is_file()
     assert proc.stderr.splitlines() == [
         f"quaff-fx: loading {artifact}",
         "quaff-fx: exporting to ONNX opset 18 and checking the file (minutes for SmolLM2)",
