@@ -113,11 +113,11 @@ def phase(message: str) -> None:
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" for options with a real default (not None/False, not already named in the help)."""
+    """Shows "(default: X)" for options with a real default (not None/False/"", not already named in the help)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+        if action.default in (None, False, "", argparse.SUPPRESS) or "default" in help_text:
             return help_text
         return super()._get_help_string(action)
 
