@@ -1,10 +1,9 @@
 """Annotate every eligible Linear node with its outlier channels (``node.meta["quaff"]``)."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch.fx import GraphModule
 
+from quaff_fx.annotation import QuaffAnnotation, SmoothSpec, annotation_of
 from quaff_fx.calibration import CalibrationStats
 from quaff_fx.capture import META_KEY, find_linears, quaff_sites, unmatched_linears
 from quaff_fx.config import QuaffConfig
@@ -30,7 +29,7 @@ class AnnotateOutliers(QuaffPass):
         self.stats.check_matches(sites + quaff_sites(gm))
         dtype_bytes = _dtype_bytes(gm)
         groups = sibling_groups([s for s in sites if self.config.eligible(s.module_name) and s.module_name in self.stats.layers])
-        shared_w_max: dict = {}  # input node -> the group's column max, computed once per group
+        shared: dict = {}  # input node -> the group's one SmoothSpec (siblings share the object)
         for site in sites:
             row = {"node": site.node.name, "module": site.module_name, "in_features": site.in_features, "out_features": site.out_features}
             layer = self.stats.layers.get(site.module_name)
@@ -41,32 +40,30 @@ class AnnotateOutliers(QuaffPass):
                 report.add(**row, status="skipped: no calibration stats")
                 continue
             outliers = self.stats.outliers(site.module_name, self.config.outliers)
-            annotation = {"module": site.module_name, "outliers": outliers.tolist(),
-                          "act_max": layer.max_abs.index_select(0, outliers).tolist(),
-                          "max_mean_ratio": layer.max_mean_ratio()}
-            if self.config.weight_rounding == "gptq":
-                if self.stats.batches is None:
-                    raise QuaffError("GPTQ rounding (the default) gathers XᵀX from the calibration batches, which these stats do not "
-                                     "hold (read from a file, or calibrated with keep_batches=False): calibrate in the same run "
-                                     "(quaff-fx transform does; with --stats it re-reads --calib), or use --weight-rounding nearest")
-                annotation["gptq"] = True
+            gptq = self.config.weight_rounding == "gptq"
+            if gptq and self.stats.batches is None:
+                raise QuaffError("GPTQ rounding (the default) gathers XᵀX from the calibration batches, which these stats do not "
+                                 "hold (read from a file, or calibrated with keep_batches=False): calibrate in the same run "
+                                 "(quaff-fx transform does; with --stats it re-reads --calib), or use --weight-rounding nearest")
             alpha = self._alpha(site.module_name)
-            if alpha is not None:
-                annotation.update(act_max_all=layer.max_abs.tolist(), smooth_alpha=alpha)
-                if self.config.smooth_shared:
-                    if site.input_node not in shared_w_max:
-                        shared_w_max[site.input_node] = column_max(group_weights(gm, groups[site.input_node])).tolist()
-                    annotation["smooth_w_max"] = shared_w_max[site.input_node]
-            if site.node.meta.get(META_KEY) != annotation:
+            smooth = None
+            if alpha is not None and self.config.smooth_shared:
+                smooth = shared.get(site.input_node)
+                if smooth is None or smooth.alpha != alpha:
+                    smooth = shared[site.input_node] = SmoothSpec(alpha, column_max(group_weights(gm, groups[site.input_node])))
+            elif alpha is not None:
+                smooth = SmoothSpec(alpha)
+            annotation = QuaffAnnotation(site.module_name, outliers, layer.max_abs, layer.max_mean_ratio(), smooth, gptq)
+            if not annotation.same_choice(annotation_of(site.node)):
                 site.node.meta[META_KEY] = annotation
                 modified = True
             k = outliers.numel()
             before = site.in_features * site.out_features * dtype_bytes
             after = quaff_bytes(site.in_features, site.out_features, k, dtype_bytes)
-            report.add(**row, outliers=k, outlier_ratio=k / site.in_features, max_mean_ratio=annotation["max_mean_ratio"],
+            report.add(**row, outliers=k, outlier_ratio=k / site.in_features, max_mean_ratio=annotation.max_mean_ratio,
                        smooth_alpha="off" if alpha is None else alpha,
                        bytes_before=before, bytes_after=after, bytes_saved=before - after,
-                       outlier_bytes=k * site.out_features * dtype_bytes, status="annotated", outlier_channels=annotation["outliers"])
+                       outlier_bytes=k * site.out_features * dtype_bytes, status="annotated", outlier_channels=outliers.tolist())
         for node in unmatched_linears(gm):
             report.add(node=node.name, module="", status="skipped: not a Linear on a parameter (e.g. a computed weight)")
         return QuaffPassResult(gm, modified, report)
@@ -88,6 +85,6 @@ def _dtype_bytes(gm: GraphModule) -> int:
     return 4
 
 
-def annotations(gm: GraphModule) -> dict[str, dict[str, Any]]:
+def annotations(gm: GraphModule) -> dict[str, QuaffAnnotation]:
     """module name -> annotation, for every annotated node of ``gm`` (rewritten or not)."""
-    return {n.meta[META_KEY]["module"]: n.meta[META_KEY] for n in gm.graph.nodes if "outliers" in n.meta.get(META_KEY, {})}
+    return {a.module: a for n in gm.graph.nodes if (a := annotation_of(n)) is not None}

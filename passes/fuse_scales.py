@@ -42,13 +42,19 @@ def quaff_sites(gm: GraphModule, constants: dict[Node, torch.Tensor] | None = No
     prefix, sites = module_prefix(gm), []
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), QuaffLinear):
-            sites.append(QuaffSite(node, mod, node.meta.get(META_KEY, {}).get("module", node.target[len(prefix):])))
+            sites.append(QuaffSite(node, mod, _module_name(node) or node.target[len(prefix):]))
         elif node.op == "call_function" and node.target in QUAFF_OPS:
             args = op_arguments(node)[1:]  # from_parts takes them in the op's order
             values = [_constant(gm, a, constants or {}) if isinstance(a, Node) else a for a in args]
             if all(v is not None for v, a in zip(values, args) if a is not None):  # every tensor given is known
                 sites.append(QuaffSite(node, QuaffLinear.from_parts(*values), _op_site_name(gm, args[0], node)))
     return sites
+
+
+def _module_name(node: Node) -> str | None:
+    """The module name a pass recorded on the node (its QuaffAnnotation, or a fused node's record)."""
+    meta = node.meta.get(META_KEY)
+    return getattr(meta, "module", None) or (meta.get("module") if isinstance(meta, dict) else None)
 
 
 def _op_site_name(gm: GraphModule, w_int8: Node, node: Node) -> str:

@@ -1,136 +1,156 @@
 """Replace every annotated Linear node with a call to a QuaffLinear module."""
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule, Node
 
-from quaff_fx.capture import META_KEY, LinearSite, find_linears, module_prefix, weight_and_bias
+from quaff_fx.annotation import QuaffAnnotation, annotation_of
 from quaff_fx.calibration import CalibrationStats
+from quaff_fx.capture import META_KEY, LinearSite, find_linears, module_prefix, weight_and_bias
 from quaff_fx.config import QuaffConfig
 from quaff_fx.errors import QuaffError
 from quaff_fx.hf import set_submodule
 from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.report import PassReport, quaff_bytes
-from quaff_fx.rounding import GPTQ_MEMORY, chunks, gather_xtx, gptq_round, seen_hessian
+from quaff_fx.rounding import chunks, default_budget, gather_xtx, gptq_round_many, seen_hessian
 
 
-def build_quaff_linear(weight: torch.Tensor, bias: torch.Tensor | None, annotation: dict[str, Any], config: QuaffConfig,
-                       stats: CalibrationStats | None = None, round_gptq: bool = True) -> QuaffLinear:
-    """The QuaffLinear for one annotated layer; shared by the graph rewrite and the live-model swap. Where the
-    annotation asks for GPTQ rounding, the int8 codes the graph rewrite rounded for this layer are taken from
-    ``stats`` (``round_gptq=False``: left at round-to-nearest, for the caller to round)."""
-    act_max = None
-    if "act_max_all" in annotation:
-        act_max = torch.tensor(annotation["act_max_all"])
-    elif annotation["outliers"]:
-        act_max = torch.zeros(weight.shape[1])
-        act_max[annotation["outliers"]] = torch.tensor(annotation["act_max"])
-    smooth = annotation.get("smooth_alpha") if "act_max_all" in annotation else None
-    w_max = torch.tensor(annotation["smooth_w_max"]) if smooth is not None and "smooth_w_max" in annotation else None
-    mod = QuaffLinear.from_weight(weight, bias, annotation["outliers"], act_max, config.weight_granularity,
-                                  config.momentum, config.exact_grad, smooth, w_max)
-    if annotation.get("gptq") and round_gptq:
-        key, codes = (stats.gptq_codes.get(annotation["module"]) if stats is not None else None) or (None, None)
-        if key != _codes_key(annotation, config):
-            raise QuaffError(f"layer {annotation['module']!r} asks for GPTQ rounding, which the graph rewrite does (it needs the "
-                             "graph to gather XᵀX): run RewriteLinear with these stats first, or use weight_rounding='nearest'")
-        mod.w_int8.copy_(codes)
-    return mod
-
-
-def _codes_key(annotation: dict[str, Any], config: QuaffConfig) -> str:
-    """What the rounded codes depend on: the annotation (outliers, scales, smoothing) and the weight granularity."""
-    return json.dumps([{k: v for k, v in annotation.items() if k != "rewritten"}, config.weight_granularity], sort_keys=True)
-
-
-def round_gptq_(gm: GraphModule, layers: list[tuple[LinearSite, torch.Tensor, QuaffLinear]], stats: CalibrationStats,
-                budget: int = GPTQ_MEMORY) -> tuple[int, dict[str, dict[str, float]]]:
-    """GPTQ-round the int8 weights of ``layers`` (site, FP weight, its QuaffLinear) in place, gathering XᵀX from
-    the calibration batches on the not yet rewritten ``gm`` a chunk of inputs at a time; returns the chunks run and
-    the seconds per layer (``xtx_s``: its share of its chunk's XᵀX gathering, ``gptq_s``: its rounding)."""
-    by_input: dict[Node, list[tuple[LinearSite, torch.Tensor, QuaffLinear]]] = {}
-    for layer in layers:
-        by_input.setdefault(layer[0].input_node, []).append(layer)
+def round_gptq_(gm: GraphModule, sites: list[LinearSite], stats: CalibrationStats, build: Callable[[LinearSite], QuaffLinear],
+                budget: int | None = None, offload: bool = False) -> tuple[int, dict[str, dict[str, float]]]:
+    """Build (``build(site)``) and GPTQ-round the QuaffLinears of ``sites``, gathering XᵀX from the calibration
+    batches a chunk of inputs at a time (at most ``budget`` bytes of it, default by device); the layers of a chunk
+    are built when it comes and rounded together, batched by input width. Returns the chunks run and the seconds per
+    layer (``xtx_s``: its share of its chunk's XᵀX gathering, ``gptq_s``: its share of building and rounding).
+    ``offload``: each chunk's layers go to the CPU once rounded."""
+    by_input: dict[Node, list[LinearSite]] = {}
+    for site in sites:
+        by_input.setdefault(site.input_node, []).append(site)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = sorted(by_input, key=order.__getitem__)
-    parts = chunks(nodes, {n: by_input[n][0][0].in_features for n in nodes}, budget)
+    device = weight_and_bias(gm, sites[0])[0].device
+    parts = chunks(nodes, {n: by_input[n][0].in_features for n in nodes}, budget or default_budget(device))
     seconds: dict[str, dict[str, float]] = {}
     for part in parts:
         t0 = time.perf_counter()
         xtx = gather_xtx(gm, part, stats.batches)
-        share = (time.perf_counter() - t0) / sum(len(by_input[n]) for n in part)
-        for node in part:
-            h_x = xtx.pop(node)
-            for site, weight, mod in by_input[node]:
-                t1 = time.perf_counter()
-                h = seen_hessian(h_x, mod.input_scale(torch.float64))
-                seen = weight.detach().float() if mod.inv_smooth is None else weight.detach().float() / mod.inv_smooth[None, :]
-                mod.w_int8.copy_(gptq_round(seen, h.to(weight.device), mod.w_scale))
-                seconds[site.module_name] = {"xtx_s": share, "gptq_s": time.perf_counter() - t1}
-            del h_x
+        t1 = time.perf_counter()
+        jobs = [(site, weight_and_bias(gm, site)[0], xtx[node]) for node in part for site in by_input[node]]
+        for group in _batches(jobs):
+            mods = [build(site) for site, _, _ in group]
+            seen = [w.detach().float() if m.inv_smooth is None else w.detach().float() / m.inv_smooth[None, :]
+                    for (_, w, _), m in zip(group, mods)]
+            hessians = [seen_hessian(h, m.input_scale()) for (_, _, h), m in zip(group, mods)]
+            codes = gptq_round_many(seen, hessians, [m.w_scale for m in mods])
+            del seen, hessians
+            for mod, c in zip(mods, codes):
+                mod.w_int8.copy_(c)
+                if offload:
+                    mod.to("cpu")
+        del xtx, jobs
+        n = sum(len(by_input[x]) for x in part)
+        xtx_s, gptq_s = (t1 - t0) / n, (time.perf_counter() - t1) / n
+        seconds.update({site.module_name: {"xtx_s": xtx_s, "gptq_s": gptq_s} for x in part for site in by_input[x]})
     return len(parts), seconds
+
+
+GPTQ_BATCH_BYTES = 1 << 30  # float32 weight copies rounded at once (rows padded to the widest of the batch)
+
+
+def _batches(jobs: list) -> list[list]:
+    """Jobs (site, FP weight, XᵀX) of one input width rounded together, similar row counts side by side, at most
+    ``GPTQ_BATCH_BYTES`` of weight copies and Hessians per batch (a single larger layer alone)."""
+    out: list[list] = []
+    by_width: dict[int, list] = {}
+    for job in jobs:
+        by_width.setdefault(job[1].shape[1], []).append(job)
+    for width, group in by_width.items():
+        group.sort(key=lambda j: -j[1].shape[0])
+        current: list = []
+        for job in group:
+            rows = current[0][1].shape[0] if current else job[1].shape[0]  # the widest comes first
+            if current and (len(current) + 1) * (rows * width * 4 * 3 + width * width * 4 * 3) > GPTQ_BATCH_BYTES:
+                out.append(current)
+                current = []
+            current.append(job)
+        out.append(current)
+    return out
 
 
 class RewriteLinear(QuaffPass):
     """Each annotated ``aten.linear`` / ``nn.Linear`` node becomes ``call_module`` on a QuaffLinear installed
-    at the Linear's own path; the FP weight is dropped from the graph module."""
+    at the Linear's own path; the FP weight is dropped from the graph module. The QuaffLinear is built from the
+    node's annotation (``QuaffLinear.from_annotation``), GPTQ-rounded where it asks, and kept on the annotation
+    (``annotation.layer``): the live-model swap takes it from there. ``offload``: keep the built layers on the CPU
+    until the swap (on a GPU, the FP model and all its int8 layers never share its memory)."""
 
     name = "rewrite_linear"
 
-    def __init__(self, config: QuaffConfig | None = None, stats: CalibrationStats | None = None, gptq_memory: int = GPTQ_MEMORY):
-        self.config, self.stats, self.gptq_memory = config or QuaffConfig(), stats, gptq_memory
+    def __init__(self, config: QuaffConfig | None = None, stats: CalibrationStats | None = None, gptq_memory: int | None = None,
+                 offload: bool = False):
+        self.config, self.stats, self.gptq_memory, self.offload = config or QuaffConfig(), stats, gptq_memory, offload
 
     def call(self, gm: GraphModule) -> QuaffPassResult:
         report = PassReport(self.name)
-        prefix = module_prefix(gm)
-        todo = []
-        for site in find_linears(gm):
-            annotation = site.node.meta.get(META_KEY)
-            if annotation and "outliers" in annotation:
-                weight, bias = weight_and_bias(gm, site)
-                todo.append((site, annotation, weight, build_quaff_linear(weight, bias, annotation, self.config, round_gptq=False)))
-        gptq = [(site, weight, quaff) for site, annotation, weight, quaff in todo if annotation.get("gptq")]
-        if gptq:  # before any node is rewritten: XᵀX comes from the FP graph, whatever the chunking
+        todo = [(site, a) for site in find_linears(gm) if (a := annotation_of(site.node)) is not None]
+        gptq = [(site, a) for site, a in todo if a.gptq]
+        seconds: dict[str, dict[str, float]] = {}
+        if gptq:  # before any node is rewritten: XᵀX comes from the FP model, whatever the chunking
             if self.stats is None or self.stats.batches is None:
                 raise QuaffError("GPTQ rounding needs calibration stats that kept their batches (see AnnotateOutliers)")
-            chunks_run, seconds = round_gptq_(gm, gptq, self.stats, self.gptq_memory)
+            device = weight_and_bias(gm, gptq[0][0])[0].device
+            budget = self.gptq_memory or default_budget(device)
+            build = {site.node: a for site, a in gptq}
+            chunks_run, seconds = round_gptq_(gm, [site for site, _ in gptq], self.stats,
+                                              lambda site: self._build(gm, site, build[site.node]), budget, self.offload)
             report.notes.append(f"GPTQ rounding: {len(gptq)} layers, XᵀX gathered in {chunks_run} chunk(s) of at most "
-                                f"{self.gptq_memory >> 20} MiB")
-            self.stats.gptq_codes.update({site.module_name: (_codes_key(site.node.meta[META_KEY], self.config), quaff.w_int8)
-                                          for site, _, quaff in gptq})
-        else:
-            seconds = {}
-        for site, annotation, weight, quaff in todo:
-            # an exported graph was captured in eval mode (and cannot be switched); an fx graph keeps its mode
-            quaff.train(gm.training and gm.meta.get(META_KEY, {}).get("capture") == "fx")
-            path = prefix + site.module_name
-            set_submodule(gm, path, quaff)
-            node = site.node
-            if node.op == "call_function":
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_module(path, (site.input_node,))
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                dead = [a for a in node.args if isinstance(a, torch.fx.Node) and a is not site.input_node]
-                gm.graph.erase_node(node)
-                for a in dead:
-                    if not a.users:
-                        gm.graph.erase_node(a)
-                node = new
-            node.meta[META_KEY] = {**annotation, "rewritten": True}
-            k = len(annotation["outliers"])
+                                f"{budget >> 20} MiB")
+        for site, annotation in todo:
+            if not annotation.gptq:
+                self._build(gm, site, annotation)
+            weight = weight_and_bias(gm, site)[0]
+            self._rewrite(gm, site, annotation)
+            k = annotation.outliers.numel()
             before = weight.numel() * weight.element_size()
             after = quaff_bytes(site.in_features, site.out_features, k, weight.element_size())
-            report.add(node=node.name, module=site.module_name, in_features=site.in_features, out_features=site.out_features,
+            report.add(node=site.node.name, module=site.module_name, in_features=site.in_features, out_features=site.out_features,
                        outliers=k, bytes_before=before, bytes_after=after, bytes_saved=before - after,
                        outlier_bytes=k * site.out_features * weight.element_size(), status="rewritten",
-                       **{k: round(v, 4) for k, v in seconds.get(site.module_name, {}).items()})
+                       **{key: round(v, 4) for key, v in seconds.get(site.module_name, {}).items()})
         modified = bool(report.rows)
         if modified:
             gm.graph.eliminate_dead_code()
         return QuaffPassResult(gm, modified, report)
+
+    def _build(self, gm: GraphModule, site: LinearSite, annotation: QuaffAnnotation) -> QuaffLinear:
+        """The layer's QuaffLinear (rounded to nearest), on its annotation; on the CPU with ``offload`` unless GPTQ
+        still has to round it (round_gptq_ offloads it after)."""
+        weight, bias = weight_and_bias(gm, site)
+        annotation.layer = QuaffLinear.from_annotation(weight, bias, annotation, self.config)
+        if self.offload and not annotation.gptq:
+            annotation.layer.to("cpu")
+        return annotation.layer
+
+    def _rewrite(self, gm: GraphModule, site: LinearSite, annotation: QuaffAnnotation) -> None:
+        quaff = annotation.layer
+        # an exported graph was captured in eval mode (and cannot be switched); an fx graph keeps its mode
+        quaff.train(gm.training and gm.meta.get(META_KEY, {}).get("capture") == "fx")
+        path = module_prefix(gm) + site.module_name
+        set_submodule(gm, path, quaff)
+        node = site.node
+        if node.op == "call_function":
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(path, (site.input_node,))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            dead = [a for a in node.args if isinstance(a, torch.fx.Node) and a is not site.input_node]
+            gm.graph.erase_node(node)
+            for a in dead:
+                if not a.users:
+                    gm.graph.erase_node(a)
+            node = new
+        annotation.rewritten = True
+        node.meta[META_KEY] = annotation

@@ -1,9 +1,14 @@
-"""Calibration: stream batches through a captured graph and record, for every Linear input and per
-channel, max|x|, mean|x| and how often the channel was an outlier. No activation is kept."""
+"""Calibration: stream batches through the model and record, for every Linear input and per channel, max|x|,
+mean|x| and how often the channel was an outlier (on the model's device). The captured graph names the layers;
+the live model runs with observers as forward pre-hooks (``quaff_fx.observers``); only when the live model is gone
+is the graph run node by node. Activations are not kept, except a few sampled rows per input when the smoothing
+search needs them."""
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -12,6 +17,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from .capture import LinearSite, device_of, find_linears, on_device
 from .config import OutlierConfig
 from .errors import QuaffError
+from .observers import input_hooks, live_model, run
 from .outliers import batch_counts, select
 
 STATS_FORMAT = "quaff-fx/calibration-stats"
@@ -36,6 +42,11 @@ class LayerStats:
         return cls(in_features, out_features, torch.zeros(in_features), torch.zeros(in_features, dtype=torch.float64),
                    torch.zeros(HALVES, in_features, dtype=torch.long))
 
+    def to_(self, device: torch.device | str) -> "LayerStats":
+        """Move the running statistics to ``device`` (in place)."""
+        self.max_abs, self.sum_abs, self.counts = (t.to(device) for t in (self.max_abs, self.sum_abs, self.counts))
+        return self
+
     @property
     def mean_abs(self) -> torch.Tensor:
         return (self.sum_abs / max(self.tokens, 1)).float()
@@ -58,9 +69,8 @@ class CalibrationStats:
     outlier_config: OutlierConfig
     info: dict[str, Any] = field(default_factory=dict)  # batches, seq_len, data source, model name, seconds
     # in memory only, never saved: the calibration batches, from which GPTQ rounding gathers XᵀX chunk by chunk
-    # (see quaff_fx.rounding), and the int8 codes it rounded, by module name, for the live model's twin layers
+    # (see quaff_fx.rounding)
     batches: list[Any] | None = field(default=None, repr=False)
-    gptq_codes: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def outliers(self, name: str, cfg: OutlierConfig | None = None) -> torch.Tensor:
         """Outlier channels of layer ``name`` under ``cfg`` (default: the calibration's own config)."""
@@ -147,38 +157,44 @@ class CalibrationStats:
         return json.dumps(self.metadata(), indent=1)
 
 
-class _Observer(Interpreter):
-    """Runs the graph node by node and feeds each observed Linear's input to its LayerStats."""
+class _Recorder:
+    """Feeds each observed Linear's input to its LayerStats (on the input's device) and samples rows per input."""
 
-    def __init__(self, gm: GraphModule, observed: dict[Node, tuple[str, Node]], stats: dict[str, LayerStats], cfg: OutlierConfig,
-                 rows_per_batch: int = 0):
-        super().__init__(gm)
-        self.batch_of: dict[Node, int] = {}  # the last batch each input node was seen in (siblings share an input)
-        self.observed, self.stats, self.cfg = observed, stats, cfg
-        self.half = 0
-        self.rows_per_batch, self.batch_index = rows_per_batch, 0
+    def __init__(self, stats: dict[str, LayerStats], cfg: OutlierConfig, rows_per_batch: int = 0):
+        self.stats, self.cfg, self.rows_per_batch = stats, cfg, rows_per_batch
+        self.half, self.batch_index = 0, 0
+        self.batch_of: dict[Node, int] = {}  # the last batch each input node was sampled in (siblings share an input)
         self.rows: dict[Node, list[torch.Tensor]] = {}  # sampled input rows per input node, for the smoothing search
 
-    def run_node(self, n: Node) -> Any:
-        seen = self.observed.get(n)
-        if seen is not None:
-            name, input_node = seen
-            self._record(name, self.env[input_node])
-            if self.rows_per_batch and self.batch_of.get(input_node) != self.batch_index:  # once per input and batch
-                self.batch_of[input_node] = self.batch_index
-                self.rows.setdefault(input_node, []).append(_spread_rows(self.env[input_node], self.rows_per_batch))
-        return super().run_node(n)
-
-    def _record(self, name: str, x: torch.Tensor) -> None:
+    def record(self, name: str, input_node: Node, x: torch.Tensor) -> None:
         layer = self.stats[name]
         x2d = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x2d).all():
             raise QuaffError(f"the input of {name!r} holds NaN or Inf during calibration; check the model and the calibration text")
+        if layer.max_abs.device != x2d.device:
+            layer.to_(x2d.device)
         ax = x2d.abs()
-        torch.maximum(layer.max_abs, ax.amax(0).cpu(), out=layer.max_abs)
-        layer.sum_abs += ax.sum(0, dtype=torch.float64).cpu()
-        layer.counts[self.half] += batch_counts(x2d, self.cfg).cpu()
+        torch.maximum(layer.max_abs, ax.amax(0), out=layer.max_abs)
+        layer.sum_abs += ax.sum(0, dtype=torch.float64)
+        layer.counts[self.half] += batch_counts(x2d, self.cfg)
         layer.tokens += x2d.shape[0]
+        if self.rows_per_batch and self.batch_of.get(input_node) != self.batch_index:  # once per input and batch
+            self.batch_of[input_node] = self.batch_index
+            self.rows.setdefault(input_node, []).append(_spread_rows(x, self.rows_per_batch))
+
+
+class _GraphObserver(Interpreter):
+    """Runs the graph node by node and records each observed Linear's input (when the live model is gone)."""
+
+    def __init__(self, gm: GraphModule, observed: dict[Node, tuple[str, Node]], recorder: _Recorder):
+        super().__init__(gm)
+        self.observed, self.recorder = observed, recorder
+
+    def run_node(self, n: Node) -> Any:
+        seen = self.observed.get(n)
+        if seen is not None:
+            self.recorder.record(seen[0], seen[1], self.env[seen[1]])
+        return super().run_node(n)
 
 
 def _spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -206,24 +222,33 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
         raise QuaffError("the model has no eligible Linear layer to calibrate (check --include/--exclude)")
     stats = {s.module_name: LayerStats.empty(s.in_features, s.out_features) for s in sites}
     per_batch = -(-sample_rows // max(n_batches or 1, 1)) if smooth_grid else 0
-    observer = _Observer(gm, {s.node: (s.module_name, s.input_node) for s in sites}, stats, cfg, per_batch)
-    seen, device, kept = 0, device_of(gm), []
+    recorder = _Recorder(stats, cfg, per_batch)
+    model = live_model(gm, sites)
+    if model is not None:  # an ordinary run of the live model, observers as forward pre-hooks
+        hooks = input_hooks(model, {s.module_name: partial(recorder.record, s.module_name, s.input_node) for s in sites})
+        runner, device = partial(run, model), device_of(model)
+    else:
+        observer = _GraphObserver(gm, {s.node: (s.module_name, s.input_node) for s in sites}, recorder)
+        hooks, runner, device = nullcontext(), lambda batch, dev: observer.run(on_device(batch, dev)), device_of(gm)
+    seen, kept = 0, []
     iterable = progress(batches) if progress else batches
-    with torch.no_grad():
+    with torch.no_grad(), hooks:
         for i, batch in enumerate(iterable):
             if keep_batches:
                 kept.append(batch)
-            observer.half = 0 if n_batches is None or i < max(n_batches // 2, 1) else 1
-            observer.batch_index = i
-            observer.run(on_device(batch, device))
+            recorder.half = 0 if n_batches is None or i < max(n_batches // 2, 1) else 1
+            recorder.batch_index = i
+            runner(batch, device)
             seen += 1
+    for layer in stats.values():
+        layer.to_("cpu")
     if seen == 0:
         raise QuaffError("calibration got no batch")
     result = CalibrationStats(stats, cfg, {"batches": seen}, kept if keep_batches else None)
     if smooth_grid:
         from . import smoothing
 
-        rows = {node: torch.cat(parts)[:sample_rows] for node, parts in observer.rows.items()}
+        rows = {node: torch.cat(parts)[:sample_rows] for node, parts in recorder.rows.items()}
         smoothing.search(gm, sites, result, rows, cfg, list(smooth_grid))
         result.info.update({"smooth_grid": list(smooth_grid), "smooth_rows": min(sample_rows, max((len(r) for r in rows.values()), default=0))})
     return result

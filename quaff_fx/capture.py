@@ -7,6 +7,8 @@ Plain modules go through ``torch.fx.symbolic_trace``, falling back to export whe
 from __future__ import annotations
 
 import inspect
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -70,8 +72,10 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] | None = None, dynam
     except Exception as fx_error:  # fx fails on data-dependent control flow: try export
         if example_inputs is None:
             raise QuaffError(f"torch.fx could not trace {type(model).__name__} ({fx_error}); pass example_inputs so torch.export can") from None
-        return _export(model, tuple(example_inputs), None, prefix="")
-    gm.meta[META_KEY] = {"capture": "fx", "prefix": ""}
+        gm = _export(model, tuple(example_inputs), None, prefix="")
+        gm.meta[META_KEY]["source"] = weakref.ref(model)
+        return gm
+    gm.meta[META_KEY] = {"capture": "fx", "prefix": "", "source": weakref.ref(model)}
     return gm
 
 
@@ -89,8 +93,17 @@ def _capture_hf(model: nn.Module, example_inputs: Sequence[Any] | None, dynamic:
     was_training = model.training
     model.eval()
     try:
-        gm = _export(_HFOutput(model), example_inputs, shapes, prefix=WRAPPER_PREFIX)
-        gm.meta[META_KEY]["max_seq_len"] = limit
+        try:
+            gm = _export(_HFOutput(model), example_inputs, shapes, prefix=WRAPPER_PREFIX)
+        except QuaffError as exc:
+            if shapes is None:
+                raise
+            gm = _export(_HFOutput(model), example_inputs, None, prefix=WRAPPER_PREFIX)
+            shape = "x".join(str(d) for d in example_inputs[0].shape)
+            note = f"dynamic shapes did not export ({str(exc.__cause__ or exc).splitlines()[0][:160]}); captured for {shape} inputs"
+            print(f"quaff-fx: note: {note}", file=sys.stderr)
+            gm.meta[META_KEY]["static_shape_note"] = note
+        gm.meta[META_KEY].update(max_seq_len=limit, source=weakref.ref(model))
         return gm
     finally:
         model.train(was_training)

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import QuaffConfig
+from .annotation import QuaffAnnotation
+from .config import MOMENTUM, QuaffConfig
 from .errors import QuaffError
 from .quaff_linear import QuaffLinear
 
@@ -26,11 +27,10 @@ def eligible_linears(model: nn.Module, config: QuaffConfig) -> list[str]:
     return [n for n, m in model.named_modules() if fp_linear(m) is not None and config.eligible(n)]
 
 
-def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], config: QuaffConfig, stats=None) -> list[str]:
-    """Replace each annotated nn.Linear of ``model`` by its QuaffLinear, in place; returns the names.
-    ``stats``: the calibration, where an annotation asks for GPTQ rounding."""
-    from quaff_fx.passes import build_quaff_linear
-
+def quantize_model_(model: nn.Module, annotations: dict[str, QuaffAnnotation], config: QuaffConfig) -> list[str]:
+    """Replace each annotated nn.Linear of ``model`` by a QuaffLinear built from its annotation, in place; returns
+    the names. Where an annotation asks for GPTQ rounding, the int8 codes are those of the layer the graph rewrite
+    built (``annotation.layer``): GPTQ needs the graph's XᵀX."""
     swapped = []
     for name, annotation in annotations.items():
         try:
@@ -42,7 +42,13 @@ def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], co
         wb = fp_linear(linear)
         if wb is None:
             raise QuaffError(f"layer {name!r} is a {type(linear).__name__}, not an nn.Linear")
-        set_submodule(model, name, build_quaff_linear(wb[0], wb[1], annotation, config, stats).train(linear.training))
+        layer = QuaffLinear.from_annotation(wb[0], wb[1], annotation, config)
+        if annotation.gptq:
+            if annotation.layer is None:
+                raise QuaffError(f"layer {name!r} asks for GPTQ rounding, which the graph rewrite does (it gathers XᵀX): run "
+                                 "RewriteLinear on the annotated graph first, or use weight_rounding='nearest'")
+            layer.w_int8.copy_(annotation.layer.w_int8)
+        set_submodule(model, name, layer.train(linear.training))
         swapped.append(name)
     return swapped
 
@@ -50,8 +56,9 @@ def quantize_model_(model: nn.Module, annotations: dict[str, dict[str, Any]], co
 def naive_w8a8_(model: nn.Module, config: QuaffConfig | None = None) -> list[str]:
     """The baseline: the same int8 scheme with no outlier handling, on every eligible Linear."""
     config = config or QuaffConfig()
-    empty = {"outliers": [], "act_max": []}
-    return quantize_model_(model, {n: empty for n in eligible_linears(model, config)}, config)
+    names = eligible_linears(model, config)
+    return quantize_model_(model, {n: QuaffAnnotation(n, torch.zeros(0, dtype=torch.long), torch.zeros(0), 0.0) for n in names},
+                           config)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -60,8 +67,9 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    """Put empty QuaffLinears of the recorded shapes in place, ready for ``load_state_dict``."""
+def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]], granularity: str = "channel") -> None:
+    """Put empty QuaffLinears of the recorded shapes in place, ready for ``load_state_dict``. ``granularity``: the
+    weight granularity of layers whose spec does not record it (artifacts written before it did: the config's)."""
     for name, spec in layers.items():
         try:
             linear = model.get_submodule(name)
@@ -73,8 +81,9 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
         weight, bias = wb
         set_submodule(model, name, QuaffLinear(spec["in_features"], spec["out_features"], len(spec["outliers"]),
                                                bias is not None, weight.dtype, weight.device,
-                                               spec.get("momentum", 0.9), spec.get("exact_grad", False),
-                                               spec.get("smoothed", False)).train(linear.training))
+                                               spec.get("momentum", MOMENTUM), spec.get("exact_grad", False),
+                                               spec.get("smoothed", False),
+                                               spec.get("weight_granularity", granularity)).train(linear.training))
 
 
 def register_peft(peft_config):

@@ -26,6 +26,8 @@ MODEL_FORMAT = "quaff-fx/model"
 MODEL_VERSION = 1
 MANIFEST = "quaff.json"
 WEIGHTS = "model.safetensors"
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+SHARD_BYTES = 2 << 30  # weights larger than this are written as shards of about this size
 STATS = "stats.safetensors"
 
 
@@ -101,7 +103,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; any damage becomes a QuaffError."""
     from safetensors import safe_open
 
@@ -110,7 +112,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return load_file(str(path)), meta
+        return load_file(str(path), device=str(device or "cpu")), meta
     except Exception as exc:  # safetensors raises several types on damaged files; all mean the same here
         raise QuaffError(f"{str(path)!r} is not a readable safetensors file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
@@ -154,21 +156,45 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def save_quantized(model: nn.Module, out: str | Path, manifest: dict[str, Any], stats: CalibrationStats | None = None,
-                   tokenizer=None, force: bool = False) -> Path:
-    """Write a quantized HF model as an artifact folder; ``manifest`` holds source, config, layers, reports."""
+                   tokenizer=None, force: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a quantized HF model as an artifact folder; ``manifest`` holds source, config, layers, reports. The
+    weights go to ``model.safetensors``, or, past ``shard_bytes``, to shards ``model-0000i-of-0000n.safetensors``
+    (tensors may stay on the GPU: each is copied to the host as its shard is written)."""
     state, aliases = _dedupe(model.state_dict())
     full = {**manifest, "format": MODEL_FORMAT, "version": MODEL_VERSION, "aliases": aliases,
             "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in state.items()},
             "model_config": model.config.to_dict() if hasattr(model, "config") else None}
     with atomic_dir(out, force) as tmp:
-        save_file(state, str(tmp / WEIGHTS))
-        full["weights_sha256"] = sha256(tmp / WEIGHTS)
+        shards = _shards(state, shard_bytes)
+        if len(shards) == 1:
+            save_file(state, str(tmp / WEIGHTS))
+            full["weights_sha256"] = sha256(tmp / WEIGHTS)
+        else:
+            full["shards"] = {}
+            for i, names in enumerate(shards):
+                name = SHARD.format(i + 1, len(shards))
+                save_file({n: state[n] for n in names}, str(tmp / name))
+                full["shards"][name] = {"sha256": sha256(tmp / name), "tensors": names}
         if stats is not None:
             _write_stats(stats, tmp / STATS)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         write_json(tmp / MANIFEST, full)
     return Path(out)
+
+
+def _shards(state: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Tensor names split, in order, into runs of at most ``limit`` bytes (a larger tensor alone)."""
+    out: list[list[str]] = [[]]
+    used = 0
+    for name, t in state.items():
+        size = t.numel() * t.element_size()
+        if out[-1] and used + size > limit:
+            out.append([])
+            used = 0
+        out[-1].append(name)
+        used += size
+    return out
 
 
 def is_artifact(folder: str | Path) -> bool:
@@ -210,33 +236,99 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weight_files(manifest: dict[str, Any]) -> dict[str, str | None]:
+    """The artifact's weight files with the checksum the manifest recorded for each."""
+    shards = manifest.get("shards")
+    if isinstance(shards, dict) and shards:
+        return {name: spec.get("sha256") if isinstance(spec, dict) else None for name, spec in shards.items()}
+    return {WEIGHTS: manifest.get("weights_sha256")}
+
+
 def check_weights(folder: str | Path, manifest: dict[str, Any]) -> None:
-    """The weights file exists and has the checksum the manifest recorded (a flipped bit is caught here)."""
+    """The weights file(s) exist and have the checksums the manifest recorded (a flipped bit is caught here)."""
     folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise QuaffError(f"{str(folder / WEIGHTS)!r} is missing")
-    if manifest.get("weights_sha256") != sha256(folder / WEIGHTS):
-        raise QuaffError(f"{str(folder / WEIGHTS)!r} does not match the checksum in {MANIFEST}: "
-                         "the file is damaged or was edited")
+    for name, digest in weight_files(manifest).items():
+        if not (folder / name).is_file():
+            raise QuaffError(f"{str(folder / name)!r} is missing")
+        if digest != sha256(folder / name):
+            raise QuaffError(f"{str(folder / name)!r} does not match the checksum in {MANIFEST}: "
+                             "the file is damaged or was edited")
 
 
-def load_state_checked(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def load_state_checked(folder: Path, manifest: dict[str, Any], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The artifact's tensors, each checked against the manifest's shape and dtype; aliases filled in.
     The weights file must have the checksum the manifest recorded (a flipped bit is caught here)."""
     check_weights(folder, manifest)
-    state, _ = read_safetensors(folder / WEIGHTS)
+    state = {}
+    for name in weight_files(manifest):
+        state.update(read_safetensors(folder / name, device)[0])
     expected = manifest["tensors"]
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise QuaffError(f"{str(folder / WEIGHTS)!r} does not match {MANIFEST}: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise QuaffError(f"the weights of {str(folder)!r} do not match {MANIFEST}: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, spec in expected.items():
         t = state[name]
         if list(t.shape) != list(spec.get("shape", [])) or str(t.dtype).removeprefix("torch.") != spec.get("dtype"):
             raise QuaffError(f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, {MANIFEST} says {spec}")
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise QuaffError(f"tensor {name!r} in {str(folder / WEIGHTS)!r} holds NaN or Inf")
+            raise QuaffError(f"tensor {name!r} in {str(folder)!r} holds NaN or Inf")
     for alias, source in manifest.get("aliases", {}).items():
         if source not in state:
             raise QuaffError(f"alias {alias!r} points at {source!r}, which the artifact does not hold")
         state[alias] = state[source]
     return state
+
+
+def config_of(manifest: dict[str, Any]):
+    """The QuaffConfig an artifact was made with (``QuaffConfig.from_dict`` of its manifest's ``config``)."""
+    from .config import QuaffConfig
+
+    return QuaffConfig.from_dict(manifest["config"])
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load an artifact folder written by ``save_quantized``: (LoadedModel with the HF model and its QuaffLinears and
+    the tokenizer, the manifest). Needs no calibration data and no original weights. ``device``: where the model is
+    built and its tensors loaded (default the CPU); ``dtype``: the FP dtype (default: the saved one)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    try:
+        return _load_quantized(folder, manifest, dtype, device)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise QuaffError(f"{str(folder)!r}: the artifact's manifest is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _load_quantized(folder: Path, manifest: dict[str, Any], dtype: torch.dtype | None, device) -> tuple[Any, dict[str, Any]]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .hf import quaff_skeleton_
+    from .model_loading import LoadedModel
+
+    config = config_of(manifest)
+    cfg = dict(manifest["model_config"])
+    try:
+        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise QuaffError(f"{str(folder)!r}: cannot rebuild the model config ({exc})") from None
+    state = load_state_checked(folder, manifest, device)
+    dtype = dtype or _weights_dtype(state)
+    with torch.device(device or "cpu"):  # built where it will run: no second copy on the host
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    quaff_skeleton_(model, manifest["layers"], config.weight_granularity)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise QuaffError(f"{str(folder)!r}: the weights do not fit the model: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QuaffError(f"{str(folder / 'tokenizer')!r} cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
+    return LoadedModel(model, tokenizer, dict(manifest.get("source", {}))), manifest
+
+
+def _weights_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    for t in state.values():
+        if t.is_floating_point() and t.dim() == 2:
+            return t.dtype
+    return torch.float32

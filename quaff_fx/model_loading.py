@@ -51,12 +51,15 @@ def resolve_source(name: str | None) -> dict:
     return {"kind": "hf", "path": str(path.resolve()), "name": path.name}
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM and its tokenizer from the embedded default, a .gguf file or a HF folder."""
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from the embedded default, a .gguf file or a HF folder. ``device``: load
+    the weights (sharded safetensors included) straight onto it in ``dtype``, with no full copy in host memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(name)
     kwargs = {"gguf_file": source["gguf_file"]} if source["kind"] == "gguf" else {}
+    if device is not None:
+        kwargs["device_map"] = str(device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source["path"], **kwargs)

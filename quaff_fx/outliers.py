@@ -24,11 +24,11 @@ def batch_counts(x: torch.Tensor, cfg: OutlierConfig) -> torch.Tensor:
     if cfg.strategy == "zscore":
         std = x.std().clamp_min(torch.finfo(x.dtype).tiny)
         return ((x - x.mean()).abs() / std > cfg.threshold).sum(0)
-    counts = torch.zeros(channels, dtype=torch.long)
+    counts = torch.zeros(channels, dtype=torch.long, device=x.device)
     if cfg.strategy == "top_abs":
         k = min(cfg.cap(channels), channels)
         if k > 0:
-            counts[ax.amax(0).topk(k).indices.cpu()] = 1
+            counts[ax.amax(0).topk(k).indices] = 1
         return counts
     static = [c for c in cfg.channels if c < channels]
     counts[static] = 1

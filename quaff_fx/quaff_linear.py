@@ -1,14 +1,19 @@
 """QuaffLinear: an int8 Linear with Quaff's outlier scaling, the module the rewrite puts in place of nn.Linear."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.quaff)
+from .config import MOMENTUM
 from .distributed import global_max
 from .kernels.reference import outlier_scale, quantize_weight, smooth_factors
+
+if TYPE_CHECKING:
+    from .annotation import QuaffAnnotation
+    from .config import QuaffConfig
 
 
 class QuaffLinear(nn.Linear):
@@ -31,10 +36,11 @@ class QuaffLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None, momentum: float = 0.9, exact_grad: bool = False,
-                 smoothed: bool = False):
+                 dtype: torch.dtype = torch.float32, device=None, momentum: float = MOMENTUM, exact_grad: bool = False,
+                 smoothed: bool = False, weight_granularity: str = "channel"):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the FP weight
         self.in_features, self.out_features = in_features, out_features
+        self.weight_granularity = weight_granularity  # 'channel' | 'tensor': kept by add_delta_, recorded in artifacts
         self.momentum, self.exact_grad, self.prescaled = momentum, exact_grad, False
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -48,14 +54,14 @@ class QuaffLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, outlier_channels: Sequence[int] | torch.Tensor = (),
                     act_max: torch.Tensor | None = None, weight_granularity: str = "channel",
-                    momentum: float = 0.9, exact_grad: bool = False) -> "QuaffLinear":
+                    momentum: float = MOMENTUM, exact_grad: bool = False) -> "QuaffLinear":
         """Quantize ``linear``. ``act_max`` (max|x| per input channel from calibration) sets the initial
         scales; without it they start at 1 and are learned from the first training batches."""
         return cls.from_weight(linear.weight, linear.bias, outlier_channels, act_max, weight_granularity, momentum, exact_grad)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, outlier_channels=(), act_max=None,
-                    weight_granularity: str = "channel", momentum: float = 0.9, exact_grad: bool = False,
+                    weight_granularity: str = "channel", momentum: float = MOMENTUM, exact_grad: bool = False,
                     smooth_alpha: float | None = None, smooth_w_max: torch.Tensor | None = None) -> "QuaffLinear":
         """``smooth_alpha`` (needs the full per-channel ``act_max``): also smooth the non-outlier channels,
         s = max|X|^α / max|W|^(1−α) (SmoothQuant), folded into the int8 weight. ``smooth_w_max``: max|W|
@@ -64,7 +70,7 @@ class QuaffLinear(nn.Linear):
         idx = torch.as_tensor(outlier_channels, dtype=torch.long, device=weight.device).flatten()
         out_f, in_f = weight.shape
         mod = cls(in_f, out_f, idx.numel(), bias is not None, weight.dtype, weight.device, momentum, exact_grad,
-                  smoothed=smooth_alpha is not None)
+                  smoothed=smooth_alpha is not None, weight_granularity=weight_granularity)
         if smooth_alpha is not None:
             if act_max is None:
                 raise ValueError("smoothing needs the calibrated max|x| of every input channel")
@@ -85,8 +91,18 @@ class QuaffLinear(nn.Linear):
         return mod
 
     @classmethod
+    def from_annotation(cls, weight: torch.Tensor, bias: torch.Tensor | None, annotation: "QuaffAnnotation",
+                        config: "QuaffConfig") -> "QuaffLinear":
+        """The QuaffLinear an annotated layer gets (the int8 weight rounded to nearest; GPTQ rounding, where the
+        annotation asks for it, is a later step): outliers, scales and smoothing as the annotation says."""
+        smooth = annotation.smooth
+        return cls.from_weight(weight, bias, annotation.outliers, annotation.act_max, config.weight_granularity,
+                               config.momentum, config.exact_grad, None if smooth is None else smooth.alpha,
+                               None if smooth is None else smooth.w_max)
+
+    @classmethod
     def from_parts(cls, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
-                   exact_grad=False, inv_smooth=None, w_int8_t=None, momentum: float = 0.9) -> "QuaffLinear":
+                   exact_grad=False, inv_smooth=None, w_int8_t=None, momentum: float = MOMENTUM) -> "QuaffLinear":
         """A QuaffLinear around existing tensors (shared, not copied): the arguments of a quaff::linear call."""
         mod = cls(0, 0, 0, bias=False)
         mod.in_features, mod.out_features = int(w_int8.shape[1]), int(w_int8.shape[0])
@@ -108,7 +124,7 @@ class QuaffLinear(nn.Linear):
     def add_delta_(self, delta: torch.Tensor) -> None:
         """W <- W + delta, re-quantized (a merged LoRA update). The outlier columns stay exact in FP; the
         granularity (per channel or per tensor) is kept."""
-        granularity = "tensor" if self.w_scale.numel() > 1 and bool((self.w_scale == self.w_scale[0]).all()) else "channel"
+        granularity = self.weight_granularity
         if self.inv_smooth is not None:  # the int8 weight holds W·s
             delta = delta.float() / self.inv_smooth[None, :]
         w_int8, w_scale = quantize_weight(self.w_int8.float() * self.w_scale[:, None] + delta.float(), granularity)

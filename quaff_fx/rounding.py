@@ -8,97 +8,107 @@ is an ordinary int8 weight for the same int8 GEMM. X̂ is what the int8 GEMM rea
 smoothing and after the outlier channels were divided by S_o.
 
 XᵀX is not kept from the calibration pass: the calibration keeps its batches (token windows, small), and
-the rewrite gathers XᵀX of a few inputs at a time (``GPTQ_MEMORY`` bytes of float64 at most, but at least one
-input) from the graph before it is rewritten, rounds those layers, frees it and goes on. Memory stays bounded
-whatever the model's width and depth; the cost is a partial forward pass of the batches per chunk.
+the rewrite gathers XᵀX of a few inputs at a time (``GPTQ_MEMORY`` bytes of float32 at most, but at least one
+input) by running the live model with forward pre-hooks (stopping after the chunk's last input), rounds those
+layers on the model's device, frees it and goes on. Memory stays bounded whatever the model's width and depth;
+the cost is a partial forward pass of the batches per chunk.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from .capture import device_of, on_device
+from .capture import device_of, find_linears, on_device
 from .errors import QuaffError
 from .kernels.reference import QMAX
+from .observers import StopRun, input_hooks, live_model, run
 
 
 @torch.no_grad()
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
-               damp: float = 0.01) -> torch.Tensor:
+               damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int8 codes [N, K] of ``weight`` [N, K] with per-row ``scale`` [N], error-compensated by ``hessian`` [K, K]."""
-    w = weight.detach().float().clone()
-    k = w.shape[1]
-    h = hessian.detach().double().clone()
-    dead = torch.diag(h) == 0  # channels that never fired: nothing to compensate with
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    scale = scale.float().to(w.device)
-    q = torch.zeros_like(w)
+    return gptq_round_many([weight], [hessian], [scale], block, damp, dtype)[0]
+
+
+@torch.no_grad()
+def gptq_round_many(weights: Sequence[torch.Tensor], hessians: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                    block: int = 128, damp: float = 0.01, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """GPTQ of several layers of one input width at once (rows padded to the widest), on their device.
+
+    The blocked lazy-batch update of the GPTQ paper: the inverse Hessian (dampened by ``damp`` x its mean diagonal)
+    as its upper Cholesky factor; inside a block of ``block`` columns each column is rounded and its error spread
+    over the block's later columns; the block's errors then update all later columns with one matmul. The column
+    steps are batched over the layers. The Cholesky runs in float64, the updates in ``dtype``."""
+    device, k = weights[0].device, weights[0].shape[1]
+    n_max, n_layers = max(w.shape[0] for w in weights), len(weights)
+    w = torch.zeros(n_layers, n_max, k, dtype=dtype, device=device)
+    s = torch.ones(n_layers, n_max, 1, dtype=dtype, device=device)
+    for i, (wi, si) in enumerate(zip(weights, scales)):
+        w[i, : wi.shape[0]] = wi.detach().to(device, dtype)
+        s[i, : wi.shape[0], 0] = si.detach().to(device, dtype)
+    hinv = _inverse_cholesky(torch.stack([h.detach().to(device) for h in hessians]), w, damp).to(dtype)
+    q = torch.empty_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err1, hi = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        w1, err, hi = w[:, :, i1:i2].clone(), torch.empty(n_layers, n_max, i2 - i1, dtype=dtype, device=device), hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, i]
-            qc = torch.clamp(torch.round(col / scale), -QMAX, QMAX)
-            q[:, i1 + i] = qc
-            e = (col - qc * scale) / hi[i, i]
-            w1[:, i:] -= e[:, None] * hi[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q.to(torch.int8)
+            col = w1[:, :, i : i + 1]  # [L, N, 1]
+            qc = torch.clamp(torch.round(col / s), -QMAX, QMAX)
+            q[:, :, i1 + i : i1 + i + 1] = qc
+            e = (col - qc * s) / hi[:, i, i].view(-1, 1, 1)
+            w1[:, :, i:] -= e * hi[:, i : i + 1, i:]
+            err[:, :, i : i + 1] = e
+        if i2 < k:
+            w[:, :, i2:] -= torch.bmm(err, hinv[:, i1:i2, i2:])
+    return [q[i, : wi.shape[0]].to(torch.int8) for i, wi in enumerate(weights)]
+
+
+def _inverse_cholesky(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factors of the dampened inverse Hessians [L, K, K]; channels that never fired (zero diagonal)
+    get 1 there and their weight columns are zeroed in ``w`` (nothing to compensate with). float64 on the CPU; float32
+    on a GPU (as the GPTQ reference does; fast there), float64 again if that is not positive definite."""
+    dtype = torch.float64 if h.device.type == "cpu" else torch.float32
+    h = h.to(dtype)  # a copy (the callers' Hessians are float32 and kept)
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)  # a view: writes into h
+    w.masked_fill_(dead[:, None, :], 0.0)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    factor, info = torch.linalg.cholesky_ex(h)
+    if bool(info.any()):  # not positive definite in float32: float64
+        factor = torch.linalg.cholesky(h.double())
+    del h
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def seen_hessian(hessian: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """H of X̂ from H of X: X̂ = X · diag(d), d = the layer's ``input_scale()`` (1/s, 1/S_o on the outliers)."""
-    d = input_scale.double().to(hessian.device)
-    return hessian.double() * d[:, None] * d[None, :]
+    d = input_scale.to(hessian.device, hessian.dtype)
+    return hessian * d[:, None] * d[None, :]
 
 
 # -- XᵀX in bounded memory ---------------------------------------------------------------------------
-GPTQ_MEMORY = 256 << 20  # bytes of XᵀX (float64) held at once; a single input wider than this is still done alone
+GPTQ_MEMORY = 256 << 20  # bytes of XᵀX (float32) held at once on the CPU; a single wider input is still done alone
+GPTQ_MEMORY_CUDA = 1 << 30  # the same on a GPU (a decoder layer of an 8B at a time)
 
 
-class _Stop(Exception):
-    """Raised once the last input of a chunk has been produced: the rest of the graph need not run."""
-
-
-class _XtXObserver(Interpreter):
-    """Runs the graph and sums XᵀX of the values some nodes produce; stops after the last of them."""
-
-    def __init__(self, gm: GraphModule, wanted: set[Node], sums: dict[Node, torch.Tensor]):
-        super().__init__(gm)
-        self.wanted, self.sums, self.left = wanted, sums, set()
-
-    def run_node(self, n: Node) -> Any:
-        out = super().run_node(n)
-        if n in self.wanted:
-            x2d = out.detach().reshape(-1, out.shape[-1]).double()
-            h = x2d.t() @ x2d
-            self.sums[n] = self.sums[n] + h if n in self.sums else h
-            self.left.discard(n)
-            if not self.left:
-                raise _Stop
-        return out
-
-    def run_batch(self, batch: Any) -> None:
-        """One batch, passed to the graph as the calibration passed it."""
-        self.left = set(self.wanted)
-        try:
-            self.run(batch)
-        except _Stop:
-            pass
+def default_budget(device: torch.device) -> int:
+    return GPTQ_MEMORY_CUDA if torch.device(device).type == "cuda" else GPTQ_MEMORY
 
 
 def chunks(nodes: list[Node], width: dict[Node, int], budget: int = GPTQ_MEMORY) -> list[list[Node]]:
-    """``nodes`` (in graph order) split into runs whose XᵀX (float64) fit ``budget`` bytes together."""
+    """``nodes`` (in graph order) split into runs whose XᵀX (float32) fit ``budget`` bytes together."""
     out: list[list[Node]] = []
     used = budget + 1
     for n in nodes:
-        size = width[n] ** 2 * 8
+        size = width[n] ** 2 * 4
         if used + size > budget:
             out.append([])
             used = 0
@@ -107,15 +117,65 @@ def chunks(nodes: list[Node], width: dict[Node, int], budget: int = GPTQ_MEMORY)
     return out
 
 
+class _XtX:
+    """Sums XᵀX (float32, on the input's device) of some inputs; raises StopRun once the last of them was seen."""
+
+    def __init__(self, wanted: set[Node]):
+        self.wanted, self.sums, self.left = wanted, {}, set()
+
+    def add(self, node: Node, x: torch.Tensor) -> None:
+        x2d = x.detach().reshape(-1, x.shape[-1]).float()
+        if node in self.sums:
+            self.sums[node].addmm_(x2d.t(), x2d)
+        else:
+            self.sums[node] = x2d.t() @ x2d
+        self.left.discard(node)
+        if not self.left:
+            raise StopRun
+
+
+class _GraphXtX(Interpreter):
+    """Runs the graph node by node for XᵀX (when the live model is gone)."""
+
+    def __init__(self, gm: GraphModule, acc: _XtX):
+        super().__init__(gm)
+        self.acc = acc
+
+    def run_node(self, n: Node) -> Any:
+        out = super().run_node(n)
+        if n in self.acc.wanted:
+            self.acc.add(n, out)
+        return out
+
+
 @torch.no_grad()
 def gather_xtx(gm: GraphModule, nodes: list[Node], batches: Sequence[Any]) -> dict[Node, torch.Tensor]:
-    """XᵀX summed over ``batches`` for the values of ``nodes``, from one partial run of ``gm`` per batch
-    (each run stops after the last of the nodes). The graph is run as it is: call this before rewriting it."""
-    sums: dict[Node, torch.Tensor] = {}
-    observer, device = _XtXObserver(gm, set(nodes), sums), device_of(gm)
-    for batch in batches:
-        observer.run_batch(on_device(batch, device))
-    missing = [n.name for n in nodes if n not in sums]
+    """XᵀX (float32) summed over ``batches`` for the values of ``nodes`` (Linear inputs), from one partial run per
+    batch that stops after the last of them. Where the live model still has the Linears reading them as FP Linears
+    it runs, with forward pre-hooks; else the graph (call this before rewriting it)."""
+    acc = _XtX(set(nodes))
+    sites = [s for s in find_linears(gm) if s.input_node in acc.wanted]
+    model = live_model(gm, sites) if sites else None
+    reader = {}
+    for site in sites:
+        reader.setdefault(site.input_node, site.module_name)
+    if model is not None and set(nodes) <= set(reader):
+        hooks = input_hooks(model, {reader[n]: partial(acc.add, n) for n in nodes})
+        step, device = partial(run, model), device_of(model)
+    else:
+        graph = _GraphXtX(gm, acc)
+        hooks, device = nullcontext(), device_of(gm)
+
+        def step(batch: Any, dev: torch.device) -> None:
+            try:
+                graph.run(on_device(batch, dev))
+            except StopRun:
+                pass
+    with hooks:
+        for batch in batches:
+            acc.left = set(nodes)
+            step(batch, device)
+    missing = [n.name for n in nodes if n not in acc.sums]
     if missing:
         raise QuaffError(f"GPTQ rounding: the calibration batches never reached node(s) {', '.join(missing)} of the graph")
-    return sums
+    return acc.sums

@@ -10,16 +10,16 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .annotation import QuaffAnnotation, annotation_of
 from .calibration import CalibrationStats, calibrate
 from .capture import META_KEY, capture, module_prefix
 from .config import QuaffConfig
 from .data import batches, count_batches, read_text, tokenize
 from .errors import QuaffError
-from .hf import quantize_model_, quaff_skeleton_, set_submodule
-from .io import load_state_checked, read_manifest
-from .model_loading import LoadedModel
-from .quaff_linear import QuaffLinear
+from .hf import set_submodule
+from .io import load_quantized  # noqa: F401  (its old home; it lives in io beside save_quantized)
 from .pipeline import run_passes
+from .quaff_linear import QuaffLinear
 from .report import PassReport
 
 
@@ -31,11 +31,13 @@ class TransformResult:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # module name -> annotation
 
 
-def default_passes(stats: CalibrationStats, config: QuaffConfig, fuse: bool = False, fold_norms: bool = False) -> list:
-    """annotate → rewrite (→ fuse, for graphs run for inference or handed to a compiler)."""
+def default_passes(stats: CalibrationStats, config: QuaffConfig, fuse: bool = False, fold_norms: bool = False,
+                   offload: bool = False) -> list:
+    """annotate → rewrite (→ fuse, for graphs run for inference or handed to a compiler). ``offload``: the rewrite
+    keeps the built layers on the CPU until they are swapped into the live model (see RewriteLinear)."""
     from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear
 
-    passes = [AnnotateOutliers(stats, config), RewriteLinear(config, stats)]
+    passes = [AnnotateOutliers(stats, config), RewriteLinear(config, stats, offload=offload)]
     return passes + [FuseScales(fold_norms=fold_norms)] if fuse or fold_norms else passes
 
 
@@ -81,78 +83,51 @@ def transform(model: nn.Module, stats: CalibrationStats, config: QuaffConfig | N
     put the graph's QuaffLinears into the live model, in place."""
     config = config or QuaffConfig(outliers=stats.outlier_config)
     gm = capture(model) if gm is None else gm
-    result = run_passes(gm, default_passes(stats, config) if passes is None else passes)
-    layers = adopt_from_graph_(model, result.graph_module, config, stats)
-    stats.gptq_codes.clear()  # references to int8 buffers, only needed until the live model has its layers
+    offload = next(model.parameters()).device.type == "cuda"  # the FP model and all its int8 layers never share the GPU
+    result = run_passes(gm, default_passes(stats, config, offload=offload) if passes is None else passes)
+    layers = adopt_from_graph_(model, result.graph_module)
     if not layers:
         raise QuaffError("the model has no eligible Linear layer: nothing was quantized (check --include/--exclude)")
     return TransformResult(model, result.graph_module, result.reports, layers)
 
 
-def adopt_from_graph_(model: nn.Module, gm: GraphModule, config: QuaffConfig, stats: CalibrationStats | None = None) -> dict[str, dict[str, Any]]:
-    """Install the rewritten graph's QuaffLinear modules in ``model`` (one object serves both). Layers the
-    graph fused are built for the live model from their annotations (the live model keeps them apart)."""
+def adopt_from_graph_(model: nn.Module, gm: GraphModule) -> dict[str, dict[str, Any]]:
+    """Install the rewritten graph's QuaffLinear modules in ``model`` (one object serves both). Layers the graph
+    fused were built by the rewrite before the fusion; their annotations keep them, and the live model (which keeps
+    them apart) takes those."""
     prefix, layers = module_prefix(gm), {}
     for node in gm.graph.nodes:
-        meta = node.meta.get(META_KEY, {})
-        if meta.get("fused") and meta.get("member_annotations"):
-            members = {a["module"]: a for a in meta["member_annotations"] if a}
-            quantize_model_(model, members, config, stats)
-            layers.update({n: layer_spec(model.get_submodule(n), a) for n, a in members.items()})
+        meta = node.meta.get(META_KEY)
+        if isinstance(meta, dict) and meta.get("fused"):
+            for member in meta.get("member_annotations") or ():
+                if isinstance(member, QuaffAnnotation):
+                    layers[member.module] = _install(model, member.module, _built(member), member)
             continue
-        if node.op != "call_module" or not meta.get("rewritten"):
-            continue
-        module = gm.get_submodule(node.target)
-        module.train(model.training)  # one object serves both: it follows the live model's mode
-        set_submodule(model, node.target[len(prefix):], module)
-        layers[meta["module"]] = layer_spec(module, meta)
+        annotation = annotation_of(node)
+        if node.op == "call_module" and annotation is not None and annotation.rewritten:
+            layers[annotation.module] = _install(model, node.target[len(prefix):], gm.get_submodule(node.target), annotation)
     return layers
 
 
-def layer_spec(module: QuaffLinear, annotation: dict[str, Any] | None = None) -> dict[str, Any]:
+def _built(annotation: QuaffAnnotation) -> QuaffLinear:
+    if annotation.layer is None:
+        raise QuaffError(f"layer {annotation.module!r} was fused before RewriteLinear built it: run RewriteLinear before FuseScales")
+    return annotation.layer
+
+
+def _install(model: nn.Module, name: str, module: QuaffLinear, annotation: QuaffAnnotation) -> dict[str, Any]:
+    """Put ``module`` in the live model in place of layer ``name``, on that layer's device (the rewrite may have kept
+    it on the CPU); the FP layer is released then, one layer at a time."""
+    old = model.get_submodule(name)
+    device = next(iter([*old.parameters(), *old.buffers()]), module.w_int8).device
+    module.to(device).train(model.training)  # one object serves both: it follows the live model's mode
+    set_submodule(model, name, module)
+    return layer_spec(module, annotation)
+
+
+def layer_spec(module: QuaffLinear, annotation: QuaffAnnotation | None = None) -> dict[str, Any]:
     """What an artifact records of one layer: enough to build its empty QuaffLinear before loading."""
     return {"in_features": module.in_features, "out_features": module.out_features, "outliers": module.outlier_idx.tolist(),
-            "max_mean_ratio": (annotation or {}).get("max_mean_ratio"), "momentum": module.momentum,
-            "exact_grad": module.exact_grad, "smoothed": module.inv_smooth is not None}
-
-
-def load_quantized(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[LoadedModel, dict[str, Any]]:
-    """Load an artifact folder written by ``quaff-fx transform``: the HF model with its QuaffLinears,
-    the tokenizer, and the manifest. Needs no calibration data and no original weights."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    try:
-        return _load_quantized(folder, manifest, dtype)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise QuaffError(f"{str(folder)!r}: the artifact's manifest is malformed ({type(exc).__name__}: {exc})") from None
-
-
-def _load_quantized(folder: Path, manifest: dict[str, Any], dtype: torch.dtype | None) -> tuple[LoadedModel, dict[str, Any]]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    cfg = dict(manifest["model_config"])
-    try:
-        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise QuaffError(f"{str(folder)!r}: cannot rebuild the model config ({exc})") from None
-    state = load_state_checked(folder, manifest)
-    dtype = dtype or _weights_dtype(state)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    quaff_skeleton_(model, manifest["layers"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise QuaffError(f"{str(folder)!r}: the weights do not fit the model: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise QuaffError(f"{str(folder / 'tokenizer')!r} cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
-    return LoadedModel(model, tokenizer, dict(manifest.get("source", {}))), manifest
-
-
-def _weights_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
-    for t in state.values():
-        if t.is_floating_point() and t.dim() == 2:
-            return t.dtype
-    return torch.float32
+            "max_mean_ratio": None if annotation is None else annotation.max_mean_ratio, "momentum": module.momentum,
+            "exact_grad": module.exact_grad, "smoothed": module.inv_smooth is not None,
+            "weight_granularity": module.weight_granularity}

@@ -153,3 +153,23 @@ def test_presets():
     assert OutlierConfig.preset("default") == OutlierConfig() == OutlierConfig("top_abs", 100.0, 0.01)
     with pytest.raises(QuaffError, match="unknown preset 'best'"):
         OutlierConfig.preset("best")
+
+
+def test_calibration_runs_the_live_model_with_hooks_and_agrees_with_the_graph(llama, monkeypatch):
+    from quaff_fx.calibration import _GraphObserver
+
+    cfg = OutlierConfig("mean_times", threshold=10, max_ratio=0.04)
+    gm = capture(llama)
+    with monkeypatch.context() as m:  # the live model is there: the graph is never run node by node
+        m.setattr(_GraphObserver, "run_node", lambda self, n: (_ for _ in ()).throw(AssertionError("graph run")))
+        live = calibrate(gm, batches(), cfg, n_batches=4, smooth_grid=(None, 0.5))
+    assert all(isinstance(m, nn.Linear) for n, m in llama.named_modules() if n.endswith("proj"))  # hooks removed, model kept
+    assert not any(m._forward_pre_hooks for m in llama.modules())
+    gm.meta["quaff"]["source"] = None  # as if the model were gone: the graph is run instead
+    graph = calibrate(gm, batches(), cfg, n_batches=4, smooth_grid=(None, 0.5))
+    assert set(live.layers) == set(graph.layers)
+    for name, layer in live.layers.items():
+        other = graph.layers[name]
+        assert layer.max_abs.device.type == "cpu" and torch.equal(layer.counts, other.counts), name
+        assert torch.allclose(layer.max_abs, other.max_abs, rtol=1e-5) and layer.tokens == other.tokens
+        assert torch.allclose(layer.smooth_error, other.smooth_error, rtol=1e-3, atol=1e-7), name

@@ -33,7 +33,9 @@ def test_annotate_marks_eligible_linears_and_reports(calibrated):
     assert isinstance(result, QuaffPassResult) and result.modified
     ann = annotations(gm)
     assert len(ann) == 14 and "lm_head" not in ann
-    assert ann["model.layers.0.self_attn.q_proj"]["outliers"] == stats.outliers("model.layers.0.self_attn.q_proj").tolist()
+    q_ann = ann["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(q_ann.outliers, stats.outliers("model.layers.0.self_attn.q_proj")) and 3 in q_ann.outliers
+    assert torch.equal(q_ann.act_max, stats.layers["model.layers.0.self_attn.q_proj"].max_abs) and q_ann.layer is None
     rows = {r["module"]: r for r in result.report.rows}
     assert rows["lm_head"]["status"] == "skipped: excluded by config"
     q = rows["model.layers.0.self_attn.q_proj"]
@@ -44,6 +46,7 @@ def test_annotate_marks_eligible_linears_and_reports(calibrated):
     assert "model.layers.1.mlp.down_proj" in table and "annotated" in table and "% of the int8 weights" in table
     assert data_json["totals"]["int8_weight_bytes"] == sum(r["in_features"] * r["out_features"] for r in rows.values() if r["status"] == "annotated")
     assert AnnotateOutliers(stats, CFG)(gm).modified is False  # idempotent
+    assert annotations(gm)["model.layers.0.self_attn.q_proj"] is q_ann  # the annotation (and a layer built on it) is kept
 
 
 def test_rewrite_replaces_linear_nodes_and_drops_fp_weights(calibrated):
@@ -68,7 +71,9 @@ def test_graph_route_and_live_module_swap_give_the_same_logits(calibrated):
     model, gm, stats = calibrated
     twin = copy.deepcopy(model)
     result = transform(model, stats, CFG, gm=gm)
-    quantize_model_(twin, annotations(result.graph_module), CFG)  # built independently from the annotations
+    ann = annotations(result.graph_module)
+    assert all(ann[n].layer is model.get_submodule(n) for n in result.layers)  # the graph's modules, on the annotations
+    quantize_model_(twin, ann, CFG)  # built independently from the annotations
     ids = torch.randint(0, 256, (3, 20))
     graph = result.graph_module(ids)
     live = model(input_ids=ids, use_cache=False).logits

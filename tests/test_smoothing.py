@@ -38,8 +38,9 @@ def test_auto_picks_the_least_error_and_siblings_fuse(llama):
     ann = annotations(gm)
     for name, a in ann.items():
         errors = stats.layers[name].smooth_error
-        assert a.get("smooth_alpha") == pick_alpha(errors, SMOOTH_GRID)
-        assert float(errors[SMOOTH_GRID.index(a.get("smooth_alpha"))]) == float(errors.min())
+        alpha = None if a.smooth is None else a.smooth.alpha
+        assert alpha == pick_alpha(errors, SMOOTH_GRID)
+        assert float(errors[SMOOTH_GRID.index(alpha)]) == float(errors.min())
     mods = {n: gm.get_submodule(f"model.{n}") for n in ann}
     q, v = mods["model.layers.0.self_attn.q_proj"], mods["model.layers.0.self_attn.v_proj"]
     assert (q.inv_smooth is None) == (v.inv_smooth is None)
@@ -124,10 +125,11 @@ def test_xtx_is_gathered_once_per_input_from_the_fp_graph(llama):
             llama(input_ids=batch)
     hook.remove()
     x = torch.cat(seen)
-    assert torch.allclose(xtx[q.input_node], x.t() @ x, rtol=1e-6, atol=1e-6)  # summed once per batch
+    ref = x.t() @ x
+    assert torch.allclose(xtx[q.input_node].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))  # once per batch
     nodes = [q.input_node, sites["model.layers.0.mlp.down_proj"].input_node, sites["model.layers.1.self_attn.q_proj"].input_node]
     widths = {nodes[0]: 64, nodes[1]: 128, nodes[2]: 64}
-    assert chunks(nodes, widths, budget=(64 * 64 + 128 * 128) * 8) == [nodes[:2], nodes[2:]]
+    assert chunks(nodes, widths, budget=(64 * 64 + 128 * 128) * 4) == [nodes[:2], nodes[2:]]
     assert chunks(nodes, widths, budget=1) == [[n] for n in nodes]  # a single input wider than the budget still goes alone
 
 
@@ -147,10 +149,10 @@ def test_transform_with_gptq_rounding_is_independent_of_the_chunking(llama):
     result = transform(gptq_model, stats, gptq_cfg)
     assert any("GPTQ rounding: 14 layers, XᵀX gathered in 1 chunk" in n for r in result.reports for n in r.notes)
     small = default_passes(stats, gptq_cfg, fuse=True)
-    small[1].gptq_memory = 64 * 64 * 8  # one input per chunk: 8 partial runs per batch
+    small[1].gptq_memory = 64 * 64 * 4  # one input per chunk (float32 XᵀX): 8 partial runs per batch
     fused = transform(small_model, stats, gptq_cfg, passes=small)
     assert any("in 8 chunk(s)" in n for r in fused.reports for n in r.notes)
-    assert not stats.gptq_codes  # released once the live model has its layers
+    assert not hasattr(stats, "gptq_codes")  # no side channel: the rounded layers travel on the graph's annotations
     a, b = nearest_model.model.layers[0].mlp.down_proj, gptq_model.model.layers[0].mlp.down_proj
     assert torch.equal(a.w_scale, b.w_scale) and not torch.equal(a.w_int8, b.w_int8)
     for name, mod in gptq_model.named_modules():  # chunking does not change the result; fused layers' live twins agree

@@ -1,0 +1,97 @@
+"""GPTQ rounding: the blocked, layer-batched implementation against the plain column loop; XᵀX in float32 against
+float64; XᵀX from the live model's hooks against the graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quaff_fx import capture, find_linears
+from quaff_fx.kernels.reference import QMAX, quantize_weight
+from quaff_fx.rounding import gather_xtx, gptq_round, gptq_round_many
+
+
+def column_loop(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ as first written (OBQ order, no blocks): round a column, spread its error over every later column."""
+    w, h = weight.double().clone(), hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i in range(w.shape[1]):
+        q[:, i] = torch.clamp(torch.round(w[:, i] / scale), -QMAX, QMAX)
+        e = (w[:, i] - q[:, i] * scale) / hinv[i, i]
+        w[:, i:] -= e[:, None] * hinv[i, i:][None, :]
+    return q.to(torch.int8)
+
+
+def layer(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    x = torch.randn(64, cols, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, cols, dtype=torch.float64)
+    x[:, 5] = 0.0  # a channel that never fires
+    _, scale = quantize_weight(w.float(), "channel")
+    return w, x.t() @ x, scale.double()
+
+
+def test_blocked_gptq_equals_the_column_loop():
+    for rows, cols, block in ((24, 40, 16), (8, 130, 128), (5, 33, 7)):
+        w, h, scale = layer(rows, cols, rows + cols)
+        blocked = gptq_round(w, h, scale, block=block, dtype=torch.float64)
+        assert torch.equal(blocked, column_loop(w, h, scale)), (rows, cols, block)
+
+
+def test_layers_rounded_together_equal_each_alone():
+    layers = [layer(rows, 48, seed) for seed, rows in enumerate((16, 40, 7))]
+    together = gptq_round_many([w for w, _, _ in layers], [h for _, h, _ in layers], [s for _, _, s in layers],
+                               block=16, dtype=torch.float64)
+    for (w, h, s), codes in zip(layers, together):
+        assert codes.shape == w.shape and torch.equal(codes, gptq_round(w, h, s, block=16, dtype=torch.float64))
+
+
+def test_float32_gptq_stays_close_to_float64_and_beats_round_to_nearest():
+    w, h, scale = layer(32, 96, 3)
+    q64, q32 = gptq_round(w, h, scale, dtype=torch.float64), gptq_round(w, h, scale)
+    assert (q64 != q32).float().mean() < 0.01  # a rare rounding tie may flip
+    nearest = torch.clamp(torch.round(w / scale[:, None]), -QMAX, QMAX)
+
+    def err(q):
+        d = w - q.double() * scale[:, None]
+        return float(torch.einsum("ni,ij,nj->", d, h, d))
+
+    assert err(q32) < 0.8 * err(nearest)
+
+
+def test_xtx_in_float32_from_the_live_model_matches_float64(llama):
+    gm = capture(llama)
+    sites = [s for s in find_linears(gm) if s.module_name != "lm_head"]
+    nodes = list(dict.fromkeys(s.input_node for s in sites))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)]
+    live = gather_xtx(gm, nodes, batches)  # forward pre-hooks on the live model, float32
+    gm.meta["quaff"]["source"] = None  # as if the live model were gone: the graph, node by node
+    graph = gather_xtx(gm, nodes[:3], batches)
+    for n in nodes:
+        site = next(s for s in sites if s.input_node is n)
+        xs: list[torch.Tensor] = []
+        handle = llama.get_submodule(site.module_name).register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+        with torch.no_grad():
+            for b in batches:
+                llama(input_ids=b, use_cache=False)
+        handle.remove()
+        x64 = torch.cat([x.reshape(-1, x.shape[-1]).double() for x in xs])
+        ref = x64.t() @ x64
+        assert live[n].dtype == torch.float32
+        assert torch.allclose(live[n].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), site.module_name
+        if n in graph:
+            assert torch.allclose(graph[n].double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())), site.module_name
+    assert len(live) == len(nodes) == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_on_the_gpu_matches_the_cpu():
+    w, h, scale = layer(64, 256, 1)
+    cpu = gptq_round(w, h, scale)
+    gpu = gptq_round(w.cuda(), h.cuda(), scale.cuda())
+    assert gpu.device.type == "cuda" and (gpu.cpu() != cpu).float().mean() < 0.01
