@@ -7,11 +7,13 @@ quaff::linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, presc
     (S = S_o on the outlier channels, 1 elsewhere; ``inv_smooth`` = 1/s of SmoothQuant-style smoothing, whose
     s the int8 weight holds, or None; ``prescaled``: x arrives as X̂ already, a norm before the layer having
     absorbed 1/S and 1/s). ``w_int8_t``: an optional transposed int8 copy of the weight [K, N] that the CUDA
-    backward multiplies in int8 (the int8 tensor cores take K-major operands only); the forward does not read it.
+    backward multiplies in int8 (the int8 tensor cores take K-major operands only; without it the CUDA backward
+    makes a transient one per call); the forward does not read it.
     Every tensor argument is a module buffer, so graph passes can treat them as constants.
 quaff::linear_grad_input(grad, w_int8, w_scale, exact, inv_smooth, w_int8_t) -> grad_x
     grad_x = (grad · W) · inv_smooth, W the dequantized int8 weight (int8 GEMM on a per-row quantized
-    gradient unless exact; on CUDA that needs ``w_int8_t``, else W is dequantized into grad's dtype)
+    gradient unless exact; on CUDA on ``w_int8_t`` or a transient transposed W, see
+    ``kernels.triton_kernels.set_grad_x_mode``; exact: W dequantized into grad's dtype)
 quaff::quantize_rows(x) -> (int8, scale)
     symmetric per-row (per-token) int8 quantization
 
