@@ -103,21 +103,21 @@ class LossBar(ProgressCallback):
 
 
 class Throughput(TrainerCallback):
-    """Tokens seen (non-padding) and wall time of the steps after the first (compilation and warm-up)."""
+    """Tokens seen (non-padding) per second, over the steps after the warm-up ones (the first steps compile and
+    allocate): steps after min(3, half of them)."""
 
     def __init__(self) -> None:
-        self.tokens, self.t_first, self.t_last, self.first_tokens = 0, None, None, 0
+        self.tokens = 0
+        self.marks: list[tuple[float, int]] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if self.t_first is None:
-            self.t_first, self.first_tokens = now, self.tokens
-        self.t_last = now
+        self.marks.append((time.perf_counter(), self.tokens))
 
     def rate(self) -> float | None:
-        if self.t_first is None or self.t_last is None or self.t_last <= self.t_first:
+        if len(self.marks) < 2:
             return None
-        return (self.tokens - self.first_tokens) / (self.t_last - self.t_first)
+        (t0, n0), (t1, n1) = self.marks[min(3, len(self.marks) // 2) - 1 if len(self.marks) > 2 else 0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
