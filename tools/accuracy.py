@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 from tabulate import tabulate
 
-from quaff_fx import QuaffConfig, calibrate, capture, transform
-from quaff_fx.baselines import smoothquant_
+from quaff_fx import QuaffConfig
+from quaff_fx.baselines import NaiveW8A8Config, SmoothQuantConfig
 from quaff_fx.corpus import calibration_batches
 from quaff_fx.data import batches, bundled_text_path, read_text, tokenize
 from quaff_fx.evaluate import perplexity
-from quaff_fx.hf import naive_w8a8_
 from quaff_fx.model_loading import load_model
-from quaff_fx.sweep import fp_column_bytes, summarize
+from quaff_fx.quantize import quantize_
+from quaff_fx.sweep import calibration_data, fp_column_bytes, summarize
 
 DATA = bundled_text_path().parent
 # held-out texts reported in the README: legal (FSF x2), docs (Python, Vim), Q&A (Python FAQ), code (CPython),
@@ -36,15 +35,10 @@ REPORTED = ("gpl-3.0.txt", "gfdl-1.3.txt", "python-reference.txt", "vim-user-man
 DEFAULT_BATCHES = 32
 
 
-def quantized(model, config: QuaffConfig, calib: list) -> tuple:
-    """A quantized copy of ``model`` calibrated on ``calib``; its stats and (calibration, transform) seconds."""
+def quantized(model, config, calib: list | None = None, stats=None):
+    """A quantized copy of ``model`` calibrated on the batches ``calib`` (or with ``stats``), and quantize_'s result."""
     model = copy.deepcopy(model)
-    gm = capture(model)
-    t0 = time.perf_counter()
-    stats = calibrate(gm, calib, config.outliers, config.eligible, n_batches=len(calib), **config.calibration_options())
-    t1 = time.perf_counter()
-    transform(model, stats, config, gm=gm)
-    return model, stats, (t1 - t0, time.perf_counter() - t1)
+    return model, quantize_(model, config, calibration_data(calib) if calib else None, stats=stats)
 
 
 def main() -> None:
@@ -65,10 +59,7 @@ def main() -> None:
         return {n: perplexity(model, ids, args.seq_len, 4, args.eval_batches)["perplexity"] for n, ids in texts.items()}
 
     rows, info = {"fp32": evaluate(fp.model)}, {}
-    naive = copy.deepcopy(fp.model)
-    naive_w8a8_(naive)
-    rows["w8a8 naive"] = evaluate(naive)
-    del naive
+    rows["w8a8 naive"] = evaluate(quantized(fp.model, NaiveW8A8Config())[0])
     corpus = calibration_batches(fp.tokenizer, (), args.batches, 2, args.seq_len)
     apache = list(batches(tokenize(fp.tokenizer, read_text(None)), args.seq_len, 2, 4))
     stats = None
@@ -76,14 +67,14 @@ def main() -> None:
     previous = f"quaff default, previous calibration (apache-2.0 alone, {len(apache)} {window})"
     runs = [(previous, apache)] if args.previous else []
     for label, calib in runs + [(f"quaff default, corpus {len(corpus)} {window}", corpus)]:
-        model, stats, (calib_s, transform_s) = quantized(fp.model, QuaffConfig(), calib)
+        model, result = quantized(fp.model, QuaffConfig(), calib)
+        stats = result.stats
         rows[label] = evaluate(model)
-        info[label] = {"calibration_s": round(calib_s, 1), "transform_s": round(transform_s, 1),
+        info[label] = {**{phase: round(t, 1) for phase, t in result.timings.items()},
                        "fp_column_bytes": fp_column_bytes(model)}
         del model
-    model = copy.deepcopy(fp.model)  # SmoothQuant on the corpus calibration's max|x| (the last stats above)
-    smoothquant_(model, stats, 0.5, QuaffConfig().eligible)
-    rows["smoothquant a=0.5"] = evaluate(model)
+    # SmoothQuant on the corpus calibration's max|x| (the last stats above)
+    rows["smoothquant a=0.5"] = evaluate(quantized(fp.model, SmoothQuantConfig(alpha=0.5), corpus, stats)[0])
     base = rows["fp32"]
     deltas = {label: {t: v[t] / base[t] - 1 for t in texts} for label, v in rows.items()}
     if args.json:
@@ -99,8 +90,8 @@ def main() -> None:
                      + [f"{100 * s['mean']:+.2f}%", f"{s['worst'][0]} {100 * s['worst'][1]:+.2f}%"])
     print(tabulate(table, headers=["model"] + list(texts) + ["mean", "worst"]))
     for label, t in info.items():
-        print(f"{label}: calibration {t['calibration_s']} s, transform {t['transform_s']} s, "
-              f"FP outlier columns {t['fp_column_bytes'] / 2**20:.1f} MiB")
+        phases = ", ".join(f"{p} {v} s" for p, v in t.items() if p != "fp_column_bytes")
+        print(f"{label}: {phases}; FP outlier columns {t['fp_column_bytes'] / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":
