@@ -23,8 +23,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from quaff_fx.capture import META_KEY, attr, module_prefix
-from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
+from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.report import PassReport
 
 QUAFF_OPS = (torch.ops.quaff.linear.default, torch.ops.quaff.linear)  # torch.compile's graphs hold the packet

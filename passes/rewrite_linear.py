@@ -13,8 +13,8 @@ from quaff_fx.capture import META_KEY, LinearSite, find_linears, module_prefix, 
 from quaff_fx.config import QuaffConfig
 from quaff_fx.errors import QuaffError
 from quaff_fx.hf import set_submodule
-from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
+from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.report import PassReport, quaff_bytes
 from quaff_fx.rounding import chunks, default_budget, gather_xtx, gptq_round_many, seen_hessian
 

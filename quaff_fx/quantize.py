@@ -55,7 +55,8 @@ class CalibrationConfig:
                 raise QuaffError("CalibrationConfig.token_batches is empty: pass at least one [batch, seq] LongTensor")
             return out
         if tokenizer is None:
-            raise QuaffError("calibrating on texts needs the tokenizer: quantize_(..., tokenizer=tok), or pass token_batches")
+            raise QuaffError("calibrating on texts needs the tokenizer: quantize_(..., tokenizer=tok), "
+                             "or pass token_batches")
         from .corpus import calibration_batches
 
         return calibration_batches(tokenizer, self.texts, self.num_batches, self.batch_size, self.seq_len)
@@ -204,7 +205,8 @@ def restore_batches_(stats: CalibrationStats, calibration: CalibrationConfig, to
     ours, theirs = calibration.info(batches), stats.info
     for key in ("text", "seq_len", "batch_size"):
         if key in theirs and theirs[key] != ours[key]:
-            raise QuaffError(f"the stats were calibrated with {key} {theirs[key]!r}, the calibration given has {ours[key]!r}: "
+            raise QuaffError(f"the stats were calibrated with {key} {theirs[key]!r}, the calibration given has "
+                             f"{ours[key]!r}: "
                              "pass the same calibration data for GPTQ rounding, or use weight_rounding='nearest'")
     stats.batches = batches[: int(theirs.get("batches", len(batches)))]
     return stats

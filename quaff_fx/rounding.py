@@ -32,7 +32,7 @@ from .observers import StopRun, input_hooks, live_model, run
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
                damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int8 codes [N, K] of ``weight`` [N, K] with per-row ``scale`` [N], error-compensated by ``hessian`` [K, K]."""
-    return gptq_round_many([weight], [hessian], [scale], block, damp, dtype)[0]
+    return gptq_round_many([weight], [hessian.clone()], [scale], block, damp, dtype)[0]
 
 
 @torch.no_grad()
@@ -43,7 +43,8 @@ def gptq_round_many(weights: Sequence[torch.Tensor], hessians: Sequence[torch.Te
     The blocked lazy-batch update of the GPTQ paper: the inverse Hessian (dampened by ``damp`` x its mean diagonal)
     as its upper Cholesky factor; inside a block of ``block`` columns each column is rounded and its error spread
     over the block's later columns; the block's errors then update all later columns with one matmul. The column
-    steps are batched over the layers. The Cholesky runs in float64, the updates in ``dtype``."""
+    steps are batched over the layers. The updates run in ``dtype``. ``hessians`` is consumed (emptied, its tensors
+    changed in place) so that only one copy of the largest Hessian is held at a time."""
     device, k = weights[0].device, weights[0].shape[1]
     n_max, n_layers = max(w.shape[0] for w in weights), len(weights)
     w = torch.zeros(n_layers, n_max, k, dtype=dtype, device=device)
@@ -51,11 +52,15 @@ def gptq_round_many(weights: Sequence[torch.Tensor], hessians: Sequence[torch.Te
     for i, (wi, si) in enumerate(zip(weights, scales)):
         w[i, : wi.shape[0]] = wi.detach().to(device, dtype)
         s[i, : wi.shape[0], 0] = si.detach().to(device, dtype)
-    hinv = _inverse_cholesky(torch.stack([h.detach().to(device) for h in hessians]), w, damp).to(dtype)
+    hs = [h.detach().to(device) for h in hessians]
+    if isinstance(hessians, list):
+        hessians.clear()
+    hinv = _inverse_cholesky(hs, w, damp).to(dtype)
     q = torch.empty_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err, hi = w[:, :, i1:i2].clone(), torch.empty(n_layers, n_max, i2 - i1, dtype=dtype, device=device), hinv[:, i1:i2, i1:i2]
+        w1, hi = w[:, :, i1:i2].clone(), hinv[:, i1:i2, i1:i2]
+        err = torch.empty(n_layers, n_max, i2 - i1, dtype=dtype, device=device)
         for i in range(i2 - i1):
             col = w1[:, :, i : i + 1]  # [L, N, 1]
             qc = torch.clamp(torch.round(col / s), -QMAX, QMAX)
@@ -68,12 +73,14 @@ def gptq_round_many(weights: Sequence[torch.Tensor], hessians: Sequence[torch.Te
     return [q[i, : wi.shape[0]].to(torch.int8) for i, wi in enumerate(weights)]
 
 
-def _inverse_cholesky(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factors of the dampened inverse Hessians [L, K, K]; channels that never fired (zero diagonal)
+def _inverse_cholesky(hs: list[torch.Tensor], w: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factors of the dampened inverse Hessians ``hs`` (consumed) as [L, K, K]; channels that never
+    fired (zero diagonal)
     get 1 there and their weight columns are zeroed in ``w`` (nothing to compensate with). float64 on the CPU; float32
     on a GPU (as the GPTQ reference does; fast there), float64 again if that is not positive definite."""
-    dtype = torch.float64 if h.device.type == "cpu" else torch.float32
-    h = h.to(dtype)  # a copy (the callers' Hessians are float32 and kept)
+    dtype = torch.float64 if hs[0].device.type == "cpu" else torch.float32
+    h = (hs[0].unsqueeze(0) if len(hs) == 1 else torch.stack(hs)).to(dtype)
+    hs.clear()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)  # a view: writes into h
@@ -177,5 +184,6 @@ def gather_xtx(gm: GraphModule, nodes: list[Node], batches: Sequence[Any]) -> di
             step(batch, device)
     missing = [n.name for n in nodes if n not in acc.sums]
     if missing:
-        raise QuaffError(f"GPTQ rounding: the calibration batches never reached node(s) {', '.join(missing)} of the graph")
+        raise QuaffError(f"GPTQ rounding: the calibration batches never reached node(s) {', '.join(missing)} "
+                         "of the graph")
     return acc.sums

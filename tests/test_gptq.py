@@ -85,7 +85,7 @@ def test_xtx_in_float32_from_the_live_model_matches_float64(llama):
         assert live[n].dtype == torch.float32
         assert torch.allclose(live[n].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), site.module_name
         if n in graph:
-            assert torch.allclose(graph[n].double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())), site.module_name
+            assert torch.allclose(graph[n].double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     assert len(live) == len(nodes) == 8
 
 

@@ -27,7 +27,8 @@ def test_sharded_artifact_round_trips(quantized, tmp_path):
     out = save_quantized(model, tmp_path / "art", manifest, shard_bytes=40_000)
     files = sorted(p.name for p in out.glob("model*.safetensors"))
     saved = json.loads((out / "quaff.json").read_text())
-    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors" and "weights_sha256" not in saved
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert "weights_sha256" not in saved
     assert sorted(saved["shards"]) == files
     back, back_manifest = load_quantized(out)
     assert torch.equal(back.model(input_ids=ids).logits, expected)

@@ -26,7 +26,7 @@ def main() -> None:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
     p.add_argument("--shard", default="4GB", help="max_shard_size of save_pretrained")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: SmolLM2's)")
-    p.add_argument("--outliers", action="store_true", help="plant heavy channels in the input norms, as trained LLMs have")
+    p.add_argument("--outliers", action="store_true", help="plant heavy channels in the norms, as in trained LLMs")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -40,7 +40,8 @@ def main() -> None:
         with torch.no_grad():
             for layer in model.model.layers:
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                    norm.weight[[3, 17, 100]] *= torch.tensor([60.0, 40.0, 25.0], device=device, dtype=norm.weight.dtype)
+                    heavy = torch.tensor([60.0, 40.0, 25.0], device=device, dtype=norm.weight.dtype)
+                    norm.weight[[3, 17, 100]] *= heavy
     model.save_pretrained(args.out, max_shard_size=args.shard)
     del model
     _tokenizer(args.tokenizer, Path(args.out))
@@ -53,9 +54,9 @@ def _tokenizer(source: str | None, out: Path) -> None:
             if f.is_file():
                 shutil.copy(f, out / f.name)
         return
-    from quaff_fx.model_loading import default_model_path
-
     from transformers import AutoTokenizer
+
+    from quaff_fx.model_loading import default_model_path
 
     path = default_model_path()
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))

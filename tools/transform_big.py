@@ -36,7 +36,8 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     weight_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
     config = QuaffConfig.preset(args.preset)
-    result = quantize_(loaded.model, config, CalibrationConfig(num_batches=args.batches), loaded.tokenizer, progress=True)
+    calibration = CalibrationConfig(num_batches=args.batches)
+    result = quantize_(loaded.model, config, calibration, loaded.tokenizer, progress=True)
     result.timings = {"load": load_s, **result.timings}
     if args.out:
         with result.timed("save"):
@@ -48,7 +49,8 @@ def main() -> None:
     out = {"timings": {k: round(v, 1) for k, v in result.timings.items()}, "wall_s": round(wall, 1),
            "weights_gib": round(weight_bytes / 2**30, 2), "peak_gpu_gib": round(peak_gpu / 2**30, 2),
            "peak_gpu_vs_weights": round(peak_gpu / weight_bytes, 3), "peak_rss_gib": round(rss / 2**30, 2),
-           "layers": len(result.layers), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+           "layers": len(result.layers),
+           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     print(result.timing_text())
     print(json.dumps(out, indent=1))
     if args.json:
