@@ -16,8 +16,7 @@ from conftest import FAST
 
 from quaff_fx.cli import build_parser, main
 from quaff_fx.data import read_text
-from quaff_fx.io import load_stats
-from quaff_fx.transform import load_quantized
+from quaff_fx.io import load_quantized, load_stats
 
 
 def run(capsys, *argv):

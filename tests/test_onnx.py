@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from quaff_fx.cli import main
+from quaff_fx.io import load_quantized
 from quaff_fx.onnx_export import export_onnx, onnx_logits
-from quaff_fx.transform import load_quantized
 
 
 @pytest.fixture(scope="module")

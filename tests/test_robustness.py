@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from quaff_fx import OutlierConfig, QuaffError, QuaffLinear, calibrate, capture
 from quaff_fx.cli import main
 from quaff_fx.evaluate import perplexity
+from quaff_fx.io import load_quantized
 from quaff_fx.kernels import reference
-from quaff_fx.transform import load_quantized
 
 # -- property-based: quantizers and the op ---------------------------------------------------------------
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 80))

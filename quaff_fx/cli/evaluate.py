@@ -56,15 +56,13 @@ def _eval_models(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], Any]:
     """(label, model) pairs to evaluate and the tokenizer: the one model given, or with --compare FP32, naive
     W8A8 and Quaff (an artifact is compared with the model it was made from)."""
     from ..evaluate import comparison_set
-    from ..io import is_artifact
+    from ..io import is_artifact, load_quantized
     from ..model_loading import load_model
-    from ..transform import load_quantized
 
     calibration = calibration_config(args) if args.compare else None
     if args.model and is_artifact(args.model):
         phase(f"loading the artifact {args.model}")
-        loaded, manifest = load_quantized(args.model, dtype_of(args))
-        loaded.model.to(device_of(args))
+        loaded, manifest = load_quantized(args.model, dtype_of(args), device_of(args))
         if getattr(args, "adapter", None):
             from ..training.adapter import load_adapter
 
@@ -161,7 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches (default all)")
     p.add_argument("--compare", action="store_true", help="evaluate FP32, naive W8A8 and Quaff in one run")
     p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a finetune's OUT/adapter folder: evaluate the artifact with it (and its trained outlier scales)")
+                   help="a finetune's OUT/adapter folder: evaluate the artifact with it (and its trained outlier "
+                        "scales)")
     p.add_argument("--calib", action="append", default=None, metavar="TEXT",
                    help="with --compare on a model: calibration text or dataset (repeatable; default: the bundled "
                         "corpus; 4 batches of 2 x 256 tokens)")

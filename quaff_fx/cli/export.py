@@ -10,9 +10,8 @@ from .common import check_out, phase
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export an artifact to ONNX, then check it in onnxruntime against PyTorch."""
-    from ..io import is_artifact, read_manifest
+    from ..io import is_artifact, load_quantized, read_manifest
     from ..onnx_export import VERDICTS, check_opset, compare_with_pytorch, export_onnx
-    from ..transform import load_quantized
 
     if not is_artifact(args.artifact):
         raise QuaffError(f"{args.artifact!r} is not a quaff-fx artifact folder (no quaff.json); "

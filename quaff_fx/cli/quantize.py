@@ -94,8 +94,8 @@ def _inspect_graph(args: argparse.Namespace) -> int:
     """Load the artifact, capture it, optionally fuse, and show the graph."""
     from ..capture import capture
     from ..graphview import graph_summary, graph_text, write_dot
+    from ..io import load_quantized
     from ..passes import FuseScales
-    from ..transform import load_quantized
 
     loaded, _ = load_quantized(args.path)
     gm = capture(loaded.model)
