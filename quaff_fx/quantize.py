@@ -33,7 +33,7 @@ class CalibrationConfig:
 
     texts: tuple[str, ...] = ()
     token_batches: tuple[torch.Tensor, ...] | None = None
-    num_batches: int | None = 4
+    num_batches: int | None = 16  # 8,192 tokens of the corpus: 4+ windows of each source (README, Accuracy)
     batch_size: int = 2
     seq_len: int = 256
     device: str | torch.device | None = None
