@@ -32,7 +32,7 @@ DATA = bundled_text_path().parent
 # changelog (bash)
 REPORTED = ("gpl-3.0.txt", "gfdl-1.3.txt", "python-reference.txt", "vim-user-manual.txt", "python-faq.txt",
             "python-stdlib-code.txt", "bash-changes.txt")
-DEFAULT_BATCHES = 32
+DEFAULT_BATCHES = 16  # = CalibrationConfig.num_batches
 
 
 def quantized(model, config, calib: list | None = None, stats=None):
