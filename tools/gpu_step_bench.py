@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 SIZES = {  # Llama-shaped configs; 1b is TinyLlama-1.1B's shape, 3b Llama-3.2-3B's, 8b Llama-3-8B's
@@ -331,7 +332,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("peak reserved GPU memory (GiB)")
     ax.set_ylabel("ms per training step (lower is faster)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+    ax.margins(x=0.25, y=0.15)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
