@@ -1,18 +1,14 @@
-"""DDP and FSDP2 on CPU with gloo, 2 processes: the same losses as one process on the same global batch."""
-import os
+"""Several processes on CPU with gloo: ``run_ranks`` (the two-rank harness of test_fsdp.py's DDP and FSDP2
+comparisons with one process) and ``quaff-fx finetune`` under torchrun and accelerate launch."""
 import socket
+import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_finetune import IDS, quantized_tiny
-
-from quaff_fx.finetune import FinetuneConfig, make_peft_model, train
 
 pytestmark = pytest.mark.slow  # spawns processes (seconds of start-up each)
-
-CFG = FinetuneConfig(steps=3, seq_len=32, batch_size=4, lr=1e-2)
 
 
 def _free_port() -> int:
@@ -21,38 +17,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, size: int, port: int, mode: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
+def _rank_main(rank: int, size: int, port: int, body, args: tuple, queue) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
-        model = make_peft_model(quantized_tiny(), CFG)
-        log = train(model, IDS, CFG, distributed=mode)
-        scale = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.act_scale.tolist()
-        queue.put((rank, log["losses"], scale))  # plain floats: a tensor would outlive its process's memory
+        queue.put((rank, body(rank, size, *args)))  # plain Python values: a tensor would outlive its process's memory
+    except Exception:
+        queue.put((rank, {"error": traceback.format_exc()}))  # fail the test now, not at the queue's timeout
+        raise
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_training_matches_one_process(mode):
-    single_model = make_peft_model(quantized_tiny(), CFG)
-    single = train(single_model, IDS, CFG)["losses"]
-    single_scale = single_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.act_scale
+def run_ranks(body, *args, size: int = 2) -> dict:
+    """``body(rank, size, *args)`` in ``size`` spawned processes joined by gloo; their results by rank. ``body``
+    is a module-level function (spawn imports it by name) returning plain Python values."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, mode, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, size, port, body, args, queue)) for r in range(size)]
     for p in procs:
         p.start()
-    results = dict((r, (l, s)) for r, l, s in (queue.get(timeout=300) for _ in procs))
+    results = {}
+    for _ in procs:
+        rank, out = queue.get(timeout=240)
+        if isinstance(out, dict) and "error" in out:  # the other ranks may wait in a collective for ever
+            for p in procs:
+                p.terminate()
+            pytest.fail(f"rank {rank}: {out['error']}")
+        results[rank] = out
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for rank in (0, 1):
-        losses, scale = results[rank]
-        assert torch.allclose(torch.tensor(losses), torch.tensor(single), atol=2e-3, rtol=1e-3), (mode, losses, single)
-        assert torch.allclose(torch.tensor(scale), single_scale, rtol=1e-5)
+    return results
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
@@ -64,13 +61,15 @@ def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
 
     out = tmp_path / "ddp"
     port = str(_free_port())
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port] if launcher == "torchrun"
-              # accelerate starts several CPU processes only through MPI; its --multi_gpu launcher (torchrun inside)
-              # runs them with gloo where there is no GPU
-              else [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port])
-    cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "2", "--seq-len", "32", "--batch-size", "4",
-                    "--out", str(out), "--json"]
+    if launcher == "torchrun":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    else:  # accelerate starts several CPU processes only through MPI; its --multi_gpu launcher (torchrun inside)
+        # runs them with gloo where there is no GPU
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", port]
+    cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "2", "--seq-len", "32",
+                    "--batch-size", "4", "--out", str(out), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])

@@ -2,13 +2,10 @@
 
 Compiled runs use backend="aot_eager" (dynamo + AOTAutograd, the graph-capture path the scale collective has to
 survive, without inductor's C++ compilation, which would take minutes on the CI's two cores)."""
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import _free_port
+from test_distributed import run_ranks
 from test_finetune import IDS, quantized_tiny
 
 from quaff_fx.data import windows
@@ -67,18 +64,6 @@ def _recording_aot_eager(counts: list[int]):
     return backend
 
 
-def _worker(rank: int, size: int, port: int, mode: str, queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
-        queue.put((rank, _run(rank, size, mode)))  # plain Python values: a tensor would outlive its process's memory
-    except Exception:
-        queue.put((rank, {"error": traceback.format_exc()}))  # fail the test now, not at the queue's timeout
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _run(rank: int, size: int, mode: str) -> dict:
     model = make_peft_model(quantized_tiny(), CFG)
     out = {"bytes_before": local_bytes(model)}
@@ -103,27 +88,6 @@ def _run(rank: int, size: int, mode: str) -> dict:
     return out
 
 
-def _spawn(mode: str) -> dict[int, dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, mode, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, out = queue.get(timeout=240)
-        if "error" in out:  # the other rank may wait in a collective for ever
-            for p in procs:
-                p.terminate()
-            pytest.fail(f"rank {rank}: {out['error']}")
-        results[rank] = out
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
-
-
 @pytest.fixture(scope="module")
 def single():
     """One process, the whole global batch: losses, scales and merged logits to compare the ranks with."""
@@ -142,7 +106,7 @@ def _close(a, b, **tol) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp", "fsdp+compile", "ddp+compile"])
 def test_two_ranks_match_one_process(mode, single):
-    results = _spawn(mode)
+    results = run_ranks(_run, mode)
     for rank, out in results.items():
         assert out["bytes_before"] == single["bytes"]
         if mode.startswith("fsdp"):  # each rank holds its half of every int8 weight (dim 0 split evenly here)

@@ -53,30 +53,20 @@ def build(args, device):
         model = LlamaForCausalLM(cfg).eval()
     torch.set_default_dtype(default)
     if args.model == "quaff":
-        quantize(model, cfg.vocab_size, device)
+        quantize(model, cfg.vocab_size)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
 
 
-def quantize(model, vocab: int, device) -> None:
+def quantize(model, vocab: int) -> None:
     """quaff-fx's pipeline on random token ids (a random-init model has no text to calibrate on)."""
     import torch
 
-    from quaff_fx import QuaffConfig
+    from quaff_fx import CalibrationConfig, QuaffConfig, quantize_
 
-    config = QuaffConfig.preset("fast")
-    ids = torch.randint(0, vocab, (2, 256), generator=torch.Generator().manual_seed(1)).to(device)
-    try:
-        from quaff_fx import CalibrationConfig, quantize_
-    except ImportError:  # before quantize_ lands: the steps it runs
-        from quaff_fx import calibrate, capture, transform
-
-        gm = capture(model, (ids,), dynamic=False)
-        stats = calibrate(gm, [ids], config.outliers, config.eligible, **config.calibration_options())
-        transform(model, stats, config, gm=gm)
-        return
-    quantize_(model, config, CalibrationConfig(token_batches=(ids,), num_batches=1, batch_size=2, seq_len=256))
+    ids = torch.randint(0, vocab, (2, 256), generator=torch.Generator().manual_seed(1))
+    quantize_(model, QuaffConfig.preset("fast"), CalibrationConfig(token_batches=(ids,), num_batches=1, seq_len=256))
 
 
 def worker(args) -> None:
