@@ -6,9 +6,11 @@ this module chooses the adapter and trains on token windows of a text.
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from .errors import QuaffError
 from .quaff_linear import QuaffLinear
 
 METHODS = ("lora", "ia3", "prompt", "prefix")
+BNB_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layers: the QLoRA / 8-bit baselines' targets
 
 
 @dataclass
@@ -44,10 +47,11 @@ class FinetuneConfig:
 
 
 def target_modules(model: nn.Module) -> list[str]:
-    """Leaf names of the quantized layers (q_proj, v_proj, ...), or of the Linears when none is quantized."""
+    """Leaf names of the Quaff layers (q_proj, ...), or of the Linears (bitsandbytes' too) when there are none."""
     leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QuaffLinear)}
     if not leaves:
-        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n}
+        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                  if (type(m) is nn.Linear or type(m).__name__ in BNB_LINEARS) and "lm_head" not in n}
     return sorted(leaves)
 
 
@@ -87,7 +91,17 @@ def make_peft_model(model: nn.Module, cfg: FinetuneConfig):
     import peft
 
     torch.manual_seed(cfg.seed)
-    return peft.get_peft_model(model, peft_config(model, cfg))
+    with quiet_peft():
+        return peft.get_peft_model(model, peft_config(model, cfg))
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT asks every model for transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning that is
+    not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def batch_for_step(win: torch.Tensor, step: int, cfg: FinetuneConfig) -> torch.Tensor:

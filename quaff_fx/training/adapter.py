@@ -81,7 +81,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     and the outlier scales trained with it: the fine-tuned model as it was at the end of training."""
     import peft
 
-    from ..finetune import register_quaff_lora
+    from ..finetune import quiet_peft, register_quaff_lora
 
     folder = Path(adapter_dir)
     if not (folder / "adapter_config.json").is_file():
@@ -92,7 +92,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     register_quaff_lora(config)
     scales = read_scales(folder / SCALES) if (folder / SCALES).is_file() else {}
     try:
-        wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config, is_trainable=trainable)
+        with quiet_peft():
+            wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config, is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise QuaffError(
             f"{str(folder)!r}: the adapter does not fit this model: {str(exc).splitlines()[0][:200]}"

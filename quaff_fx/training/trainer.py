@@ -120,6 +120,20 @@ class Throughput(TrainerCallback):
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
+def checkpointing_arguments(enable: bool) -> dict[str, Any]:
+    """Activation checkpointing under the name this transformers uses (``activation_checkpointing`` from 5.2x on,
+    ``gradient_checkpointing`` before); nothing when off, so no deprecation warning either way."""
+    if not enable:
+        return {}
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
     from transformers import TrainingArguments
 
@@ -145,8 +159,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
         bf16=cfg.bf16,
         use_cpu=cfg.device == "cpu",
         torch_compile=cfg.compile,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing_arguments(cfg.gradient_checkpointing),
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         remove_unused_columns=False,
         disable_tqdm=not cfg.progress,
