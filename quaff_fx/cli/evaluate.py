@@ -109,8 +109,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     names = list(rows[0]["perplexity"])
     print(tabulate([[r["method"], r["channels"], f"{r['fp_bytes'] / 2**10:.0f} KiB"]
-                    + [f"{r['perplexity'][t]:.3f} ({100 * r['delta'][t]:+.2f}%)" for t in names] for r in rows],
-                   headers=["method", "FP channels", "FP columns"] + names))
+                    + [f"{r['perplexity'][t]:.3f} ({100 * r['delta'][t]:+.2f}%)" for t in names]
+                    + [f"{100 * r['mean']:+.2f}%", f"{r['worst'][0]} {100 * r['worst'][1]:+.2f}%"] for r in rows],
+                   headers=["method", "FP channels", "FP columns"] + names + ["mean", "worst text"]))
     return 0
 
 
@@ -172,7 +173,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="accuracy of FP32, naive, SmoothQuant, LLM.int8 and Quaff settings on several texts")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--texts", nargs="*", default=None, help="held-out texts (default: the three bundled ones)")
-    p.add_argument("--calib", default=None, help="calibration text (default: the bundled apache-2.0.txt)")
+    p.add_argument("--calib", default=None, help="calibration text or dataset (default: the bundled corpus)")
     p.add_argument("--strategies", nargs="*", default=["top_abs", "mean_times"], help="outlier strategies")
     p.add_argument("--ratios", nargs="*", type=float, default=[0.005, 0.01, 0.02], help="outlier budgets (max_ratio)")
     p.add_argument("--alphas", nargs="*", type=float, default=[0.5], help="SmoothQuant strengths")
