@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from quaff_fx import QuaffConfig, calibrate_text, capture, transform
+from quaff_fx import CalibrationConfig, QuaffConfig, capture, quantize_
 from quaff_fx.data import read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.hf import naive_w8a8_
@@ -25,11 +25,9 @@ def test_capture_matches_eager(smollm2):
 
 @pytest.fixture(scope="module")
 def quaff_smollm2(smollm2):
-    config = QuaffConfig()
+    """The default: QuaffConfig() calibrated on the bundled corpus (CalibrationConfig())."""
     quaff = copy.deepcopy(smollm2.model)
-    gm = capture(quaff)
-    stats = calibrate_text(gm, smollm2.tokenizer, None, config)
-    result = transform(quaff, stats, config, gm=gm)
+    result = quantize_(quaff, QuaffConfig(), CalibrationConfig(), smollm2.tokenizer)
     assert len(result.layers) == 210
     return quaff
 
