@@ -257,3 +257,15 @@ def test_cli_prompt_tuning_finishes(artifact, tmp_path, capsys):
     )
     assert json.loads(capsys.readouterr().out)["eval_loss"] > 0
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_model_read_from_gguf_trains(tmp_path):
+    """SmolLM2 comes from a .gguf file: transformers marks it quantized (GGUF) and the Trainer would refuse it."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+
+    model = quantized_tiny()
+    model.hf_quantizer = GgufHfQuantizer.__new__(GgufHfQuantizer)
+    model.is_quantized = True
+    peft_model = make_peft_model(model, FinetuneConfig(seq_len=32))
+    log = fit(peft_model, _tiny_examples(), [], TrainConfig(steps=1, batch_size=2, progress=False), tmp_path)
+    assert log["steps"] == 1 and model.hf_quantizer is None

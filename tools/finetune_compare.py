@@ -18,17 +18,21 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from quaff_fx import QuaffConfig, quantize_
+from quaff_fx import QuaffConfig, load_quantized, quantize_
 from quaff_fx.data import read_text
 from quaff_fx.finetune import FinetuneConfig, make_peft_model
 from quaff_fx.model_loading import load_model
 from quaff_fx.training import TrainConfig, build_examples, fit, split
 
 VARIANTS = ("quaff", "fp32", "bf16", "qlora")
+ARTIFACT: str | None = None  # --artifact: a SmolLM2 artifact of the default preset instead of quantizing here
 
 
 def base_model(variant: str):
     """The model to put LoRA on, and its tokenizer."""
+    if variant == "quaff" and ARTIFACT:
+        loaded, _ = load_quantized(ARTIFACT)
+        return loaded.model, loaded.tokenizer
     loaded = load_model("smollm2", torch.bfloat16 if variant == "bf16" else torch.float32)
     if variant == "quaff":
         quantize_(loaded.model, QuaffConfig.preset("default"), tokenizer=loaded.tokenizer)
@@ -81,7 +85,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON of the rows")
     ap.add_argument("--with", dest="earlier", nargs="*", default=[],
                     help="JSON files of earlier runs (same settings) whose rows join the table")
+    ap.add_argument("--artifact", default=None, help="Quaff variant: this SmolLM2 artifact (default preset) as base")
     args = ap.parse_args()
+    global ARTIFACT
+    ARTIFACT = args.artifact
     bundled = Path(__file__).resolve().parent.parent / "quaff_fx" / "data" / args.text
     args.text_path = bundled if bundled.is_file() else Path(args.text)
     rows = [r for f in args.earlier for r in json.loads(Path(f).read_text())]

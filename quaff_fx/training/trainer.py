@@ -186,6 +186,7 @@ def fit(
     from transformers.trainer_utils import get_last_checkpoint
 
     output_dir = Path(output_dir)
+    dequantized_gguf_(model)
     last = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
     if resume and last is None:
         raise QuaffError(f"--resume: no checkpoint in {str(output_dir)!r}; start without --resume")
@@ -231,6 +232,16 @@ def fit(
         log["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     model.eval()
     return log
+
+
+def dequantized_gguf_(model: nn.Module) -> None:
+    """A model read from a .gguf file holds plain dequantized tensors but keeps transformers' GGUF marker, which
+    makes the Trainer refuse it ("quantized with GGUF ... does not support training"); the marker goes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
+        base.hf_quantizer = None
+        base.is_quantized = False
 
 
 def write_log(log: dict[str, Any], folder: Path) -> None:
