@@ -61,22 +61,16 @@ GPTQ_BATCH_BYTES = 1 << 30  # float32 weight copies rounded at once (rows padded
 
 
 def _batches(jobs: list) -> list[list]:
-    """Jobs (site, FP weight, XᵀX) of one input width rounded together, similar row counts side by side, at most
-    ``GPTQ_BATCH_BYTES`` of weight copies and Hessians per batch (a single larger layer alone)."""
+    """Jobs (site, FP weight, XᵀX) of one weight shape rounded together (no padding), at most ``GPTQ_BATCH_BYTES``
+    of weight copies and Hessians per batch (a single larger layer alone)."""
     out: list[list] = []
-    by_width: dict[int, list] = {}
+    by_shape: dict[tuple[int, int], list] = {}
     for job in jobs:
-        by_width.setdefault(job[1].shape[1], []).append(job)
-    for width, group in by_width.items():
-        group.sort(key=lambda j: -j[1].shape[0])
-        current: list = []
-        for job in group:
-            rows = current[0][1].shape[0] if current else job[1].shape[0]  # the widest comes first
-            if current and (len(current) + 1) * (rows * width * 4 * 3 + width * width * 4 * 3) > GPTQ_BATCH_BYTES:
-                out.append(current)
-                current = []
-            current.append(job)
-        out.append(current)
+        by_shape.setdefault(tuple(job[1].shape), []).append(job)
+    for (rows, width), group in by_shape.items():
+        per_layer = (rows * width + width * width) * 4 * 3
+        size = max(1, GPTQ_BATCH_BYTES // per_layer)
+        out += [group[i:i + size] for i in range(0, len(group), size)]
     return out
 
 
