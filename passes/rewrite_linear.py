@@ -19,7 +19,8 @@ from quaff_fx.report import PassReport, quaff_bytes
 from quaff_fx.rounding import chunks, default_budget, gather_xtx, gptq_round_many, seen_hessian
 
 
-def round_gptq_(gm: GraphModule, sites: list[LinearSite], stats: CalibrationStats, build: Callable[[LinearSite], QuaffLinear],
+def round_gptq_(gm: GraphModule, sites: list[LinearSite], stats: CalibrationStats,
+                build: Callable[[LinearSite], QuaffLinear],
                 budget: int | None = None, offload: bool = False) -> tuple[int, dict[str, dict[str, float]]]:
     """Build (``build(site)``) and GPTQ-round the QuaffLinears of ``sites``, gathering XᵀX from the calibration
     batches a chunk of inputs at a time (at most ``budget`` bytes of it, default by device); the layers of a chunk
@@ -83,7 +84,8 @@ class RewriteLinear(QuaffPass):
 
     name = "rewrite_linear"
 
-    def __init__(self, config: QuaffConfig | None = None, stats: CalibrationStats | None = None, gptq_memory: int | None = None,
+    def __init__(self, config: QuaffConfig | None = None, stats: CalibrationStats | None = None,
+                 gptq_memory: int | None = None,
                  offload: bool = False):
         self.config, self.stats, self.gptq_memory, self.offload = config or QuaffConfig(), stats, gptq_memory, offload
 
@@ -99,7 +101,8 @@ class RewriteLinear(QuaffPass):
             budget = self.gptq_memory or default_budget(device)
             build = {site.node: a for site, a in gptq}
             chunks_run, seconds = round_gptq_(gm, [site for site, _ in gptq], self.stats,
-                                              lambda site: self._build(gm, site, build[site.node]), budget, self.offload)
+                                              lambda site: self._build(gm, site, build[site.node]), budget,
+                                              self.offload)
             report.notes.append(f"GPTQ rounding: {len(gptq)} layers, XᵀX gathered in {chunks_run} chunk(s) of at most "
                                 f"{budget >> 20} MiB")
         for site, annotation in todo:
@@ -110,7 +113,8 @@ class RewriteLinear(QuaffPass):
             k = annotation.outliers.numel()
             before = weight.numel() * weight.element_size()
             after = quaff_bytes(site.in_features, site.out_features, k, weight.element_size())
-            report.add(node=site.node.name, module=site.module_name, in_features=site.in_features, out_features=site.out_features,
+            report.add(node=site.node.name, module=site.module_name, in_features=site.in_features,
+                       out_features=site.out_features,
                        outliers=k, bytes_before=before, bytes_after=after, bytes_saved=before - after,
                        outlier_bytes=k * site.out_features * weight.element_size(), status="rewritten",
                        **{key: round(v, 4) for key, v in seconds.get(site.module_name, {}).items()})

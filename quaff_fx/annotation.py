@@ -46,7 +46,8 @@ class QuaffAnnotation:
         """Whether ``other`` records the same choice (the built layer and the rewrite state aside)."""
         if not isinstance(other, QuaffAnnotation):
             return False
-        smooth = (self.smooth is None and other.smooth is None) or (self.smooth is not None and self.smooth.same_as(other.smooth))
+        smooth = (self.smooth is None and other.smooth is None) or (
+            self.smooth is not None and self.smooth.same_as(other.smooth))
         return (self.module == other.module and self.gptq == other.gptq and self.max_mean_ratio == other.max_mean_ratio
                 and smooth and _same(self.outliers, other.outliers) and _same(self.act_max, other.act_max))
 

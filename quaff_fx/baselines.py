@@ -51,14 +51,16 @@ class LLMInt8Config(_Baseline):
 
 
 @register_quantize_handler(NaiveW8A8Config)
-def _quantize_naive(model: nn.Module, config: NaiveW8A8Config, calibration: CalibrationConfig, tokenizer, stats, progress,
+def _quantize_naive(model: nn.Module, config: NaiveW8A8Config, calibration: CalibrationConfig, tokenizer, stats,
+                    progress,
                     timer: Timer) -> QuantizeResult:
     with timer("rewrite"):
         names = naive_w8a8_(model, config.quaff)
     return QuantizeResult(model, None, [], {n: {"outliers": []} for n in names}, None)
 
 
-def _max_stats(model: nn.Module, config: _Baseline, calibration: CalibrationConfig, tokenizer, stats, progress, timer: Timer):
+def _max_stats(model: nn.Module, config: _Baseline, calibration: CalibrationConfig, tokenizer, stats, progress,
+               timer: Timer):
     """The per-channel max|x| the baselines need: the given stats, or a plain calibration."""
     if stats is not None:
         return stats
@@ -79,7 +81,8 @@ def _quantize_smoothquant(model: nn.Module, config: SmoothQuantConfig, calibrati
 
 
 @register_quantize_handler(LLMInt8Config)
-def _quantize_llm_int8(model: nn.Module, config: LLMInt8Config, calibration: CalibrationConfig, tokenizer, stats, progress,
+def _quantize_llm_int8(model: nn.Module, config: LLMInt8Config, calibration: CalibrationConfig, tokenizer, stats,
+                       progress,
                        timer: Timer) -> QuantizeResult:
     stats = _max_stats(model, config, calibration, tokenizer, stats, progress, timer)
     with timer("rewrite"):
