@@ -88,14 +88,9 @@ class QuantizeResult:
     stats: CalibrationStats | None
     timings: dict[str, float] = field(default_factory=dict)  # phase (PHASES) -> seconds
 
-    @contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
+    def timed(self, phase: str):
         """Add the caller's phases (load, save) to ``timings``: ``with result.timed("save"): save_quantized(...)``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+        return timed(self.timings, phase)
 
     def timing_rows(self) -> list[tuple[str, float]]:
         """(phase, seconds) in PHASES order, the phases that ran; extra phases after."""
@@ -129,13 +124,18 @@ class Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+    def __call__(self, phase: str):
+        return timed(self.timings, phase)
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[phase]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def quantize_(model: nn.Module, config: Any = None, calibration: CalibrationConfig | None = None, tokenizer=None, *,
