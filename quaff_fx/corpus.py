@@ -76,7 +76,8 @@ def interleave(groups: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def corpus_windows(tokenizer, seq_len: int, exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> torch.Tensor:
+def corpus_windows(tokenizer, seq_len: int, exclude: Sequence[str] = (),
+                   only: Sequence[str] | None = None) -> torch.Tensor:
     """The bundled corpus as interleaved windows; ``exclude``/``only`` name sources (file stems) to leave out/keep."""
     sources = corpus_sources()
     names = {s.name for s in sources}
@@ -102,7 +103,8 @@ def read_dataset(path: Path) -> str:
     columns = ["text"] if "text" in data.column_names else [
         c for c, f in data.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if not columns:
-        raise QuaffError(f"calibration dataset {str(path)!r} has no text column (columns: {', '.join(data.column_names)}); "
+        raise QuaffError(f"calibration dataset {str(path)!r} has no text column "
+                         f"(columns: {', '.join(data.column_names)}); "
                          "give it a 'text' column")
     text = "\n\n".join(t for t in data[columns[0]] if t)
     if not text.strip():
@@ -126,7 +128,8 @@ def calibration_windows(tokenizer, texts: Sequence[str | Path] = (), seq_len: in
     return interleave([item_windows(tokenizer, t, seq_len) for t in (texts or (BUNDLED,))])
 
 
-def to_batches(windows: torch.Tensor, batch_size: int, num_batches: int | None = None, source: str = "calibration data") -> list[torch.Tensor]:
+def to_batches(windows: torch.Tensor, batch_size: int, num_batches: int | None = None,
+               source: str = "calibration data") -> list[torch.Tensor]:
     """Consecutive batches [batch_size, seq_len] of ``windows``, at most ``num_batches``."""
     if batch_size < 1:
         raise QuaffError(f"batch size must be >= 1, got {batch_size}")
@@ -137,7 +140,8 @@ def to_batches(windows: torch.Tensor, batch_size: int, num_batches: int | None =
     return [windows[i * batch_size:(i + 1) * batch_size] for i in range(n)]
 
 
-def calibration_batches(tokenizer, texts: Sequence[str | Path] = (), num_batches: int | None = None, batch_size: int = 2,
+def calibration_batches(tokenizer, texts: Sequence[str | Path] = (), num_batches: int | None = None,
+                        batch_size: int = 2,
                         seq_len: int = 256) -> list[torch.Tensor]:
     """Token batches [batch_size, seq_len] for calibration from a spec (empty: the bundled corpus)."""
     return to_batches(calibration_windows(tokenizer, texts, seq_len), batch_size, num_batches, describe(texts))

@@ -41,7 +41,8 @@ class OutlierTracker:
                 calib = self.calibrated[name]
                 now = set(amax.topk(len(calib)).indices.tolist())
                 inter = len(calib & now)
-                self.history[name].append({"step": step, "recall": inter / len(calib), "jaccard": inter / len(calib | now),
+                self.history[name].append({"step": step, "recall": inter / len(calib),
+                                           "jaccard": inter / len(calib | now),
                                            "channels": sorted(now)})
         self.current.clear()
 
@@ -55,7 +56,8 @@ class OutlierTracker:
         for name, rows in self.history.items():
             for r in rows:
                 kinds[_kind(name)][r["step"]].append(r["jaccard"])
-        per_kind = {k: {"steps": sorted(v), "jaccard": [sum(v[s]) / len(v[s]) for s in sorted(v)]} for k, v in kinds.items()}
+        per_kind = {k: {"steps": sorted(v), "jaccard": [sum(v[s]) / len(v[s]) for s in sorted(v)]}
+                    for k, v in kinds.items()}
         all_j = [r["jaccard"] for rows in self.history.values() for r in rows]
         all_r = [r["recall"] for rows in self.history.values() for r in rows]
         return {"layers": len(self.history), "mean_jaccard": sum(all_j) / max(len(all_j), 1),
@@ -81,7 +83,8 @@ def plot(summary: dict[str, Any], path: str | Path, layer: str | None = None) ->
     for kind, series in sorted(summary["per_kind"].items()):
         left.plot(series["steps"], series["jaccard"], marker="o", ms=3, label=kind)
     left.set(xlabel="training step", ylabel="Jaccard vs calibrated outliers", ylim=(0, 1.05),
-             title=f"outlier stability (mean Jaccard {summary['mean_jaccard']:.2f}, recall {summary['mean_recall']:.2f})")
+             title=f"outlier stability (mean Jaccard {summary['mean_jaccard']:.2f}, "
+                   f"recall {summary['mean_recall']:.2f})")
     left.legend(fontsize=8)
     per_layer = summary["per_layer"]
     if per_layer:

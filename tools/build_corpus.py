@@ -20,6 +20,8 @@ DATA = Path(__file__).resolve().parent.parent / "quaff_fx" / "data"
 NON_LATIN = re.compile("[^\u0000-\u024f\u2000-\u206f]")  # lines with other scripts are left out
 LIMIT = 60_000  # characters per calibration source: ~15k tokens each, the corpus well under 1 MB
 
+PYTHON_FAQ = "/usr/share/doc/python3.11/html/_sources/faq/programming.rst.txt"
+
 
 def gz(path: str) -> str:
     raw = Path(path).read_bytes()
@@ -62,17 +64,20 @@ def requests_source() -> str:
 
 
 def glibc_headers() -> str:
-    return "\n\n".join(f"/* ---- <{n}> ---- */\n" + Path("/usr/include", n).read_text() for n in ("stdio.h", "string.h", "unistd.h"))
+    headers = ("stdio.h", "string.h", "unistd.h")
+    return "\n\n".join(f"/* ---- <{n}> ---- */\n" + Path("/usr/include", n).read_text() for n in headers)
 
 
 def stdlib_source() -> str:
     root = Path(sysconfig.get_paths()["stdlib"])
-    return "\n\n".join(f"# ---- Lib/{n} ----\n" + (root / n).read_text() for n in ("textwrap.py", "fractions.py", "heapq.py"))
+    modules = ("textwrap.py", "fractions.py", "heapq.py")
+    return "\n\n".join(f"# ---- Lib/{n} ----\n" + (root / n).read_text() for n in modules)
 
 
 CORPUS = {  # file -> (builder, limit)
     "prose-devils-dictionary.txt": (devils_dictionary, LIMIT),
-    "docs-gnu-manpages.txt": (lambda: "\n\n".join(man(p) for p in ("ls", "sort", "date", "cp", "find", "grep", "tar", "du",
+    "docs-gnu-manpages.txt": (lambda: "\n\n".join(man(p) for p in ("ls", "sort", "date", "cp", "find", "grep", "tar",
+                                                                    "du",
                                                                     "stat", "cut")), LIMIT),
     "code-python-requests.txt": (requests_source, LIMIT),
     "code-c-glibc-headers.txt": (glibc_headers, LIMIT),
@@ -81,7 +86,7 @@ CORPUS = {  # file -> (builder, limit)
 }
 HELDOUT = {  # new held-out texts (the four older bundled ones stay as they are)
     "gfdl-1.3.txt": (lambda: Path("/usr/share/common-licenses/GFDL-1.3").read_text(), 10**9),
-    "python-faq.txt": (lambda: Path("/usr/share/doc/python3.11/html/_sources/faq/programming.rst.txt").read_text(), 40_000),
+    "python-faq.txt": (lambda: Path(PYTHON_FAQ).read_text(), 40_000),
     "python-stdlib-code.txt": (stdlib_source, 40_000),
     "bash-changes.txt": (lambda: gz("/usr/share/doc/bash/CHANGES.gz"), 40_000),
 }
