@@ -197,9 +197,11 @@ def _shards(state: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
     return out
 
 
-def is_artifact(folder: str | Path) -> bool:
+def is_artifact(folder: str | Path | None) -> bool:
     """A folder holding a ``quaff.json``: what every command treats as a quaff-fx artifact (``read_manifest``
-    then checks its format and version)."""
+    then checks its format and version). None or "" (no model named) is not one."""
+    if not folder:
+        return False
     folder = Path(folder)
     return folder.is_dir() and (folder / MANIFEST).is_file()
 

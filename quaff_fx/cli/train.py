@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import QuaffError
+from ..io import is_artifact
 from .common import (
     MODEL_HELP,
     add_device_options,
@@ -81,8 +82,8 @@ def _check_finetune_args(args: argparse.Namespace):
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..distributed import init_from_env
     from ..finetune import make_peft_model
-    from ..training.adapter import save_adapter
-    from ..training.data import build_examples, read_rows, split
+    from ..training.adapter import save_adapter, save_merged
+    from ..training.data import build_examples, pad_id, read_rows, split
     from ..training.trainer import fit, write_log
 
     cfg, tcfg, out = _check_finetune_args(args)
@@ -96,7 +97,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         calibration_config(
             args, num_batches=args.calib_batches, batch_size=args.calib_batch_size, seq_len=args.calib_seq_len
         )
-        if not (args.fp32 or _is_artifact(args.model))
+        if not (args.fp32 or is_artifact(args.model))
         else None
     )
     model, tokenizer, source, config = _finetune_base(args, calibration)
@@ -125,7 +126,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         evaluated = eval_name if eval_set else "nothing"
         phase(f"fine-tuning {cfg.peft} on {len(train_set)} examples of {name}; eval on {evaluated}")
         log = fit(
-            peft_model, train_set, eval_set, tcfg, out / "checkpoints", pad_id=_pad_id(tokenizer), resume=args.resume
+            peft_model, train_set, eval_set, tcfg, out / "checkpoints", pad_id=pad_id(tokenizer), resume=args.resume
         )
     except BaseException:
         if created and not any((out / "checkpoints").glob("checkpoint-*")):
@@ -157,7 +158,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     if args.merge:
         phase(f"merging the adapter and re-quantizing into {out / 'merged'}")
-        _save_merged(peft_model, out / "merged", source, tokenizer, config)
+        save_merged(peft_model, out / "merged", source, tokenizer, config)
     _report(args, cfg, log)
     return 0
 
@@ -203,27 +204,17 @@ def _report(args: argparse.Namespace, cfg, log: dict) -> None:
     )
 
 
-def _pad_id(tokenizer) -> int | None:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _is_artifact(model: str | None) -> bool:
-    from ..io import is_artifact
-
-    return bool(model) and is_artifact(model)
-
-
 def _finetune_base(args: argparse.Namespace, calibration):
     """(model, tokenizer, source, QuaffConfig dict or None): an artifact as saved, or a model quantized here with
     the calibration options (or left unquantized with --fp32), on --device in --dtype (bf16 on CUDA by default)."""
     import torch
 
+    from ..io import load_quantized
     from ..model_loading import load_model
-    from ..transform import load_quantized
 
     device = device_of(args)
     dtype = dtype_of(args) or (torch.bfloat16 if device.type == "cuda" else None)
-    if _is_artifact(args.model):
+    if is_artifact(args.model):
         if args.fp32:
             raise QuaffError("--fp32 needs a model, not a quantized artifact")
         phase(f"loading the artifact {args.model}")
@@ -242,18 +233,6 @@ def _finetune_base(args: argparse.Namespace, calibration):
     return loaded.model, loaded.tokenizer, loaded.source, config.to_dict()
 
 
-def _save_merged(peft_model, folder: Path, source: dict, tokenizer, config: dict | None) -> None:
-    from ..config import QuaffConfig
-    from ..io import build_manifest, save_quantized
-    from ..quaff_linear import QuaffLinear
-    from ..transform import layer_spec
-
-    merged = peft_model.merge_and_unload()
-    layers = {n: layer_spec(m) for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
-    manifest = build_manifest(source, QuaffConfig.from_dict(config), layers)
-    save_quantized(merged, folder, manifest, tokenizer=tokenizer, force=True)
-
-
 def cmd_ossh(args: argparse.Namespace) -> int:
     """LoRA fine-tuning with every QuaffLinear's outliers tracked against the calibrated ones."""
     from tabulate import tabulate
@@ -267,7 +246,7 @@ def cmd_ossh(args: argparse.Namespace) -> int:
     check_out(args.out, args.force)
     text = read_text(args.data, "calibration")
     args.fp32 = False
-    calibration = None if _is_artifact(args.model) else calibration_config(args, seq_len=min(args.seq_len, 256))
+    calibration = None if is_artifact(args.model) else calibration_config(args, seq_len=min(args.seq_len, 256))
     model, tokenizer, _, _ = _finetune_base(args, calibration)
     peft_model = make_peft_model(model, cfg)
     tracker = OutlierTracker(peft_model, every=args.every)

@@ -107,3 +107,17 @@ def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
     """What an adapter folder says about itself: PEFT type and base model."""
     config = read_json(Path(adapter_dir) / "adapter_config.json")
     return {"peft_type": config.get("peft_type"), "base_model": config.get("base_model_name_or_path")}
+
+
+def save_merged(peft_model, folder: Path, source: dict, tokenizer, config: dict | None) -> None:
+    """Merge the LoRA adapters into the int8 base (re-quantizing it) and write a Quaff artifact with the config
+    actually used."""
+    from ..config import QuaffConfig
+    from ..io import build_manifest, save_quantized
+    from ..quaff_linear import QuaffLinear
+    from ..transform import layer_spec
+
+    merged = peft_model.merge_and_unload()
+    layers = {n: layer_spec(m) for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
+    manifest = build_manifest(source, QuaffConfig.from_dict(config), layers)
+    save_quantized(merged, folder, manifest, tokenizer=tokenizer, force=True)
