@@ -1,13 +1,13 @@
 """quaff-fx: Quaff (arXiv 2505.14742) outlier-scaled int8 quantization for fine-tuning, as graph passes."""
+from .baselines import LLMInt8Config, NaiveW8A8Config, SmoothQuantConfig
 from .calibration import CalibrationStats, calibrate
 from .capture import capture, find_linears
 from .config import OutlierConfig, QuaffConfig
 from .errors import QuaffError
 from .io import load_stats, save_quantized, save_stats
-from .quaff_linear import QuaffLinear, int8_backward_
 from .pipeline import QuaffPass, QuaffPassResult, run_passes
+from .quaff_linear import QuaffLinear, int8_backward_
 from .quantize import CalibrationConfig, QuantizeResult, quantize_, register_quantize_handler
-from .baselines import LLMInt8Config, NaiveW8A8Config, SmoothQuantConfig
 from .report import PassReport
 from .transform import TransformResult, calibrate_text, default_passes, load_quantized, transform
 

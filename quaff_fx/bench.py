@@ -143,7 +143,8 @@ def train_step_variant(variant: str, model_name: str | None, batch: int, seq_len
               "rss_before_steps": base, "peak_rss": mem.peak,
               "model_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))}
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .config import OutlierConfig, QuaffConfig
-from .corpus import calibration_batches, interleave, source_windows, to_batches
+from .corpus import BUNDLED, calibration_batches, interleave, source_windows, to_batches
 from .data import read_text, tokenize
 from .evaluate import perplexity
 from .quantize import CalibrationConfig, quantize_
@@ -27,7 +27,7 @@ def sweep(model, tokenizer, texts: dict[str, Path | None], strategies: list[str]
     from .baselines import LLMInt8Config, NaiveW8A8Config, SmoothQuantConfig
 
     evals = {name: tokenize(tokenizer, read_text(path, "heldout")) for name, path in texts.items()}
-    batches = calibration_batches(tokenizer, (calib,) if calib else (), max_batches, batch_size, seq_len)
+    batches = calibration_batches(tokenizer, (calib,) if calib else (BUNDLED,), max_batches, batch_size, seq_len)
     calib_data = calibration_data(batches)
 
     def evaluate(m) -> dict[str, float]:

@@ -2,7 +2,16 @@ import pytest
 import torch
 from torch import nn
 
-from quaff_fx import CalibrationStats, OutlierConfig, QuaffConfig, QuaffError, calibrate, capture, load_stats, save_stats
+from quaff_fx import (
+    CalibrationStats,
+    OutlierConfig,
+    QuaffConfig,
+    QuaffError,
+    calibrate,
+    capture,
+    load_stats,
+    save_stats,
+)
 from quaff_fx.outliers import batch_counts, jaccard, select
 
 

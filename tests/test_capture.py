@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import make_tiny
 from torch import nn
 
-from conftest import make_tiny
 from quaff_fx import QuaffError, capture, find_linears
 
 

@@ -3,13 +3,13 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_tiny, tiny_llama
+from quaff_fx.passes import FuseScales
+from quaff_fx.passes.fuse_scales import op_arguments
+
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, default_passes, run_passes, transform
 from quaff_fx.backend import LAST_REPORTS, make_backend
 from quaff_fx.hf import register_peft
-from quaff_fx.passes import FuseScales
-from quaff_fx.passes.fuse_scales import op_arguments
 
 CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))  # plain Quaff: the mechanics under test
 GROUPS = {

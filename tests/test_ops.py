@@ -198,8 +198,9 @@ def test_int8_backward_copy_is_kept_in_step_and_not_saved():
 
 
 def test_int8_backward_helper_and_fused_siblings_keep_the_copy():
-    from quaff_fx import int8_backward_
     from quaff_fx.passes.fuse_scales import fuse_modules
+
+    from quaff_fx import int8_backward_
 
     lin, x, q = layer_and_input()
     lin2, _, q2 = layer_and_input(seed=1)

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from quaff_fx.passes import AnnotateOutliers, RewriteLinear, annotations
 
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture, run_passes, transform
 from quaff_fx.hf import quantize_model_, register_peft
-from quaff_fx.passes import AnnotateOutliers, RewriteLinear, annotations
 from quaff_fx.pipeline import QuaffPassResult
 
 CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("mean_times", threshold=10, max_ratio=0.05))  # plain Quaff: the mechanics under test

@@ -25,7 +25,7 @@ def test_capture_matches_eager(smollm2):
 
 @pytest.fixture(scope="module")
 def quaff_smollm2(smollm2):
-    """The default: QuaffConfig() calibrated on the bundled corpus (CalibrationConfig())."""
+    """The default: QuaffConfig() calibrated on the default data (CalibrationConfig())."""
     quaff = copy.deepcopy(smollm2.model)
     result = quantize_(quaff, QuaffConfig(), CalibrationConfig(), smollm2.tokenizer)
     assert len(result.layers) == 210

@@ -2,11 +2,11 @@
 stats, picked by the annotate pass, shared by siblings so that fusion still applies."""
 import pytest
 import torch
+from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear, annotations
 
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture, run_passes
 from quaff_fx.config import SMOOTH_GRID
 from quaff_fx.io import load_stats, save_stats
-from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear, annotations
 from quaff_fx.smoothing import pick_alpha
 
 CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05), smooth_alpha="auto")
@@ -136,8 +136,7 @@ def test_xtx_is_gathered_once_per_input_from_the_fp_graph(llama):
 def test_transform_with_gptq_rounding_is_independent_of_the_chunking(llama):
     import copy
 
-    from quaff_fx import transform
-    from quaff_fx import default_passes
+    from quaff_fx import default_passes, transform
 
     gptq_cfg = QuaffConfig.preset("fast", outliers=CFG.outliers, weight_rounding="gptq")
     stats = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2)

@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from quaff_fx import QuaffConfig
 from quaff_fx.baselines import NaiveW8A8Config, SmoothQuantConfig
-from quaff_fx.corpus import calibration_batches
+from quaff_fx.corpus import BUNDLED, calibration_batches
 from quaff_fx.data import batches, bundled_text_path, read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.model_loading import load_model
@@ -60,7 +60,7 @@ def main() -> None:
 
     rows, info = {"fp32": evaluate(fp.model)}, {}
     rows["w8a8 naive"] = evaluate(quantized(fp.model, NaiveW8A8Config())[0])
-    corpus = calibration_batches(fp.tokenizer, (), args.batches, 2, args.seq_len)
+    corpus = calibration_batches(fp.tokenizer, (BUNDLED,), args.batches, 2, args.seq_len)
     apache = list(batches(tokenize(fp.tokenizer, read_text(None)), args.seq_len, 2, 4))
     stats = None
     window = f"x 2 x {args.seq_len}"

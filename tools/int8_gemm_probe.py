@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gpu_bench import cuda_time  # tools/ is on the path when run as a script
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from gpu_bench import cuda_time  # tools/ is on the path when run as a script
 from quaff_fx.kernels import triton_kernels as tk
 
 

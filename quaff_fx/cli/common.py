@@ -47,9 +47,10 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", dest="calib", action="append", default=None, metavar="TEXT",
                    help="calibration text file or dataset (.jsonl/.json/.csv/.parquet, a saved datasets folder) or "
-                        "'bundled'; repeatable, each an equal share of the windows (default: the bundled corpus)")
+                        "'bundled'; repeatable, each an equal share of the windows"
+                        " (default: the bundled apache-2.0.txt; 'bundled' = the calibration corpus)")
     g.add_argument("--data", dest="calib", action="append", help=argparse.SUPPRESS)  # calibrate's old name
-    g.add_argument("--batches", type=int, default=16, help="calibration batches (of the bundled corpus unless --calib)")
+    g.add_argument("--batches", type=int, default=4, help="calibration batches")
     g.add_argument("--batch-size", type=int, default=2, help="windows per batch")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per window")
 

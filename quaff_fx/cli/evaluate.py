@@ -173,7 +173,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="accuracy of FP32, naive, SmoothQuant, LLM.int8 and Quaff settings on several texts")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--texts", nargs="*", default=None, help="held-out texts (default: the three bundled ones)")
-    p.add_argument("--calib", default=None, help="calibration text or dataset (default: the bundled corpus)")
+    p.add_argument("--calib", default=None, help="calibration text or dataset "
+                   "(default: the bundled corpus, 'bundled')")
     p.add_argument("--strategies", nargs="*", default=["top_abs", "mean_times"], help="outlier strategies")
     p.add_argument("--ratios", nargs="*", type=float, default=[0.005, 0.01, 0.02], help="outlier budgets (max_ratio)")
     p.add_argument("--alphas", nargs="*", type=float, default=[0.5], help="SmoothQuant strengths")
