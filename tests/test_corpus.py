@@ -8,10 +8,13 @@ import torch
 
 from quaff_fx.config import PRESETS, OutlierConfig, QuaffConfig
 from quaff_fx.corpus import (
+    BUNDLED,
+    DEFAULT_TEXT,
     calibration_batches,
     calibration_windows,
     corpus_dir,
     corpus_sources,
+    describe,
     interleave,
     source_windows,
     spread_order,
@@ -50,13 +53,21 @@ def test_interleave_is_round_robin_and_drops_exhausted_groups():
         interleave([torch.zeros(0, 4, dtype=torch.long)])
 
 
-def test_default_calibration_mixes_every_source_deterministically(tiny_tokenizer):
-    first = calibration_batches(tiny_tokenizer, (), num_batches=7, batch_size=1, seq_len=64)
-    again = calibration_batches(tiny_tokenizer, (), num_batches=7, batch_size=1, seq_len=64)
+def test_bundled_corpus_mixes_every_source_deterministically(tiny_tokenizer):
+    first = calibration_batches(tiny_tokenizer, (BUNDLED,), num_batches=7, batch_size=1, seq_len=64)
+    again = calibration_batches(tiny_tokenizer, (BUNDLED,), num_batches=7, batch_size=1, seq_len=64)
     assert len(first) == 7 and all(torch.equal(x, y) for x, y in zip(first, again))
     # one window from each of the 7 sources in turn, each source's first window being its first tokens
     for source, batch in zip(corpus_sources(), first):
         assert torch.equal(batch[0], tokenize(tiny_tokenizer, read_text(source.path))[:64]), source.name
+
+
+def test_the_default_is_the_apache_text_in_consecutive_windows(tiny_tokenizer):
+    ids = tokenize(tiny_tokenizer, read_text(None, "calibration"))
+    got = calibration_batches(tiny_tokenizer, (), num_batches=2, batch_size=2, seq_len=64)
+    assert [b.shape for b in got] == [(2, 64), (2, 64)]
+    assert torch.equal(torch.cat(got).flatten(), ids[: 4 * 64])
+    assert describe(()) == DEFAULT_TEXT and describe((BUNDLED,)) == "bundled corpus"
 
 
 def test_user_text_and_bundled_corpus_share_half_and_half(tiny_tokenizer, tmp_path):
