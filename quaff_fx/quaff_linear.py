@@ -9,6 +9,7 @@ from torch import nn
 from . import ops  # noqa: F401  (registers torch.ops.quaff)
 from .config import MOMENTUM
 from .distributed import global_max
+from .errors import QuaffError
 from .kernels.reference import outlier_scale, quantize_weight, smooth_factors
 
 if TYPE_CHECKING:
@@ -31,8 +32,9 @@ class QuaffLinear(nn.Linear):
     ``smoothed``: SmoothQuant-style smoothing of the other channels: x is multiplied by ``inv_smooth`` = 1/s
     (inside the op, with 1/S) and the int8 weight holds W·s (s = 1 on the outlier channels, which Quaff's
     scaling handles).
-    ``int8_backward_()`` keeps a transposed int8 copy ``w_int8_t`` [in, out] (not saved; one more byte per weight)
-    so that the CUDA backward computes grad_X in int8 too; without it the CUDA backward dequantizes W.
+    On CUDA, grad_X is computed in int8 on a transient transposed copy of W by default (made per backward call);
+    ``int8_backward_()`` keeps that copy as ``w_int8_t`` [in, out] instead (not saved; one more byte per weight),
+    and ``ops.set_grad_x_mode("dequantize")`` computes grad_X on the dequantized W.
     """
 
     def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
@@ -73,7 +75,8 @@ class QuaffLinear(nn.Linear):
                   smoothed=smooth_alpha is not None, weight_granularity=weight_granularity)
         if smooth_alpha is not None:
             if act_max is None:
-                raise ValueError("smoothing needs the calibrated max|x| of every input channel")
+                raise QuaffError("smoothing needs the calibrated max|x| of every input channel: pass act_max, "
+                                 "or smooth_alpha=None")
             act_max = act_max.to(weight.device).float()
             w_max = weight.float().abs().amax(0) if smooth_w_max is None else smooth_w_max.to(weight.device)
             s = smooth_factors(act_max, w_max, smooth_alpha, idx)
