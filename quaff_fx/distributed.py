@@ -11,6 +11,7 @@ same scales as a single process would, compiled or not.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -51,17 +52,33 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
     raise QuaffError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) and sum(1 for _ in module[0].parameters()) > 1:
             return list(module)
     return []
 
 
+_SYNC_SCALES = True  # False inside ``local_scales()``
+
+
+@contextlib.contextmanager
+def local_scales():
+    """Inside the block, ``global_max`` is the identity: each rank updates its outlier scales from its own batch,
+    as a process of its own would (ranks that each train a whole model of their own, with no collective)."""
+    global _SYNC_SCALES
+    previous, _SYNC_SCALES = _SYNC_SCALES, False
+    try:
+        yield
+    finally:
+        _SYNC_SCALES = previous
+
+
 def global_max(t: torch.Tensor) -> torch.Tensor:
-    """The elementwise maximum of ``t`` over all ranks (``t`` itself in one process). A functional collective:
-    torch.compile traces it into the graph, where ``dist.all_reduce`` would break the graph or have to be skipped."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """The elementwise maximum of ``t`` over all ranks (``t`` itself in one process or inside ``local_scales``).
+    A functional collective: torch.compile traces it into the graph, where ``dist.all_reduce`` would break the
+    graph or have to be skipped."""
+    if _SYNC_SCALES and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from torch.distributed import _functional_collectives as funcol
 
         return funcol.all_reduce(t, "max", dist.group.WORLD)
@@ -106,7 +123,7 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if not layers:
         raise QuaffError(f"found no decoder layers (an nn.ModuleList of blocks) in {type(model).__name__} to shard")
     for layer in layers:

@@ -56,7 +56,21 @@ def build(args, device):
         quantize(model, cfg.vocab_size)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+    if args.loss == "chunked":  # the loss without the whole logits (4096 x 128k in fp32 would set the peak)
+        from quaff_fx.kernels.linear_ce import fused_causal_lm_loss_
+
+        fused_causal_lm_loss_(model, "chunked")
+    return model
+
+
+def compile_layers(model, backend: str) -> None:
+    """``torch.compile`` each decoder layer in place (``Module.compile``): the layers share one compiled graph, so
+    an 8B compiles in the time of one layer, and the wrappers (DDP, FSDP2) stay outside the compiled regions."""
+    from quaff_fx.distributed import decoder_layers
+
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend)
 
 
 def quantize(model, vocab: int) -> None:
@@ -81,7 +95,9 @@ def worker(args) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     model = build(args, device)
     net = model if size == 1 else shard_model(model) if args.mode == "fsdp" else wrap(model, "ddp")
-    if args.compile_backend != "none":
+    if args.compile_backend != "none" and args.compile_scope == "layers":
+        compile_layers(model, args.compile_backend)
+    elif args.compile_backend != "none":
         net = torch.compile(net, backend=args.compile_backend)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(1000 + rank)
@@ -125,6 +141,87 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
+def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
+    """Warm-up, then ``args.steps`` timed steps of a fresh AdamW on the adapters; the row of this configuration."""
+    import torch
+    import torch.distributed as dist
+
+    from quaff_fx.distributed import local_bytes
+
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    batch = torch.randint(0, SIZES[args.size]["vocab_size"], (args.batch, args.seq_len), generator=gen).to(device)
+    model.train()
+
+    def step() -> float:
+        loss = net(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()  # a host sync: the step is over when it returns
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() if cuda else None
+    times, losses = [], []
+    for _ in range(args.steps):
+        if size > 1:
+            dist.barrier()
+        t = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    return {"model": args.model, "gpus": size, "mode": mode, "size": args.size, "batch_per_gpu": args.batch,
+            "seq_len": args.seq_len, "seconds": sec, "warmup_s": warmup_s,
+            "tokens_per_s": args.batch * args.seq_len * size / sec, "loss": losses[-1],
+            "int8_bytes_per_gpu": local_bytes(model), "bf16_bytes_per_gpu": local_bytes(model, torch.bfloat16),
+            "resident_bytes": resident, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend,
+            "compile_scope": args.compile_scope, "loss_impl": args.loss}
+
+
+def worker_sequence(args) -> None:
+    """Every configuration of one model in one process group of N ranks, on one build of the model: first each
+    rank trains its own whole model on its own GPU with no collective (the 1-GPU row: rank 0's, timed while the
+    other ranks do the same on theirs), then DDP over the N, then FSDP2 over the N (last: sharding is one-way).
+    Per-layer compilation is shared by the three; rank 0 appends the rows to ``args.out``."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from quaff_fx.distributed import init_from_env, local_scales, shard_model, wrap
+
+    rank, size = init_from_env()
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    model = build(args, device)
+    if args.compile_backend != "none":
+        compile_layers(model, args.compile_backend)
+    rows = []
+    with local_scales():
+        rows.append({**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
+    dist.barrier()
+    for mode in args.modes.split(","):
+        net = shard_model(model) if mode == "fsdp" else wrap(model, "ddp")
+        rows.append(_measure(args, net, model, device, rank, size, mode))
+        del net
+        gc.collect()
+        dist.barrier()
+    if rank == 0:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    dist.destroy_process_group()
+
+
 def report(rows: list[dict]) -> str:
     """One line per configuration; scaling and memory against the 1-GPU run of the same model."""
     one = {r["model"]: r for r in rows if r["gpus"] == 1}
@@ -157,13 +254,20 @@ def main() -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend, or none")
     p.add_argument("--out", default="fsdp_bench.jsonl", help="rows are appended here (JSON lines)")
+    p.add_argument("--one-group", action="store_true",
+                   help="one torchrun per model over the largest --gpus count: 1-GPU (every rank its own model), "
+                        "then each --modes wrapper, on one build (fsdp must come last)")
+    p.add_argument("--compile-scope", choices=["layers", "model"], default="layers",
+                   help="compile each decoder layer (shared graph, wrappers outside) or the whole wrapped model")
+    p.add_argument("--loss", choices=["chunked", "hf"], default="chunked",
+                   help="chunked linear + cross-entropy (quaff_fx.kernels.linear_ce) or the model's own loss")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args)
+        worker_sequence(args) if args.mode == "sequence" else worker(args)
         return 0
     if args.report is not None:
         print(report(_rows(args.report)))
@@ -171,6 +275,19 @@ def main() -> int:
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     failed = 0
+    if args.one_group:
+        modes = args.modes.split(",")
+        if "fsdp" in modes and modes[-1] != "fsdp":
+            p.error("--one-group: fsdp must be the last of --modes (sharding cannot be undone)")
+        gpus = max(int(g) for g in args.gpus.split(","))
+        for model in args.models.split(","):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+                   __file__, *_strip_lists(sys.argv[1:]), "--modes", args.modes, "--worker", "--model", model,
+                   "--mode", "sequence", "--out", args.out]
+            print(f"== {model}, {gpus} processes: 1 GPU each, then {args.modes}", flush=True)
+            failed += subprocess.run(cmd, env=env).returncode != 0
+        print(report(_rows([args.out] if Path(args.out).exists() else [])))
+        return 1 if failed else 0
     for gpus in [int(g) for g in args.gpus.split(",")]:
         for model in args.models.split(","):
             for mode in (["single"] if gpus == 1 else args.modes.split(",")):
@@ -194,8 +311,8 @@ def _strip_lists(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--gpus", "--models", "--modes", "--out"):
-            skip = True
+        if a in ("--gpus", "--models", "--modes", "--out", "--one-group"):
+            skip = a != "--one-group"
             continue
         if not a.startswith(("--gpus=", "--models=", "--modes=", "--out=")):
             out.append(a)
