@@ -113,6 +113,37 @@ def int8_parameters_(model: nn.Module) -> int:
     return len(layers)
 
 
+class _FrozenIntegerSafeParameter(type):
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, nn.Parameter)
+
+
+class _Parameter(metaclass=_FrozenIntegerSafeParameter):
+    """``nn.Parameter`` that leaves an integer tensor without gradient (``nn.Parameter(int8)`` raises otherwise)."""
+
+    def __new__(cls, data=None, requires_grad: bool = True):
+        if data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return nn.Parameter(data, requires_grad)
+
+
+def _fsdp2_integer_parameters() -> None:
+    """FSDP2 before torch 2.12 builds each sharded parameter as ``nn.Parameter(dtensor)`` (gradient on) and only
+    then copies ``requires_grad``, which fails for the frozen int8 weights ("only Tensors of floating point dtype
+    can require gradients"). Where that is the code, its module gets a ``Parameter`` that keeps integer tensors
+    gradient-free; later versions pass ``requires_grad`` and are left alone."""
+    import inspect
+    import types
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    if "requires_grad=param.requires_grad" in inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param):
+        return
+    if isinstance(_fsdp_param.nn, types.ModuleType):
+        _fsdp_param.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")},
+                                               Parameter=_Parameter)
+
+
 def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
     per layer for compute) and on the root (embeddings, final norm, head). ``mesh``: a 1-D DeviceMesh (default:
@@ -120,6 +151,7 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
     from torch.distributed.fsdp import fully_shard
 
     int8_parameters_(model)
+    _fsdp2_integer_parameters()
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy

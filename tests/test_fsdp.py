@@ -179,3 +179,15 @@ def test_gradient_checkpointing_updates_the_scales_once_per_step():
         model(input_ids=batch, labels=batch).loss.backward()
         scales.append(_scales(model))
     assert scales[0] == scales[1]
+
+
+def test_the_fsdp2_parameter_shim_keeps_integer_tensors_gradient_free():
+    """torch < 2.12's FSDP2 builds ``nn.Parameter(int8 dtensor)`` with the gradient on; the shim's Parameter
+    keeps integer tensors frozen, float ones as asked, and is what isinstance checks see as nn.Parameter."""
+    from quaff_fx.distributed import _Parameter
+
+    p = _Parameter(torch.zeros(3, dtype=torch.int8))
+    assert isinstance(p, torch.nn.Parameter) and not p.requires_grad and p.dtype == torch.int8
+    f = _Parameter(torch.zeros(3))
+    assert isinstance(f, _Parameter) and f.requires_grad
+    assert not isinstance(torch.zeros(3), _Parameter)

@@ -204,21 +204,22 @@ def worker_sequence(args) -> None:
     model = build(args, device)
     if args.compile_backend != "none":
         compile_layers(model, args.compile_backend)
-    rows = []
+
+    def emit(row: dict) -> None:
+        if rank == 0:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
     with local_scales():
-        rows.append({**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
+        emit({**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
     dist.barrier()
     for mode in args.modes.split(","):
         net = shard_model(model) if mode == "fsdp" else wrap(model, "ddp")
-        rows.append(_measure(args, net, model, device, rank, size, mode))
+        emit(_measure(args, net, model, device, rank, size, mode))
         del net
         gc.collect()
         dist.barrier()
-    if rank == 0:
-        with open(args.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
     dist.destroy_process_group()
 
 
