@@ -106,7 +106,7 @@ class SmoothQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float() * self.inv_smooth
         q, sx = quantize_rows(x2)
-        out = cpu._int_mm(q, self.w_int8.t()).float() * sx[:, None] * self.w_scale[None, :]
+        out = cpu.int_mm(q, self.w_int8.t()).float() * sx[:, None] * self.w_scale[None, :]
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -22,7 +22,7 @@ WRAPPER_PREFIX = "model."
 META_KEY = "quaff"  # namespace of everything quaff-fx writes into node.meta and gm.meta
 
 
-class _HFOutput(nn.Module):
+class HFOutput(nn.Module):
     """Calls a Hugging Face model without a cache and returns its first output (logits or hidden states)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -94,11 +94,11 @@ def _capture_hf(model: nn.Module, example_inputs: Sequence[Any] | None, dynamic:
     model.eval()
     try:
         try:
-            gm = _export(_HFOutput(model), example_inputs, shapes, prefix=WRAPPER_PREFIX)
+            gm = _export(HFOutput(model), example_inputs, shapes, prefix=WRAPPER_PREFIX)
         except QuaffError as exc:
             if shapes is None:
                 raise
-            gm = _export(_HFOutput(model), example_inputs, None, prefix=WRAPPER_PREFIX)
+            gm = _export(HFOutput(model), example_inputs, None, prefix=WRAPPER_PREFIX)
             shape = "x".join(str(d) for d in example_inputs[0].shape)
             note = f"dynamic shapes did not export ({str(exc.__cause__ or exc).splitlines()[0][:160]}); captured for {shape} inputs"
             print(f"quaff-fx: note: {note}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .capture import _HFOutput
+from .capture import HFOutput
 from .errors import QuaffError
 from .io import check_target
 from .quaff_linear import QuaffLinear
@@ -72,7 +72,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OP
         raise QuaffError("the model has no QuaffLinear layer: it is not a Quaff model (run `quaff-fx transform` first)")
     check_target(out, force)
     model.eval()
-    wrapper = _HFOutput(model).eval()
+    wrapper = HFOutput(model).eval()
     ids = torch.randint(0, int(model.config.vocab_size), (2, seq_len), generator=torch.Generator().manual_seed(0))
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=int(
         getattr(model.config, "max_position_embeddings", 4096)))

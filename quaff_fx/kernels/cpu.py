@@ -7,8 +7,8 @@ import torch
 from .reference import quantize_rows, scale_activations
 
 
-def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [M, K] × int8 [K, N] → int32 [M, N]; falls back to an exact float path where _int_mm
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] × int8 [K, N] → int32 [M, N]; falls back to an exact float path where torch._int_mm
     refuses the shape (CUDA wants M > 16 and K, N multiples of 8)."""
     try:
         return torch._int_mm(a, b)
@@ -19,7 +19,7 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def quaff_linear(x, w_int8, w_scale, outlier_idx, act_div, w_corr, bias=None) -> torch.Tensor:
     x_hat, x_hat_o = scale_activations(x, outlier_idx, act_div)
     q, sx = quantize_rows(x_hat)
-    out = _int_mm(q, w_int8.t()).float().mul_(sx[:, None]).mul_(w_scale[None, :].float())
+    out = int_mm(q, w_int8.t()).float().mul_(sx[:, None]).mul_(w_scale[None, :].float())
     if outlier_idx.numel():
         out.addmm_(x_hat_o, w_corr.float().t())
     if bias is not None:
@@ -32,4 +32,4 @@ def grad_input(grad, w_int8, w_scale, exact: bool) -> torch.Tensor:
     if exact:
         return grad @ (w_int8.float() * w_scale.float()[:, None])
     q, sg = quantize_rows(grad * w_scale.float()[None, :])
-    return _int_mm(q, w_int8).float().mul_(sg[:, None])
+    return int_mm(q, w_int8).float().mul_(sg[:, None])
