@@ -46,7 +46,9 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # no buffer broadcast each forward: the int8 weights are buffers (the whole base, frozen and equal on every
+        # rank from the start), and the outlier scales agree through global_max
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if mode == "fsdp":
         return shard_model(model)
     raise QuaffError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
@@ -140,7 +142,7 @@ def _fsdp2_integer_parameters() -> None:
     if "requires_grad=param.requires_grad" in inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param):
         return
     if isinstance(_fsdp_param.nn, types.ModuleType):
-        _fsdp_param.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")},
+        _fsdp_param.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if k != "Parameter" and not k.startswith("__")},
                                                Parameter=_Parameter)
 
 
