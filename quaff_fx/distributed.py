@@ -142,8 +142,8 @@ def _fsdp2_integer_parameters() -> None:
     if "requires_grad=param.requires_grad" in inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param):
         return
     if isinstance(_fsdp_param.nn, types.ModuleType):
-        _fsdp_param.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if k != "Parameter" and not k.startswith("__")},
-                                               Parameter=_Parameter)
+        names = [k for k in dir(nn) if k != "Parameter" and not k.startswith("__")]
+        _fsdp_param.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in names}, Parameter=_Parameter)
 
 
 def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
