@@ -42,6 +42,7 @@ def init_from_env() -> tuple[int, int]:
 
 def wrap(model: nn.Module, mode: str) -> nn.Module:
     """DDP, or FSDP2 with one shard group per decoder layer and one for the rest."""
+    scale_group()
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -83,8 +84,22 @@ def global_max(t: torch.Tensor) -> torch.Tensor:
     if _SYNC_SCALES and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from torch.distributed import _functional_collectives as funcol
 
-        return funcol.all_reduce(t, "max", dist.group.WORLD)
+        return funcol.all_reduce(t, "max", _SCALE_GROUP or dist.group.WORLD)
     return t
+
+
+_SCALE_GROUP = None  # the process group of the scale all-reduces, made by scale_group()
+
+
+def scale_group():
+    """A process group of all ranks for the outlier scales' all-reduces alone (made once; every rank must call
+    it, as ``wrap`` and ``shard_model`` do). On NCCL a group is a communicator with its own stream, so these
+    k-float all-reduces, one per QuaffLinear forward, do not queue behind FSDP2's all-gathers or DDP's gradient
+    buckets on the default group, with the layer's compute waiting on them."""
+    global _SCALE_GROUP
+    if _SCALE_GROUP is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _SCALE_GROUP = dist.new_group(list(range(dist.get_world_size())))
+    return _SCALE_GROUP
 
 
 def global_mean(value: float) -> float:
@@ -154,6 +169,7 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
 
     int8_parameters_(model)
     _fsdp2_integer_parameters()
+    scale_group()
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
@@ -162,8 +178,24 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
         raise QuaffError(f"found no decoder layers (an nn.ModuleList of blocks) in {type(model).__name__} to shard")
     for layer in layers:
         fully_shard(layer, **options)
+    embedding = _untied_input_embeddings(model)
+    if embedding is not None:  # its own unit: gathered for its forward only, not for the whole step with the root's
+        fully_shard(embedding, **options)
     fully_shard(model, **options)
     return model
+
+
+def _untied_input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embedding module, where it shares no parameter with the rest (a tied lm_head would be a parameter
+    of two units)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is None:
+        return None
+    own = {id(p) for p in embedding.parameters()}
+    inside = {id(p) for m in embedding.modules() for p in m.parameters(recurse=False)}
+    others = {id(p) for m in model.modules() if m not in set(embedding.modules()) for p in m.parameters(recurse=False)}
+    return embedding if own and own <= inside and not own & others else None
 
 
 def local_bytes(model: nn.Module, dtype: torch.dtype = torch.int8) -> int:
