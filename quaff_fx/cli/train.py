@@ -67,7 +67,7 @@ def _check_finetune_args(args: argparse.Namespace):
         bf16=bf16,
         compile=args.compile,
         gradient_checkpointing=args.gradient_checkpointing,
-        report_to=args.report_to,
+        report_to=args.report_to, loss=args.loss,
     )
     out = Path(args.out)
     if args.resume:
@@ -346,6 +346,8 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
         help="GPU: the backward's grad_X as an int8 GEMM (faster; keeps a transposed int8 copy of W)",
     )
     g.add_argument("--report-to", default="none", choices=("none", "tensorboard"), help="training logs for")
+    g.add_argument("--loss", default="auto", choices=("auto", "chunked", "model"), help="chunked: linear + "
+                   "cross-entropy without the whole logits (less memory); model: the model's own; auto: CUDA chunked")
     g = p.add_argument_group("calibration (a model quantized here)")
     g.add_argument(
         "--calib",

@@ -24,6 +24,9 @@ from .data import Collator
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
+LOSSES = ("auto", "chunked", "model")
+
+
 @dataclass
 class TrainConfig:
     """The Trainer's settings as quaff-fx names them (``steps`` wins over ``epochs`` when > 0)."""
@@ -44,6 +47,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     report_to: str = "none"
     progress: bool = True
+    loss: str = "auto"  # LOSSES: "chunked" (kernels.linear_ce), "model" (its own), "auto" (chunked on CUDA)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "save_every"):
@@ -57,6 +61,8 @@ class TrainConfig:
             raise QuaffError(f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.warmup < 0 or self.eval_every < 0:
             raise QuaffError("--warmup and --eval-every must be >= 0")
+        if self.loss not in LOSSES:
+            raise QuaffError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.report_to not in ("none", "tensorboard"):
             raise QuaffError(f"--report-to {self.report_to!r}: choose none or tensorboard")
 
@@ -190,6 +196,10 @@ def fit(
     last = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
     if resume and last is None:
         raise QuaffError(f"--resume: no checkpoint in {str(output_dir)!r}; start without --resume")
+    if cfg.loss == "chunked" or (cfg.loss == "auto" and cfg.device == "cuda"):
+        from ..kernels.linear_ce import fused_causal_lm_loss_
+
+        fused_causal_lm_loss_(model, "chunked")  # the vocabulary projection no longer sets the peak
     throughput = Throughput()
     collator = Collator(pad_id)
 
