@@ -122,6 +122,17 @@ def smollm2():
     return load_model(None)
 
 
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory):
+    """The SmolLM2 default artifact, `quaff-fx transform --out DIR` (QuaffConfig(), the default calibration), built
+    once per run (slow tests only: minutes). test_golden compares its bytes, test_smollm2 evaluates it."""
+    from quaff_fx.cli import main
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-quaff"
+    assert main(["transform", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture()
 def fresh(request):
     return lambda m: copy.deepcopy(m)

@@ -1,10 +1,10 @@
-"""The real SmolLM2-135M-Instruct (slow: a model load and a few hundred MB of compute, ~1-2 min)."""
+"""The real SmolLM2-135M-Instruct (slow: a model load, the default transform through the CLI, a few minutes)."""
 import copy
 
 import pytest
 import torch
 
-from quaff_fx import CalibrationConfig, QuaffConfig, capture, quantize_
+from quaff_fx import QuaffConfig, capture, load_quantized
 from quaff_fx.data import read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.hf import naive_w8a8_
@@ -24,12 +24,11 @@ def test_capture_matches_eager(smollm2):
 
 
 @pytest.fixture(scope="module")
-def quaff_smollm2(smollm2):
-    """The default: QuaffConfig() calibrated on the default data (CalibrationConfig())."""
-    quaff = copy.deepcopy(smollm2.model)
-    result = quantize_(quaff, QuaffConfig(), CalibrationConfig(), smollm2.tokenizer)
-    assert len(result.layers) == 210
-    return quaff
+def quaff_smollm2(smollm2_artifact):
+    """The default (QuaffConfig() calibrated on the default data) as the CLI writes it, loaded back."""
+    loaded, manifest = load_quantized(smollm2_artifact)
+    assert len(manifest["layers"]) == 210
+    return loaded.model
 
 
 def test_quaff_keeps_perplexity_and_beats_naive_w8a8(smollm2, quaff_smollm2):
