@@ -28,10 +28,12 @@ class AnnotateOutliers(QuaffPass):
         sites = find_linears(gm)
         self.stats.check_matches(sites + quaff_sites(gm))
         dtype_bytes = _dtype_bytes(gm)
-        groups = sibling_groups([s for s in sites if self.config.eligible(s.module_name) and s.module_name in self.stats.layers])
+        calibrated = [s for s in sites if self.config.eligible(s.module_name) and s.module_name in self.stats.layers]
+        groups = sibling_groups(calibrated)
         shared: dict = {}  # input node -> the group's one SmoothSpec (siblings share the object)
         for site in sites:
-            row = {"node": site.node.name, "module": site.module_name, "in_features": site.in_features, "out_features": site.out_features}
+            row = {"node": site.node.name, "module": site.module_name, "in_features": site.in_features,
+                   "out_features": site.out_features}
             layer = self.stats.layers.get(site.module_name)
             if not self.config.eligible(site.module_name):
                 report.add(**row, status="skipped: excluded by config")
@@ -42,18 +44,21 @@ class AnnotateOutliers(QuaffPass):
             outliers = self.stats.outliers(site.module_name, self.config.outliers)
             gptq = self.config.weight_rounding == "gptq"
             if gptq and self.stats.batches is None:
-                raise QuaffError("GPTQ rounding (the default) gathers XᵀX from the calibration batches, which these stats do not "
-                                 "hold (read from a file, or calibrated with keep_batches=False): calibrate in the same run "
-                                 "(quaff-fx transform does; with --stats it re-reads --calib), or use --weight-rounding nearest")
+                raise QuaffError("GPTQ rounding (the default) gathers XᵀX from the calibration batches, which "
+                                 "these stats do not hold (read from a file, or calibrated with keep_batches=False): "
+                                 "calibrate in the same run (quaff-fx transform does; with --stats it re-reads "
+                                 "--calib), or use --weight-rounding nearest")
             alpha = self._alpha(site.module_name)
             smooth = None
             if alpha is not None and self.config.smooth_shared:
                 smooth = shared.get(site.input_node)
                 if smooth is None or smooth.alpha != alpha:
-                    smooth = shared[site.input_node] = SmoothSpec(alpha, column_max(group_weights(gm, groups[site.input_node])))
+                    group_max = column_max(group_weights(gm, groups[site.input_node]))
+                    smooth = shared[site.input_node] = SmoothSpec(alpha, group_max)
             elif alpha is not None:
                 smooth = SmoothSpec(alpha)
-            annotation = QuaffAnnotation(site.module_name, outliers, layer.max_abs, layer.max_mean_ratio(), smooth, gptq)
+            annotation = QuaffAnnotation(site.module_name, outliers, layer.max_abs, layer.max_mean_ratio(), smooth,
+                                         gptq)
             if not annotation.same_choice(annotation_of(site.node)):
                 site.node.meta[META_KEY] = annotation
                 modified = True
@@ -63,9 +68,11 @@ class AnnotateOutliers(QuaffPass):
             report.add(**row, outliers=k, outlier_ratio=k / site.in_features, max_mean_ratio=annotation.max_mean_ratio,
                        smooth_alpha="off" if alpha is None else alpha,
                        bytes_before=before, bytes_after=after, bytes_saved=before - after,
-                       outlier_bytes=k * site.out_features * dtype_bytes, status="annotated", outlier_channels=outliers.tolist())
+                       outlier_bytes=k * site.out_features * dtype_bytes, status="annotated",
+                       outlier_channels=outliers.tolist())
         for node in unmatched_linears(gm):
-            report.add(node=node.name, module="", status="skipped: not a Linear on a parameter (e.g. a computed weight)")
+            report.add(node=node.name, module="",
+                       status="skipped: not a Linear on a parameter (e.g. a computed weight)")
         return QuaffPassResult(gm, modified, report)
 
     def _alpha(self, name: str) -> float | None:
@@ -74,8 +81,9 @@ class AnnotateOutliers(QuaffPass):
             return self.config.smooth_alpha
         errors = self.stats.layers[name].smooth_error
         if errors is None:
-            raise QuaffError(f"the calibration stats have no smoothing search for {name!r} (gathered with smooth_grid=None "
-                             "or by an older quaff-fx): calibrate again, or choose smoothing yourself (--smooth-alpha off or a number)")
+            raise QuaffError(f"the calibration stats have no smoothing search for {name!r} (gathered with "
+                             "smooth_grid=None or by an older quaff-fx): calibrate again, or choose smoothing yourself "
+                             "(--smooth-alpha off or a number)")
         return pick_alpha(errors, self.stats.info["smooth_grid"])
 
 

@@ -117,8 +117,9 @@ def fuse_modules(members: list[QuaffLinear]) -> QuaffLinear:
         fused.w_outlier.copy_(torch.cat([_columns(m, union) for m in members]))
         fused.act_scale.copy_(torch.tensor([scale[c] for c in union.tolist()], dtype=torch.float32))
         if has_bias:
-            fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=fused.bias.dtype)
-                                        for m in members]))
+            biases = [m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=fused.bias.dtype)
+                      for m in members]
+            fused.bias.copy_(torch.cat(biases))
     return fused.int8_backward_(first.w_int8_t is not None).train(first.training)
 
 
@@ -170,7 +171,8 @@ class FuseScales(QuaffPass):
         first = min((s.node for s in members), key=order.__getitem__)
         with gm.graph.inserting_before(first):
             new = gm.graph.call_module(path, (x,))
-            split = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (new, [m.out_features for m in mods], -1))
+            sizes = [m.out_features for m in mods]
+            split = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (new, sizes, -1))
             parts = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(members))]
         member_annotations = [site.node.meta.get(META_KEY) for site in members]
         for site, part in zip(members, parts):
@@ -263,7 +265,8 @@ def _norm_params(gm: GraphModule, norm: Node, width: int, constants) -> list[tup
 def _graph_owned(module: QuaffLinear) -> QuaffLinear:
     """A QuaffLinear of the graph's own that shares ``module``'s tensors but not its flags."""
     owned = copy.copy(module)
-    owned._buffers, owned._parameters, owned._modules = dict(module._buffers), dict(module._parameters), dict(module._modules)
+    owned._buffers, owned._parameters = dict(module._buffers), dict(module._parameters)
+    owned._modules = dict(module._modules)
     return owned
 
 

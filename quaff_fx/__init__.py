@@ -13,10 +13,10 @@ from .transform import TransformResult, calibrate_text, default_passes, load_qua
 
 __all__ = [
     "CalibrationStats", "OutlierConfig", "PassReport", "QuaffConfig", "QuaffError", "QuaffLinear", "QuaffPass",
-    "QuaffPassResult", "TransformResult", "calibrate", "calibrate_text", "capture", "default_passes", "find_linears", "load_quantized",
-    "int8_backward_", "load_stats", "run_passes", "save_quantized", "save_stats", "transform",
-    "CalibrationConfig", "QuantizeResult", "quantize_", "register_quantize_handler", "NaiveW8A8Config", "SmoothQuantConfig",
-    "LLMInt8Config",
+    "QuaffPassResult", "TransformResult", "calibrate", "calibrate_text", "capture", "default_passes", "find_linears",
+    "load_quantized", "int8_backward_", "load_stats", "run_passes", "save_quantized", "save_stats", "transform",
+    "CalibrationConfig", "QuantizeResult", "quantize_", "register_quantize_handler", "NaiveW8A8Config",
+    "SmoothQuantConfig", "LLMInt8Config",
 ]
 __version__ = "0.1.0"
 from .backend import make_backend  # noqa: E402  (registers the torch.compile backend "quaff")

@@ -34,7 +34,10 @@ def make_backend(passes: Sequence[Callable] | None = None, inner: str | Callable
     def backend(gm: GraphModule, example_inputs: list) -> Callable:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         constants = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
-        chosen = _default_passes(constants) if passes is None else [p(constants=constants) if _wants_constants(p) else p for p in passes]
+        if passes is None:
+            chosen = _default_passes(constants)
+        else:
+            chosen = [p(constants=constants) if _wants_constants(p) else p for p in passes]
         result = run_passes(gm, chosen)
         LAST_REPORTS[:] = result.reports
         out = result.graph_module

@@ -54,9 +54,11 @@ def bench_inference(model_name: str | None = None, batch: int = 4, seq_len: int 
     variants: list[tuple[str, Callable[[], object]]] = [
         ("fp32 eager", hf(fp)), ("quaff eager", hf(quaff)), ("quaff eager, fused", lambda: fused_graph(ids))]
     if compiled:
+        unfused = make_backend(passes=[])
         variants += [("fp32 compiled", hf(torch.compile(fp, fullgraph=True))),
-                     ("quaff compiled, unfused", hf(torch.compile(quaff, backend=make_backend(passes=[]), fullgraph=True))),
-                     ("quaff compiled, fused", hf(torch.compile(copy.deepcopy(quaff), backend="quaff", fullgraph=True)))]
+                     ("quaff compiled, unfused", hf(torch.compile(quaff, backend=unfused, fullgraph=True))),
+                     ("quaff compiled, fused", hf(torch.compile(copy.deepcopy(quaff), backend="quaff",
+                                                                fullgraph=True)))]
     rows = []
     with torch.inference_mode():
         for label, fn in variants:
@@ -105,7 +107,8 @@ class _PeakRSS:
         self._thread.join()
 
 
-def train_step_variant(variant: str, model_name: str | None, batch: int, seq_len: int, steps: int, profile: bool = False) -> dict:
+def train_step_variant(variant: str, model_name: str | None, batch: int, seq_len: int, steps: int,
+                       profile: bool = False) -> dict:
     """Time ``steps`` LoRA training steps of one variant (after a warm-up step) and its peak memory."""
     import gc
 
@@ -139,9 +142,10 @@ def train_step_variant(variant: str, model_name: str | None, batch: int, seq_len
             t = time.perf_counter()
             step()
             times.append(time.perf_counter() - t)
+    tensors = list(model.parameters()) + list(model.buffers())
     result = {"variant": variant, "seconds": statistics.median(times), "warmup_seconds": warmup,
               "rss_before_steps": base, "peak_rss": mem.peak,
-              "model_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))}
+              "model_bytes": sum(t.numel() * t.element_size() for t in tensors)}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -161,8 +165,8 @@ def bench_train(model_name: str | None = None, batch: int = 4, seq_len: int = 25
 
     rows = []
     for v in variants:
-        cmd = [sys.executable, "-m", "quaff_fx.bench", v, str(model_name or "smollm2"), str(batch), str(seq_len), str(steps),
-               "1" if profile and v == "quaff eager" else "0"]
+        cmd = [sys.executable, "-m", "quaff_fx.bench", v, str(model_name or "smollm2"), str(batch), str(seq_len),
+               str(steps), "1" if profile and v == "quaff eager" else "0"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise QuaffError(f"bench variant {v!r} failed:\n{proc.stderr[-2000:]}")
@@ -181,4 +185,5 @@ if __name__ == "__main__":  # one training variant, for bench_train's subprocess
 
     variant, name, b, s, n, prof = sys.argv[1:7]
     torch.manual_seed(0)
-    print(json.dumps(train_step_variant(variant, None if name == "smollm2" else name, int(b), int(s), int(n), prof == "1")))
+    model_name = None if name == "smollm2" else name
+    print(json.dumps(train_step_variant(variant, model_name, int(b), int(s), int(n), prof == "1")))

@@ -88,8 +88,9 @@ class CalibrationStats:
         ours = self.outlier_config
         if cfg.strategy != "static" and (cfg.strategy, cfg.threshold) != (ours.strategy, ours.threshold):
             if not (cfg.strategy == ours.strategy == "top_abs"):
-                raise QuaffError(f"calibration stats were gathered with strategy {ours.strategy!r} threshold {ours.threshold}; "
-                                 f"strategy {cfg.strategy!r} threshold {cfg.threshold} needs a new calibration")
+                raise QuaffError(f"calibration stats were gathered with strategy {ours.strategy!r} threshold "
+                                 f"{ours.threshold}; strategy {cfg.strategy!r} threshold {cfg.threshold} needs a new "
+                                 "calibration")
         return cfg
 
     # -- serialisation: tensors for safetensors, metadata for JSON -------------------------------------
@@ -109,22 +110,27 @@ class CalibrationStats:
             "version": STATS_VERSION,
             "outlier_config": {**self.outlier_config.__dict__, "channels": list(self.outlier_config.channels)},
             "info": self.info,
-            "layers": {n: {"in_features": l.in_features, "out_features": l.out_features, "tokens": l.tokens}
-                       for n, l in self.layers.items()},
+            "layers": {name: {"in_features": layer.in_features, "out_features": layer.out_features,
+                              "tokens": layer.tokens}
+                       for name, layer in self.layers.items()},
         }
 
     @classmethod
-    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "stats") -> "CalibrationStats":
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   where: str = "stats") -> "CalibrationStats":
         if meta.get("format") != STATS_FORMAT:
             raise QuaffError(f"{where} is not a quaff-fx calibration stats file (format {meta.get('format')!r})")
         if meta.get("version") != STATS_VERSION:
-            raise QuaffError(f"{where} has stats format version {meta.get('version')!r}; this quaff-fx reads version {STATS_VERSION}")
+            raise QuaffError(f"{where} has stats format version {meta.get('version')!r}; this quaff-fx reads "
+                             f"version {STATS_VERSION}")
         try:
-            cfg = OutlierConfig(**{**meta["outlier_config"], "channels": tuple(meta["outlier_config"].get("channels", ()))})
+            saved = meta["outlier_config"]
+            cfg = OutlierConfig(**{**saved, "channels": tuple(saved.get("channels", ()))})
             layers = {}
             for name, m in meta["layers"].items():
                 c = int(m["in_features"])
-                expect = {"max_abs": ((c,), torch.float32), "sum_abs": ((c,), torch.float64), "counts": ((HALVES, c), torch.int64)}
+                expect = {"max_abs": ((c,), torch.float32), "sum_abs": ((c,), torch.float64),
+                          "counts": ((HALVES, c), torch.int64)}
                 parts = {}
                 for key, (shape, dtype) in expect.items():
                     t = tensors.get(f"{name}.{key}")
@@ -134,11 +140,13 @@ class CalibrationStats:
                     parts[key] = t
                 smooth = tensors.get(f"{name}.smooth_error")
                 grid = meta.get("info", {}).get("smooth_grid")
-                if smooth is not None and (grid is None or tuple(smooth.shape) != (len(grid),) or smooth.dtype != torch.float64):
+                if smooth is not None and (grid is None or tuple(smooth.shape) != (len(grid),)
+                                           or smooth.dtype != torch.float64):
                     raise QuaffError(f"{where}: tensor '{name}.smooth_error' should be ({len(grid or ())},) float64 "
-                                     f"(one error per smoothing α of the info's smooth_grid), is {tuple(smooth.shape)} {smooth.dtype}")
-                layers[name] = LayerStats(c, int(m["out_features"]), parts["max_abs"], parts["sum_abs"], parts["counts"],
-                                          int(m["tokens"]), smooth)
+                                     f"(one error per smoothing α of the info's smooth_grid), is {tuple(smooth.shape)} "
+                                     f"{smooth.dtype}")
+                layers[name] = LayerStats(c, int(m["out_features"]), parts["max_abs"], parts["sum_abs"],
+                                          parts["counts"], int(m["tokens"]), smooth)
         except (KeyError, TypeError, ValueError) as exc:
             raise QuaffError(f"{where}: malformed stats metadata ({exc!r})") from None
         return cls(layers, cfg, dict(meta.get("info", {})))
@@ -151,7 +159,8 @@ class CalibrationStats:
             if site is None:
                 raise QuaffError(f"calibration stats name layer {name!r}, which the model does not have")
             if site.in_features != layer.in_features:
-                raise QuaffError(f"calibration stats for {name!r} have {layer.in_features} channels, the layer has {site.in_features} inputs")
+                raise QuaffError(f"calibration stats for {name!r} have {layer.in_features} channels, the layer has "
+                                 f"{site.in_features} inputs")
 
     def to_json(self) -> str:
         return json.dumps(self.metadata(), indent=1)
@@ -170,7 +179,8 @@ class _Recorder:
         layer = self.stats[name]
         x2d = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x2d).all():
-            raise QuaffError(f"the input of {name!r} holds NaN or Inf during calibration; check the model and the calibration text")
+            raise QuaffError(f"the input of {name!r} holds NaN or Inf during calibration; check the model and the "
+                             "calibration text")
         if layer.max_abs.device != x2d.device:
             layer.to_(x2d.device)
         ax = x2d.abs()
@@ -206,7 +216,8 @@ def _spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConfig | None = None,
               layer_filter=None, n_batches: int | None = None, progress=None,
-              smooth_grid: Sequence[float | None] | None = None, sample_rows: int = 512, keep_batches: bool = True) -> CalibrationStats:
+              smooth_grid: Sequence[float | None] | None = None, sample_rows: int = 512,
+              keep_batches: bool = True) -> CalibrationStats:
     """Run ``batches`` through ``gm`` and collect per-channel statistics of every Linear input.
 
     ``layer_filter(module_name) -> bool`` picks the layers (default: all). ``n_batches`` (if known)
@@ -225,7 +236,8 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
     recorder = _Recorder(stats, cfg, per_batch)
     model = live_model(gm, sites)
     if model is not None:  # an ordinary run of the live model, observers as forward pre-hooks
-        hooks = input_hooks(model, {s.module_name: partial(recorder.record, s.module_name, s.input_node) for s in sites})
+        per_layer = {s.module_name: partial(recorder.record, s.module_name, s.input_node) for s in sites}
+        hooks = input_hooks(model, per_layer)
         runner, device = partial(run, model), device_of(model)
     else:
         observer = _GraphObserver(gm, {s.node: (s.module_name, s.input_node) for s in sites}, recorder)
@@ -250,5 +262,6 @@ def calibrate(gm: GraphModule, batches: Iterable[torch.Tensor], cfg: OutlierConf
 
         rows = {node: torch.cat(parts)[:sample_rows] for node, parts in recorder.rows.items()}
         smoothing.search(gm, sites, result, rows, cfg, list(smooth_grid))
-        result.info.update({"smooth_grid": list(smooth_grid), "smooth_rows": min(sample_rows, max((len(r) for r in rows.values()), default=0))})
+        most_rows = max((len(r) for r in rows.values()), default=0)
+        result.info.update({"smooth_grid": list(smooth_grid), "smooth_rows": min(sample_rows, most_rows)})
     return result

@@ -71,7 +71,8 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] | None = None, dynam
         gm = torch.fx.symbolic_trace(model)
     except Exception as fx_error:  # fx fails on data-dependent control flow: try export
         if example_inputs is None:
-            raise QuaffError(f"torch.fx could not trace {type(model).__name__} ({fx_error}); pass example_inputs so torch.export can") from None
+            raise QuaffError(f"torch.fx could not trace {type(model).__name__} ({fx_error}); pass example_inputs so "
+                             "torch.export can") from None
         gm = _export(model, tuple(example_inputs), None, prefix="")
         gm.meta[META_KEY]["source"] = weakref.ref(model)
         return gm
@@ -85,7 +86,8 @@ def _capture_hf(model: nn.Module, example_inputs: Sequence[Any] | None, dynamic:
         example_inputs = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
     example_inputs = tuple(t.to(device_of(model)) for t in example_inputs)
     shapes = None
-    limit = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 4096)
+    config = model.config
+    limit = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096)
     if dynamic:
         batch = torch.export.Dim("batch", min=1, max=1024)
         seq = torch.export.Dim("seq", min=1, max=limit)
@@ -100,7 +102,8 @@ def _capture_hf(model: nn.Module, example_inputs: Sequence[Any] | None, dynamic:
                 raise
             gm = _export(HFOutput(model), example_inputs, None, prefix=WRAPPER_PREFIX)
             shape = "x".join(str(d) for d in example_inputs[0].shape)
-            note = f"dynamic shapes did not export ({str(exc.__cause__ or exc).splitlines()[0][:160]}); captured for {shape} inputs"
+            why = str(exc.__cause__ or exc).splitlines()[0][:160]
+            note = f"dynamic shapes did not export ({why}); captured for {shape} inputs"
             print(f"quaff-fx: note: {note}", file=sys.stderr)
             gm.meta[META_KEY]["static_shape_note"] = note
         gm.meta[META_KEY].update(max_seq_len=limit, source=weakref.ref(model))
@@ -165,14 +168,16 @@ def quaff_sites(gm: GraphModule) -> list[LinearSite]:
 
     prefix = module_prefix(gm)
     return [LinearSite(n, _strip(n.target, prefix), m.in_features, m.out_features, m.bias is not None)
-            for n in gm.graph.nodes if n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), QuaffLinear)]
+            for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), QuaffLinear)]
 
 
 def _linear_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if type(mod) is nn.Linear:
-            return LinearSite(node, _strip(node.target, prefix), mod.in_features, mod.out_features, mod.bias is not None)
+            return LinearSite(node, _strip(node.target, prefix), mod.in_features, mod.out_features,
+                              mod.bias is not None)
         return None
     if node.op == "call_function" and node.target == torch.ops.aten.addmm.default:
         return _addmm_site(gm, node, prefix)
@@ -194,7 +199,9 @@ def _addmm_site(gm: GraphModule, node: Node, prefix: str) -> LinearSite | None:
     if len(node.args) != 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
         return None
     bias, weight = node.args[0], node.args[2]
-    if not all(isinstance(a, Node) and a.op == "get_attr" for a in (bias, weight)) or not weight.target.endswith(".weight"):
+    if not all(isinstance(a, Node) and a.op == "get_attr" for a in (bias, weight)):
+        return None
+    if not weight.target.endswith(".weight"):
         return None
     module = weight.target[: -len(".weight")]
     w = attr(gm, weight.target)

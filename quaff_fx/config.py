@@ -128,7 +128,8 @@ class QuaffConfig:
 
     def calibration_options(self) -> dict[str, Any]:
         """What ``calibrate`` must gather beyond its statistics for this config: the smoothing search, the batches."""
-        return {"smooth_grid": SMOOTH_GRID if self.searches_smoothing else None, "keep_batches": self.weight_rounding == "gptq"}
+        return {"smooth_grid": SMOOTH_GRID if self.searches_smoothing else None,
+                "keep_batches": self.weight_rounding == "gptq"}
 
     def eligible(self, module_name: str) -> bool:
         """Whether the Linear called ``module_name`` is to be quantized."""
@@ -155,7 +156,8 @@ class QuaffConfig:
         try:
             raw = dict(data.get("outliers", {}))
             outliers = OutlierConfig(**{**raw, "channels": tuple(raw.get("channels", ()))})
-            rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k not in ("outliers", "format_version")}
+            rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()
+                    if k not in ("outliers", "format_version")}
             return cls(outliers=outliers, **rest)
         except TypeError as exc:
             raise QuaffError(f"quaff config has unknown or missing fields: {exc}") from None

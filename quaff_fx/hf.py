@@ -45,8 +45,9 @@ def quantize_model_(model: nn.Module, annotations: dict[str, QuaffAnnotation], c
         layer = QuaffLinear.from_annotation(wb[0], wb[1], annotation, config)
         if annotation.gptq:
             if annotation.layer is None:
-                raise QuaffError(f"layer {name!r} asks for GPTQ rounding, which the graph rewrite does (it gathers XᵀX): run "
-                                 "RewriteLinear on the annotated graph first, or use weight_rounding='nearest'")
+                raise QuaffError(f"layer {name!r} asks for GPTQ rounding, which the graph rewrite does (it gathers "
+                                 "XᵀX): run RewriteLinear on the annotated graph first, or use "
+                                 "weight_rounding='nearest'")
             layer.w_int8.copy_(annotation.layer.w_int8)
         set_submodule(model, name, layer.train(linear.training))
         swapped.append(name)
@@ -57,8 +58,8 @@ def naive_w8a8_(model: nn.Module, config: QuaffConfig | None = None) -> list[str
     """The baseline: the same int8 scheme with no outlier handling, on every eligible Linear."""
     config = config or QuaffConfig()
     names = eligible_linears(model, config)
-    return quantize_model_(model, {n: QuaffAnnotation(n, torch.zeros(0, dtype=torch.long), torch.zeros(0), 0.0) for n in names},
-                           config)
+    no_outliers = {n: QuaffAnnotation(n, torch.zeros(0, dtype=torch.long), torch.zeros(0), 0.0) for n in names}
+    return quantize_model_(model, no_outliers, config)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -77,7 +78,8 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]], granula
             raise QuaffError(f"artifact names layer {name!r}, which the model does not have") from None
         wb = fp_linear(linear)
         if wb is None or tuple(wb[0].shape) != (spec["out_features"], spec["in_features"]):
-            raise QuaffError(f"artifact layer {name!r} ({spec['in_features']}x{spec['out_features']}) does not match the model's {linear}")
+            raise QuaffError(f"artifact layer {name!r} ({spec['in_features']}x{spec['out_features']}) does not "
+                             f"match the model's {linear}")
         weight, bias = wb
         set_submodule(model, name, QuaffLinear(spec["in_features"], spec["out_features"], len(spec["outliers"]),
                                                bias is not None, weight.dtype, weight.device,
@@ -112,6 +114,7 @@ def _quaff_lora_class():
                     self.merged_adapters.append(name)
 
         def unmerge(self) -> None:
-            raise QuaffError("a merge into an int8 QuaffLinear re-quantizes the weight and cannot be undone; reload the base")
+            raise QuaffError("a merge into an int8 QuaffLinear re-quantizes the weight and cannot be undone; "
+                             "reload the base")
 
     return QuaffLoraLinear

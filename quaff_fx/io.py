@@ -103,7 +103,8 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_safetensors(path: Path, device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path,
+                     device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; any damage becomes a QuaffError."""
     from safetensors import safe_open
 
@@ -114,7 +115,8 @@ def read_safetensors(path: Path, device: str | torch.device | None = None) -> tu
             meta = f.metadata() or {}
         return load_file(str(path), device=str(device or "cpu")), meta
     except Exception as exc:  # safetensors raises several types on damaged files; all mean the same here
-        raise QuaffError(f"{str(path)!r} is not a readable safetensors file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QuaffError(f"{str(path)!r} is not a readable safetensors file: {why}") from None
 
 
 # -- calibration stats ------------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def save_quantized(model: nn.Module, out: str | Path, manifest: dict[str, Any], 
     (tensors may stay on the GPU: each is copied to the host as its shard is written)."""
     state, aliases = _dedupe(model.state_dict())
     full = {**manifest, "format": MODEL_FORMAT, "version": MODEL_VERSION, "aliases": aliases,
-            "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in state.items()},
+            "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                        for n, t in state.items()},
             "model_config": model.config.to_dict() if hasattr(model, "config") else None}
     with atomic_dir(out, force) as tmp:
         shards = _shards(state, shard_bytes)
@@ -221,7 +224,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if manifest.get("format") != MODEL_FORMAT:
         raise QuaffError(f"{str(folder)!r} is not a quaff-fx model artifact (format {manifest.get('format')!r})")
     if manifest.get("version") != MODEL_VERSION:
-        raise QuaffError(f"{str(folder)!r} has artifact format version {manifest.get('version')!r}; this quaff-fx reads version {MODEL_VERSION}")
+        raise QuaffError(f"{str(folder)!r} has artifact format version {manifest.get('version')!r}; this quaff-fx "
+                         f"reads version {MODEL_VERSION}")
     for key in ("model_config", "layers", "tensors", "config"):
         if not isinstance(manifest.get(key), dict):
             raise QuaffError(f"{str(folder / MANIFEST)!r} lacks its {key!r} section")
@@ -257,7 +261,8 @@ def check_weights(folder: str | Path, manifest: dict[str, Any]) -> None:
                              "the file is damaged or was edited")
 
 
-def load_state_checked(folder: Path, manifest: dict[str, Any], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+def load_state_checked(folder: Path, manifest: dict[str, Any],
+                       device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The artifact's tensors, each checked against the manifest's shape and dtype; aliases filled in.
     The weights file must have the checksum the manifest recorded (a flipped bit is caught here)."""
     check_weights(folder, manifest)
@@ -267,7 +272,8 @@ def load_state_checked(folder: Path, manifest: dict[str, Any], device: str | tor
     expected = manifest["tensors"]
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise QuaffError(f"the weights of {str(folder)!r} do not match {MANIFEST}: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise QuaffError(f"the weights of {str(folder)!r} do not match {MANIFEST}: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
     for name, spec in expected.items():
         t = state[name]
         if list(t.shape) != list(spec.get("shape", [])) or str(t.dtype).removeprefix("torch.") != spec.get("dtype"):
@@ -297,10 +303,12 @@ def load_quantized(folder: str | Path, dtype: torch.dtype | None = None, device:
     try:
         return _load_quantized(folder, manifest, dtype, device)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise QuaffError(f"{str(folder)!r}: the artifact's manifest is malformed ({type(exc).__name__}: {exc})") from None
+        raise QuaffError(f"{str(folder)!r}: the artifact's manifest is malformed "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
-def _load_quantized(folder: Path, manifest: dict[str, Any], dtype: torch.dtype | None, device) -> tuple[Any, dict[str, Any]]:
+def _load_quantized(folder: Path, manifest: dict[str, Any], dtype: torch.dtype | None,
+                    device) -> tuple[Any, dict[str, Any]]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .hf import quaff_skeleton_
@@ -323,7 +331,8 @@ def _load_quantized(folder: Path, manifest: dict[str, Any], dtype: torch.dtype |
         raise QuaffError(f"{str(folder)!r}: the weights do not fit the model: {str(exc).splitlines()[0]}") from None
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
+        tokenizer_dir = folder / "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir.is_dir() else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise QuaffError(f"{str(folder / 'tokenizer')!r} cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
     return LoadedModel(model, tokenizer, dict(manifest.get("source", {}))), manifest

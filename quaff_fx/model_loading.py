@@ -44,14 +44,17 @@ def resolve_source(name: str | None) -> dict:
         raise QuaffError(f"model {name!r} is neither '{DEFAULT_MODEL}' nor an existing file or folder")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise QuaffError(f"model file {name!r} is not a .gguf file; pass a .gguf file or a Hugging Face model folder")
+            raise QuaffError(f"model file {name!r} is not a .gguf file; pass a .gguf file or a Hugging Face model "
+                             "folder")
         return {"kind": "gguf", "path": str(path.parent.resolve()), "gguf_file": path.name, "name": path.stem}
     if not (path / "config.json").is_file():
-        raise QuaffError(f"folder {name!r} is not a Hugging Face model (it has no config.json) nor a quaff-fx artifact (no quaff.json)")
+        raise QuaffError(f"folder {name!r} is not a Hugging Face model (it has no config.json) nor a quaff-fx "
+                         "artifact (no quaff.json)")
     return {"kind": "hf", "path": str(path.resolve()), "name": path.name}
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> LoadedModel:
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from the embedded default, a .gguf file or a HF folder. ``device``: load
     the weights (sharded safetensors included) straight onto it in ``dtype``, with no full copy in host memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

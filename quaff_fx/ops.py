@@ -41,7 +41,8 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @quantize_rows.register_fake
 def _(x):
-    return torch.empty(x.shape, dtype=torch.int8, device=x.device), torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    return (torch.empty(x.shape, dtype=torch.int8, device=x.device),
+            torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
 
 
 @torch.library.custom_op("quaff::linear", mutates_args=())
@@ -58,7 +59,8 @@ def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_
 @linear.register_fake
 def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False,
       inv_smooth=None, w_int8_t=None):
-    torch._check(x.shape[-1] == w_int8.shape[1], lambda: f"quaff::linear: x has {x.shape[-1]} features, the weight {w_int8.shape[1]}")
+    torch._check(x.shape[-1] == w_int8.shape[1],
+                 lambda: f"quaff::linear: x has {x.shape[-1]} features, the weight {w_int8.shape[1]}")
     return x.new_empty(*x.shape[:-1], w_int8.shape[0])
 
 
@@ -85,7 +87,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     w_int8, w_scale, inv_smooth, w_int8_t = ctx.saved_tensors
-    grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad, inv_smooth, w_int8_t) if ctx.needs_input_grad[0] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad, inv_smooth, w_int8_t)
     grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
     return grad_x, None, None, None, None, None, grad_b, None, None, None, None
 

@@ -49,8 +49,10 @@ class QuaffLinear(nn.Linear):
         self.register_buffer("outlier_idx", torch.zeros(n_outliers, dtype=torch.long, device=device))
         self.register_buffer("w_outlier", torch.zeros(out_features, n_outliers, dtype=dtype, device=device))
         self.register_buffer("act_scale", torch.ones(n_outliers, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.register_buffer("inv_smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smoothed else None)
+        zero_bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.bias = nn.Parameter(zero_bias, requires_grad=False) if bias else None
+        inv_smooth = torch.ones(in_features, dtype=torch.float32, device=device) if smoothed else None
+        self.register_buffer("inv_smooth", inv_smooth)
         self.register_buffer("w_int8_t", None, persistent=False)
 
     @classmethod
@@ -59,7 +61,8 @@ class QuaffLinear(nn.Linear):
                     momentum: float = MOMENTUM, exact_grad: bool = False) -> "QuaffLinear":
         """Quantize ``linear``. ``act_max`` (max|x| per input channel from calibration) sets the initial
         scales; without it they start at 1 and are learned from the first training batches."""
-        return cls.from_weight(linear.weight, linear.bias, outlier_channels, act_max, weight_granularity, momentum, exact_grad)
+        return cls.from_weight(linear.weight, linear.bias, outlier_channels, act_max, weight_granularity, momentum,
+                               exact_grad)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, outlier_channels=(), act_max=None,
@@ -109,10 +112,13 @@ class QuaffLinear(nn.Linear):
         """A QuaffLinear around existing tensors (shared, not copied): the arguments of a quaff::linear call."""
         mod = cls(0, 0, 0, bias=False)
         mod.in_features, mod.out_features = int(w_int8.shape[1]), int(w_int8.shape[0])
-        for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("outlier_idx", outlier_idx), ("act_scale", act_scale),
-                        ("w_outlier", w_outlier), ("inv_smooth", inv_smooth), ("w_int8_t", w_int8_t)):
+        for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("outlier_idx", outlier_idx),
+                        ("act_scale", act_scale), ("w_outlier", w_outlier), ("inv_smooth", inv_smooth),
+                        ("w_int8_t", w_int8_t)):
             setattr(mod, name, t)
-        mod.bias = None if bias is None else (bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False))
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        mod.bias = bias
         mod.prescaled, mod.exact_grad, mod.momentum = prescaled, exact_grad, momentum
         return mod.eval()
 
@@ -170,10 +176,12 @@ class QuaffLinear(nn.Linear):
         self.act_scale.mul_(self.momentum).add_(batch_scale * (1.0 - self.momentum))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.outlier_idx.numel()}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"outliers={self.outlier_idx.numel()}, "
                 + ("prescaled, " if self.prescaled else "") + ("smoothed, " if self.inv_smooth is not None else "") +
                 ("int8 backward, " if self.w_int8_t is not None else "") +
-                f"bias={self.bias is not None}, weight=int8[{self.w_scale.numel()} scales], w_outlier={self.w_outlier.dtype}")
+                f"bias={self.bias is not None}, weight=int8[{self.w_scale.numel()} scales], "
+                f"w_outlier={self.w_outlier.dtype}")
 
 
 def int8_backward_(model: nn.Module, enable: bool = True) -> int:

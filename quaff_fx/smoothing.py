@@ -41,7 +41,8 @@ def column_max(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def smoothing_errors(gm: GraphModule, members: Sequence[LinearSite], rows: torch.Tensor, act_max: torch.Tensor,
-                     outliers: torch.Tensor, cfg_grid: Sequence[float | None], weight_granularity: str = "channel") -> torch.Tensor:
+                     outliers: torch.Tensor, cfg_grid: Sequence[float | None],
+                     weight_granularity: str = "channel") -> torch.Tensor:
     """Relative output error [len(grid)] of the group's layers, quantized as QuaffLinears with each α, on ``rows``."""
     weights = group_weights(gm, members)
     w_max = column_max(weights)

@@ -41,7 +41,8 @@ def default_passes(stats: CalibrationStats, config: QuaffConfig, fuse: bool = Fa
 
 
 def calibrate_text(gm: GraphModule, tokenizer, text_path: str | Path | None, config: QuaffConfig, seq_len: int = 256,
-                   batch_size: int = 2, max_batches: int | None = 4, progress: Callable | None = None) -> CalibrationStats:
+                   batch_size: int = 2, max_batches: int | None = 4,
+                   progress: Callable | None = None) -> CalibrationStats:
     """Calibrate ``gm`` on token windows of a text file (the bundled calibration text when None)."""
     from .evaluate import check_seq_limit
 
@@ -66,13 +67,14 @@ def restore_batches_(stats: CalibrationStats, tokenizer, text_path: str | Path |
     same text, windows and batch count the stats record. ``text_path`` None: the bundled calibration text."""
     info, name = stats.info, calibration_text_name(text_path)
     if not all(k in info for k in ("seq_len", "batch_size", "batches", "text")):
-        raise QuaffError("the calibration stats do not record their text and windows; GPTQ rounding cannot re-read them: "
-                         "calibrate in the same run, or use --weight-rounding nearest")
+        raise QuaffError("the calibration stats do not record their text and windows; GPTQ rounding cannot re-read "
+                         "them: calibrate in the same run, or use --weight-rounding nearest")
     if info["text"] != name:
-        raise QuaffError(f"the stats were calibrated on {info['text']!r}, not {name!r}: pass that text (--calib) for GPTQ "
-                         "rounding, or use --weight-rounding nearest")
+        raise QuaffError(f"the stats were calibrated on {info['text']!r}, not {name!r}: pass that text (--calib) "
+                         "for GPTQ rounding, or use --weight-rounding nearest")
     ids = tokenize(tokenizer, read_text(text_path, "calibration"))
-    stats.batches = list(batches(ids, int(info["seq_len"]), int(info["batch_size"]), int(info["batches"]), f"calibration text {name}"))
+    stats.batches = list(batches(ids, int(info["seq_len"]), int(info["batch_size"]), int(info["batches"]),
+                                 f"calibration text {name}"))
     return stats
 
 
@@ -104,13 +106,15 @@ def adopt_from_graph_(model: nn.Module, gm: GraphModule) -> dict[str, dict[str, 
             continue
         annotation = annotation_of(node)
         if node.op == "call_module" and annotation is not None and annotation.rewritten:
-            layers[annotation.module] = _install(model, node.target[len(prefix):], gm.get_submodule(node.target), annotation)
+            built = gm.get_submodule(node.target)
+            layers[annotation.module] = _install(model, node.target[len(prefix):], built, annotation)
     return layers
 
 
 def _built(annotation: QuaffAnnotation) -> QuaffLinear:
     if annotation.layer is None:
-        raise QuaffError(f"layer {annotation.module!r} was fused before RewriteLinear built it: run RewriteLinear before FuseScales")
+        raise QuaffError(f"layer {annotation.module!r} was fused before RewriteLinear built it: run RewriteLinear "
+                         "before FuseScales")
     return annotation.layer
 
 
@@ -126,7 +130,8 @@ def _install(model: nn.Module, name: str, module: QuaffLinear, annotation: Quaff
 
 def layer_spec(module: QuaffLinear, annotation: QuaffAnnotation | None = None) -> dict[str, Any]:
     """What an artifact records of one layer: enough to build its empty QuaffLinear before loading."""
-    return {"in_features": module.in_features, "out_features": module.out_features, "outliers": module.outlier_idx.tolist(),
+    return {"in_features": module.in_features, "out_features": module.out_features,
+            "outliers": module.outlier_idx.tolist(),
             "max_mean_ratio": None if annotation is None else annotation.max_mean_ratio, "momentum": module.momentum,
             "exact_grad": module.exact_grad, "smoothed": module.inv_smooth is not None,
             "weight_granularity": module.weight_granularity}

@@ -26,6 +26,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, transform
+
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=512)
@@ -68,6 +70,57 @@ def make_tiny(arch: str) -> torch.nn.Module:
     """A tiny random-init model of ``arch`` (a key of TINY), in eval mode, the same on every call."""
     torch.manual_seed(0)
     return TINY[arch]().eval()
+
+
+def quaff_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The graph's call_module nodes of QuaffLinear layers."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuaffLinear)]
+
+
+def quaff_modules(gm: torch.fx.GraphModule) -> list[QuaffLinear]:
+    """The QuaffLinear layers the graph calls, in graph order."""
+    return [gm.get_submodule(n.target) for n in quaff_nodes(gm)]
+
+
+# plain Quaff (no smoothing, nearest rounding, top 5% outliers): the mechanics under test, in seconds
+PLAIN = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))
+# a fixed stream of tiny-vocabulary tokens for training tests
+TRAIN_IDS = torch.randint(0, VOCAB, (4096,), generator=torch.Generator().manual_seed(11))
+
+
+def calibration_batches(n: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` random token batches [2, 16] of the tiny vocabulary, the same on every call."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(n)]
+
+
+def quantize_tiny(model: torch.nn.Module, config: QuaffConfig = PLAIN, batches: list[torch.Tensor] | None = None,
+                  n_batches: int | None = None) -> torch.nn.Module:
+    """``model`` quantized in place, step by step: capture, calibrate on ``batches`` (default two), transform."""
+    gm = capture(model)
+    stats = calibrate(gm, calibration_batches() if batches is None else batches, config.outliers, config.eligible,
+                      n_batches=n_batches)
+    transform(model, stats, config, gm=gm)
+    return model
+
+
+@pytest.fixture(scope="session")
+def _plain_tiny() -> tuple[torch.nn.Module, torch.Tensor]:
+    model = quantize_tiny(tiny_llama(), PLAIN, calibration_batches(1, seed=1))
+    return model, torch.get_rng_state()
+
+
+@pytest.fixture()
+def quantized_tiny(_plain_tiny):
+    """A factory of tiny Llamas quantized with PLAIN: each call a fresh copy of one model quantized once per run,
+    and the global RNG as building it leaves it (PEFT draws its initial adapter weights from it)."""
+    model, rng_state = _plain_tiny
+
+    def make() -> torch.nn.Module:
+        torch.set_rng_state(rng_state)
+        return copy.deepcopy(model)
+
+    return make
 
 
 @pytest.fixture(scope="session")

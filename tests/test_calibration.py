@@ -58,7 +58,8 @@ def test_planted_outlier_channels_are_found_and_stable_across_halves(llama):
     counts = stats.layers["model.layers.0.self_attn.q_proj"].total_counts
     assert q.tolist() == [3, 17] and set(counts.topk(2).indices.tolist()) == {3, 17}
     assert stats.layers["model.layers.0.self_attn.q_proj"].counts.sum(1).gt(0).all()  # both halves counted
-    assert jaccard(stats.half_outliers("model.layers.0.self_attn.q_proj", 0), stats.half_outliers("model.layers.0.self_attn.q_proj", 1)) == 1.0
+    q_name = "model.layers.0.self_attn.q_proj"
+    assert jaccard(stats.half_outliers(q_name, 0), stats.half_outliers(q_name, 1)) == 1.0
 
 
 def test_layer_filter_skips_lm_head_by_default(llama):
@@ -124,7 +125,8 @@ def test_stats_roundtrip_and_version_check(llama, tmp_path):
     back = load_stats(path)
     assert back.outlier_config == stats.outlier_config and back.info == stats.info
     for name, layer in stats.layers.items():
-        assert torch.equal(back.layers[name].counts, layer.counts) and torch.equal(back.layers[name].max_abs, layer.max_abs)
+        assert torch.equal(back.layers[name].counts, layer.counts)
+        assert torch.equal(back.layers[name].max_abs, layer.max_abs)
         assert torch.equal(back.outliers(name), stats.outliers(name))
     with pytest.raises(QuaffError, match="exists; pass --force"):
         save_stats(stats, path)
@@ -173,7 +175,8 @@ def test_calibration_runs_the_live_model_with_hooks_and_agrees_with_the_graph(ll
     with monkeypatch.context() as m:  # the live model is there: the graph is never run node by node
         m.setattr(torch.fx.Interpreter, "run_node", graph_run)
         live = calibrate(gm, batches(), cfg, n_batches=4, smooth_grid=(None, 0.5))
-    assert all(isinstance(m, nn.Linear) for n, m in llama.named_modules() if n.endswith("proj"))  # hooks removed, model kept
+    # hooks removed, model kept
+    assert all(isinstance(m, nn.Linear) for n, m in llama.named_modules() if n.endswith("proj"))
     assert not any(m._forward_pre_hooks for m in llama.modules())
     gm.meta["quaff"]["source"] = None  # as if the model were gone: the graph is run instead
     graph = calibrate(gm, batches(), cfg, n_batches=4, smooth_grid=(None, 0.5))

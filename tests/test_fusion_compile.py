@@ -3,15 +3,14 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_llama
+from conftest import PLAIN, calibration_batches, make_tiny, quaff_modules, quantize_tiny, tiny_llama
 from quaff_fx.passes import FuseScales
 from quaff_fx.passes.fuse_scales import op_arguments
 
-from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, default_passes, run_passes, transform
+from quaff_fx import QuaffConfig, QuaffLinear, calibrate, capture, default_passes, run_passes
 from quaff_fx.backend import LAST_REPORTS, make_backend
 from quaff_fx.hf import register_peft
 
-CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))  # plain Quaff: the mechanics under test
 GROUPS = {
     "llama": {"q_proj,k_proj,v_proj": 2, "gate_proj,up_proj": 2},
     "qwen2": {"q_proj,k_proj,v_proj": 2, "gate_proj,up_proj": 2},
@@ -22,14 +21,9 @@ GROUPS = {
 def quantized_graph(arch, passes_fuse=False, fold=False):
     model = make_tiny(arch) if arch != "llama" else tiny_llama()
     gm = capture(model)
-    g = torch.Generator().manual_seed(0)
-    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], CFG.outliers, CFG.eligible, n_batches=2)
-    result = run_passes(gm, default_passes(stats, CFG, fuse=passes_fuse, fold_norms=fold))
+    stats = calibrate(gm, calibration_batches(), PLAIN.outliers, PLAIN.eligible, n_batches=2)
+    result = run_passes(gm, default_passes(stats, PLAIN, fuse=passes_fuse, fold_norms=fold))
     return model, result
-
-
-def quaff_modules(gm):
-    return [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuaffLinear)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
@@ -74,16 +68,16 @@ def test_norm_folding_removes_the_division_and_keeps_outputs():
 
 def _quantize_graph(model):
     gm = capture(model)
-    stats = calibrate(gm, [torch.randint(0, 256, (2, 16))], CFG.outliers, CFG.eligible)
-    return run_passes(gm, default_passes(stats, CFG, fuse=True)).graph_module
+    stats = calibrate(gm, [torch.randint(0, 256, (2, 16))], PLAIN.outliers, PLAIN.eligible)
+    return run_passes(gm, default_passes(stats, PLAIN, fuse=True)).graph_module
 
 
 def test_layernorm_folding_on_opt():
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=512, word_embed_proj_dim=64)).eval()
+    model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64)).eval()
     gm = _quantize_graph(model)
     ids = torch.randint(0, 256, (2, 12))
     before = gm(ids).detach()
@@ -105,12 +99,7 @@ def test_no_folding_where_the_norm_also_feeds_the_residual():
 
 @pytest.fixture()
 def quantized_llama():
-    model = tiny_llama()
-    gm = capture(model)
-    g = torch.Generator().manual_seed(0)
-    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], CFG.outliers, CFG.eligible, n_batches=2)
-    transform(model, stats, CFG, gm=gm)
-    return model
+    return quantize_tiny(tiny_llama(), PLAIN, n_batches=2)
 
 
 def test_quaff_backend_fuses_and_matches_eager(quantized_llama):
@@ -142,7 +131,8 @@ def test_backend_with_user_passes_runs_them_in_order(quantized_llama):
 
     backend = make_backend([first, FuseScales, second], inner="eager")
     with torch.no_grad():
-        torch.compile(quantized_llama, backend=backend, fullgraph=True)(input_ids=torch.randint(0, 256, (1, 8)), use_cache=False)
+        compiled = torch.compile(quantized_llama, backend=backend, fullgraph=True)
+        compiled(input_ids=torch.randint(0, 256, (1, 8)), use_cache=False)
     assert seen == ["first", 4]  # four fused modules appear as call_module after FuseScales
     torch._dynamo.reset()
 
@@ -170,13 +160,8 @@ def test_compiled_lora_training_step_fullgraph(quantized_llama):
 
 def smoothed_llama():
     """A tiny Llama transformed with the default preset (smoothed, GPTQ-rounded)."""
-    cfg = QuaffConfig.preset("default", outliers=CFG.outliers)
-    model = tiny_llama()
-    gm = capture(model)
-    g = torch.Generator().manual_seed(0)
-    stats = calibrate(gm, [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)], cfg.outliers, cfg.eligible, n_batches=2)
-    transform(model, stats, cfg, gm=gm)
-    return model
+    cfg = QuaffConfig.preset("default", outliers=PLAIN.outliers)
+    return quantize_tiny(tiny_llama(), cfg, n_batches=2)
 
 
 def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
@@ -197,7 +182,8 @@ def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
     other.model.layers[0].self_attn.k_proj.inv_smooth.mul_(2.0)  # a different 1/s: k_proj must stay apart
     result = FuseScales()(capture(other))
     fused = sorted(r["members"] for r in result.report.rows if r["status"] == "fused")
-    assert fused == ["gate_proj,up_proj", "gate_proj,up_proj", "q_proj,k_proj,v_proj", "q_proj,v_proj"]  # k_proj of layer 0 alone
+    # k_proj of layer 0 alone
+    assert fused == ["gate_proj,up_proj", "gate_proj,up_proj", "q_proj,k_proj,v_proj", "q_proj,v_proj"]
 
 
 def test_norms_absorb_the_smoothing_with_the_scales():

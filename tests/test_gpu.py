@@ -11,7 +11,8 @@ if CUDA_KERNELS:
     from quaff_fx.kernels import triton_kernels as tk
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (17, 4096, 1000), (1000, 576, 1536), (4096, 4096, 4096), (333, 14336, 4096)])
+@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (17, 4096, 1000), (1000, 576, 1536), (4096, 4096, 4096),
+                                   (333, 14336, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_forward_matches_reference(m, k, n, dtype):
     g = torch.Generator().manual_seed(0)
@@ -31,7 +32,8 @@ def test_forward_matches_reference(m, k, n, dtype):
     assert torch.allclose(y, ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
-@pytest.mark.parametrize("path", ["dequantized", "exact", "int8 on the Wᵀ copy", "int8 on the copy, smoothed", "dequantized, smoothed"])
+@pytest.mark.parametrize("path", ["dequantized", "exact", "int8 on the Wᵀ copy", "int8 on the copy, smoothed",
+                                  "dequantized, smoothed"])
 @pytest.mark.parametrize("m,k,n", [(5, 96, 40), (2048, 4096, 11008), (100, 20000, 136)])
 def test_grad_input_matches_reference(m, k, n, path):
     """grad_X on CUDA: W dequantized + cuBLAS (the grad_X mode 'dequantize', or exact), or the int8 GEMM on the
@@ -64,7 +66,8 @@ def test_smoothed_layer_with_int8_backward_matches_cpu(m, k, n):
     idx = torch.randperm(k, generator=g)[:5]
     x[:, idx] *= 40
     cpu = QuaffLinear.from_weight(w, torch.randn(n, generator=g), idx, x.abs().amax(0), smooth_alpha=0.5).train()
-    gpu = QuaffLinear.from_weight(w, cpu.bias.detach(), idx, x.abs().amax(0), smooth_alpha=0.5).train().cuda().int8_backward_()
+    gpu = QuaffLinear.from_weight(w, cpu.bias.detach(), idx, x.abs().amax(0), smooth_alpha=0.5).train()
+    gpu = gpu.cuda().int8_backward_()
     assert gpu.w_int8_t.is_cuda and "w_int8_t" not in gpu.state_dict()
     grad = torch.randn(m, n, generator=g)
     xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()

@@ -79,7 +79,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.quaff.quantize_rows.default, (torch.randn(4, 9),))
     torch.library.opcheck(torch.ops.quaff.linear_grad_input.default, (torch.randn(6, 40), q.w_int8, q.w_scale, False))
     lin, x, _ = layer_and_input()  # smoothed, with the transposed int8 copy: the op's last two arguments
-    s = QuaffLinear.from_weight(lin.weight, lin.bias, [5, 11, 60], x.abs().reshape(-1, 96).amax(0), smooth_alpha=0.5).int8_backward_()
+    s = QuaffLinear.from_weight(lin.weight, lin.bias, [5, 11, 60], x.abs().reshape(-1, 96).amax(0), smooth_alpha=0.5)
+    s.int8_backward_()
     torch.library.opcheck(torch.ops.quaff.linear.default, op_args(s, x.requires_grad_()) + (s.inv_smooth, s.w_int8_t))
     torch.library.opcheck(torch.ops.quaff.linear_grad_input.default,
                           (torch.randn(6, 40), s.w_int8, s.w_scale, False, s.inv_smooth, s.w_int8_t))
@@ -221,6 +222,7 @@ def test_input_scale_is_what_the_op_multiplies_x_by():
     assert torch.allclose(d[[5, 11, 60]], 1.0 / s.act_scale) and torch.equal(d[:5], s.inv_smooth[:5])
     assert s.input_scale(torch.float64).dtype == torch.float64
     x2 = x.reshape(-1, 96)
-    ref = reference.quaff_linear(x2 * d, s.w_int8, s.w_scale, s.outlier_idx, torch.ones(3),  # already scaled: divide by 1
+    # x2 * d is scaled already: the reference divides it by 1
+    ref = reference.quaff_linear(x2 * d, s.w_int8, s.w_scale, s.outlier_idx, torch.ones(3),
                                  reference.correction_weight(s.w_outlier, s.act_scale))
     assert torch.allclose(s(x).reshape(-1, 40), ref, atol=1e-4, rtol=1e-4)

@@ -3,13 +3,15 @@ import json
 
 import pytest
 import torch
+from conftest import quaff_nodes
 from quaff_fx.passes import AnnotateOutliers, RewriteLinear, annotations
 
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture, run_passes, transform
 from quaff_fx.hf import quantize_model_, register_peft
 from quaff_fx.pipeline import QuaffPassResult
 
-CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("mean_times", threshold=10, max_ratio=0.05))  # plain Quaff: the mechanics under test
+# plain Quaff: the mechanics under test
+CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("mean_times", threshold=10, max_ratio=0.05))
 
 
 def data(n=4):
@@ -44,9 +46,11 @@ def test_annotate_marks_eligible_linears_and_reports(calibrated):
     assert data_json["totals"]["transformed"] == 14 and data_json["totals"]["skipped"] == 1
     table = result.report.to_table()
     assert "model.layers.1.mlp.down_proj" in table and "annotated" in table and "% of the int8 weights" in table
-    assert data_json["totals"]["int8_weight_bytes"] == sum(r["in_features"] * r["out_features"] for r in rows.values() if r["status"] == "annotated")
+    annotated = [r for r in rows.values() if r["status"] == "annotated"]
+    assert data_json["totals"]["int8_weight_bytes"] == sum(r["in_features"] * r["out_features"] for r in annotated)
     assert AnnotateOutliers(stats, CFG)(gm).modified is False  # idempotent
-    assert annotations(gm)["model.layers.0.self_attn.q_proj"] is q_ann  # the annotation (and a layer built on it) is kept
+    # the annotation (and a layer built on it) is kept
+    assert annotations(gm)["model.layers.0.self_attn.q_proj"] is q_ann
 
 
 def test_rewrite_replaces_linear_nodes_and_drops_fp_weights(calibrated):
@@ -56,8 +60,7 @@ def test_rewrite_replaces_linear_nodes_and_drops_fp_weights(calibrated):
     result = run_passes(gm, [AnnotateOutliers(stats, CFG), RewriteLinear(CFG)])
     gm = result.graph_module
     assert count(gm, torch.ops.aten.linear.default) == 1  # lm_head stays
-    quaff_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuaffLinear)]
-    assert len(quaff_nodes) == 14
+    assert len(quaff_nodes(gm)) == 14
     assert not any(n.op == "get_attr" and n.target.endswith("q_proj.weight") for n in gm.graph.nodes)
     assert not any(name.endswith("q_proj.weight") for name, _ in gm.named_parameters())
     ids = torch.randint(0, 256, (2, 24))
@@ -107,11 +110,12 @@ def test_user_pass_runs_in_order(calibrated):
     seen = []
 
     def count_quaff(g):
-        seen.append(sum(1 for n in g.graph.nodes if n.op == "call_module" and isinstance(g.get_submodule(n.target), QuaffLinear)))
+        seen.append(len(quaff_nodes(g)))
 
     result = run_passes(gm, [AnnotateOutliers(stats, CFG), count_quaff, RewriteLinear(CFG), count_quaff])
     assert seen == [0, 14]
-    assert [r.pass_name for r in result.reports] == ["annotate_outliers", "count_quaff", "rewrite_linear", "count_quaff"]
+    assert [r.pass_name for r in result.reports] == ["annotate_outliers", "count_quaff", "rewrite_linear",
+                                                     "count_quaff"]
 
 
 def test_rewritten_model_trains_a_lora_adapter(calibrated):

@@ -18,7 +18,8 @@ def data(n=2):
 
 
 def stats_of(model, **kw):
-    return calibrate(capture(model), data(), CFG.outliers, CFG.eligible, n_batches=2, **{"smooth_grid": SMOOTH_GRID, **kw})
+    return calibrate(capture(model), data(), CFG.outliers, CFG.eligible, n_batches=2,
+                     **{"smooth_grid": SMOOTH_GRID, **kw})
 
 
 def test_search_is_recorded_deterministic_and_shared_by_siblings(llama):
@@ -86,7 +87,8 @@ def test_presets_by_name_and_bad_smoothing():
     fast, paper = QuaffConfig.preset("fast"), QuaffConfig.preset("paper")
     assert (fast.smooth_alpha, fast.smooth_shared, fast.weight_rounding) == (None, True, "nearest")
     assert fast.outliers == default.outliers
-    assert paper.smooth_alpha is None and paper.weight_rounding == "nearest" and paper.outliers == OutlierConfig("mean_times", 100.0, 0.01)
+    assert paper.smooth_alpha is None and paper.weight_rounding == "nearest"
+    assert paper.outliers == OutlierConfig("mean_times", 100.0, 0.01)
     assert QuaffConfig.preset("fast", smooth_alpha=0.3).smooth_alpha == 0.3
     with pytest.raises(QuaffError, match="unknown preset 'best'"):
         QuaffConfig.preset("best")
@@ -119,18 +121,24 @@ def test_xtx_is_gathered_once_per_input_from_the_fp_graph(llama):
     assert q.input_node is k.input_node
     xtx = gather_xtx(gm, [q.input_node], data())
     seen = []
-    hook = llama.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, 64).double()))
+    def keep_input(module, args, output):
+        seen.append(args[0].reshape(-1, 64).double())
+
+    hook = llama.model.layers[0].self_attn.q_proj.register_forward_hook(keep_input)
     with torch.no_grad():
         for batch in data():
             llama(input_ids=batch)
     hook.remove()
     x = torch.cat(seen)
     ref = x.t() @ x
-    assert torch.allclose(xtx[q.input_node].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))  # once per batch
-    nodes = [q.input_node, sites["model.layers.0.mlp.down_proj"].input_node, sites["model.layers.1.self_attn.q_proj"].input_node]
+    # each batch counted once
+    assert torch.allclose(xtx[q.input_node].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    nodes = [q.input_node, sites["model.layers.0.mlp.down_proj"].input_node,
+             sites["model.layers.1.self_attn.q_proj"].input_node]
     widths = {nodes[0]: 64, nodes[1]: 128, nodes[2]: 64}
     assert chunks(nodes, widths, budget=(64 * 64 + 128 * 128) * 4) == [nodes[:2], nodes[2:]]
-    assert chunks(nodes, widths, budget=1) == [[n] for n in nodes]  # a single input wider than the budget still goes alone
+    # a single input wider than the budget still goes alone
+    assert chunks(nodes, widths, budget=1) == [[n] for n in nodes]
 
 
 def test_transform_with_gptq_rounding_is_independent_of_the_chunking(llama):

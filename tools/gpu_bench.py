@@ -76,12 +76,13 @@ def breakdown(timer, k: int = 4096, n: int = 14336, m: int = 8192) -> None:
         "int8 GEMM + epilogue with correction": lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale, torch.bfloat16,
                                                                      None, x_o, w_o, quaff.act_scale),
         "torch._int_mm (same GEMM, int32 out)": lambda: torch._int_mm(q, quaff.w_int8.t()),
-        "quaff linear op forward (all of it)": lambda: torch.ops.quaff.linear(x, quaff.w_int8, quaff.w_scale, quaff.outlier_idx,
-                                                                          quaff.act_scale, w_o),
+        "quaff linear op forward (all of it)": lambda: torch.ops.quaff.linear(x, quaff.w_int8, quaff.w_scale,
+                                                                          quaff.outlier_idx, quaff.act_scale, w_o),
         "dequantize W to bf16 (Triton)": lambda: tk.dequantize(quaff.w_int8, quaff.w_scale, torch.bfloat16),
         "grad_X: dequantized W + cuBLAS (exact)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, True),
         "grad_X: int8 on a transient Wᵀ (default)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False),
-        "grad_X: int8 on the Wᵀ copy (int8_backward_)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False, None, w_t),
+        "grad_X: int8 on the Wᵀ copy (int8_backward_)": lambda: tk.grad_input(g, quaff.w_int8, quaff.w_scale, False,
+                                                                              None, w_t),
         "  of which quantize grad (Triton)": lambda: tk.quantize_rows(g, quaff.w_scale),
         "  of which int8 GEMM on the Wᵀ copy": lambda: tk.int8_gemm(qg, w_t, sg, None, torch.bfloat16),
         "torch._int_mm on row-major W (no copy)": lambda: torch._int_mm(qg, quaff.w_int8),
@@ -176,14 +177,18 @@ def main() -> None:
             t_bf, t_qf = timer(bf16_fwd), timer(quaff_fwd)
             tops = 2 * m * n * k / t_gemm / 1e12
             rows.append({"K": k, "N": n, "M": m, "bf16_fwd_bwd_ms": t_b * 1e3, "quaff_fwd_bwd_ms": t_q * 1e3,
-                         "quaff_int8_bwd_fwd_bwd_ms": t_q8 * 1e3, "speedup_fwd_bwd": t_b / t_q, "speedup_fwd_bwd_int8_bwd": t_b / t_q8,
-                         "bf16_fwd_ms": t_bf * 1e3, "quaff_fwd_ms": t_qf * 1e3,
-                         "speedup_fwd": t_bf / t_qf, "int8_gemm_tops": tops, "torch_int_mm_tops": 2 * m * n * k / t_intmm / 1e12,
-                         "int8_roofline_fraction": tops / PEAK_INT8_TOPS, "timing": "eager" if args.eager_timing else "cuda graph"})
+                         "quaff_int8_bwd_fwd_bwd_ms": t_q8 * 1e3, "speedup_fwd_bwd": t_b / t_q,
+                         "speedup_fwd_bwd_int8_bwd": t_b / t_q8, "bf16_fwd_ms": t_bf * 1e3, "quaff_fwd_ms": t_qf * 1e3,
+                         "speedup_fwd": t_bf / t_qf, "int8_gemm_tops": tops,
+                         "torch_int_mm_tops": 2 * m * n * k / t_intmm / 1e12,
+                         "int8_roofline_fraction": tops / PEAK_INT8_TOPS,
+                         "timing": "eager" if args.eager_timing else "cuda graph"})
             r = rows[-1]
-            print(f"K={k:5d} N={n:5d} M={m:5d}  fwd+bwd bf16 {r['bf16_fwd_bwd_ms']:.3f} ms quaff {r['quaff_fwd_bwd_ms']:.3f} ms "
-                  f"({r['speedup_fwd_bwd']:.2f}x), int8 backward {r['quaff_int8_bwd_fwd_bwd_ms']:.3f} ms ({r['speedup_fwd_bwd_int8_bwd']:.2f}x)"
-                  f"  fwd {r['speedup_fwd']:.2f}x  int8 GEMM {tops:.0f} TOPS (_int_mm {r['torch_int_mm_tops']:.0f})", flush=True)
+            print(f"K={k:5d} N={n:5d} M={m:5d}  fwd+bwd bf16 {r['bf16_fwd_bwd_ms']:.3f} ms "
+                  f"quaff {r['quaff_fwd_bwd_ms']:.3f} ms ({r['speedup_fwd_bwd']:.2f}x), "
+                  f"int8 backward {r['quaff_int8_bwd_fwd_bwd_ms']:.3f} ms ({r['speedup_fwd_bwd_int8_bwd']:.2f}x)"
+                  f"  fwd {r['speedup_fwd']:.2f}x  int8 GEMM {tops:.0f} TOPS (_int_mm {r['torch_int_mm_tops']:.0f})",
+                  flush=True)
     breakdown(timer)
     if args.out:
         with open(args.out, "w") as f:

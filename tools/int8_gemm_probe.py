@@ -22,16 +22,18 @@ def _hook(nargs):
 
 def _configs():
     out = []
-    for bm, bn, bk, st, w in [(128, 256, 128, 3, 8), (128, 256, 128, 4, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
-                              (128, 128, 128, 5, 4), (128, 256, 64, 4, 8), (256, 128, 64, 4, 8)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w, pre_hook=_hook))
+    for bm, bn, bk, st, w in [(128, 256, 128, 3, 8), (128, 256, 128, 4, 8), (256, 128, 128, 3, 8),
+                              (128, 128, 128, 4, 8), (128, 128, 128, 5, 4), (128, 256, 64, 4, 8), (256, 128, 64, 4, 8)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st,
+                                 num_warps=w, pre_hook=_hook))
     return out
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K"])
 @triton.jit
-def _tma_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, NUM_SMS: tl.constexpr, PERSISTENT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _tma_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, NUM_SMS: tl.constexpr,
+                PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     num_tiles = num_m * num_n
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -64,10 +66,11 @@ def tma_gemm(a, b, sa, sb, persistent: bool):
     a_desc = TensorDescriptor(a, a.shape, a.stride(), dummy)
     b_desc = TensorDescriptor(b, b.shape, b.stride(), dummy)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if persistent:
-        grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    def grid(meta):  # one program per output tile, or (persistent) one per SM looping over tiles
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(sms, tiles),) if persistent else (tiles,)
+
     _tma_kernel[grid](a_desc, b_desc, c, sa, sb, m, n, k, c.stride(0), NUM_SMS=sms, PERSISTENT=persistent)
     return c
 
@@ -90,7 +93,8 @@ def main():
             assert torch.allclose(got.float(), ref.float(), rtol=1e-2, atol=1e-2), (m, k, n, p)
             row["tma persistent" if p else "tma"] = cuda_time(lambda: tma_gemm(a, b, sa, sb, p))
         ops = 2 * m * n * k
-        print(f"M={m} K={k} N={n}: " + "  ".join(f"{name} {ops / t / 1e12:.0f}" for name, t in row.items()) + "  (TOPS / TFLOPS)", flush=True)
+        rates = "  ".join(f"{name} {ops / t / 1e12:.0f}" for name, t in row.items())
+        print(f"M={m} K={k} N={n}: {rates}  (TOPS / TFLOPS)", flush=True)
 
 
 if __name__ == "__main__":

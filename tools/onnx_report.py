@@ -42,7 +42,8 @@ def main() -> None:
     loaded, manifest = load_quantized(args.artifact)
     quaff_path = export_onnx(loaded.model, work / "quaff.onnx", force=True)
     source = manifest["source"]
-    fp = load_model(source["name"] if source.get("name") == "smollm2" else str(Path(source["path"]) / source.get("gguf_file", "")))
+    embedded = source.get("name") == "smollm2"
+    fp = load_model(source["name"] if embedded else str(Path(source["path"]) / source.get("gguf_file", "")))
     ids = tokenize(loaded.tokenizer, read_text(None, "heldout"))
     session = ort.InferenceSession(str(quaff_path), providers=["CPUExecutionProvider"])
     pt_ppl = perplexity(loaded.model, ids, args.seq_len, 4)["perplexity"]
@@ -59,8 +60,10 @@ def main() -> None:
             ["int8 weight bytes", f"{int8_bytes / 2**20:.1f} MiB"],
             ["FP32 parameters (an FP32 export's size)", f"{fp32_bytes / 2**20:.1f} MiB"],
             ["size vs FP32", f"{quaff_path.stat().st_size / fp32_bytes:.2f}x"],
-            ["max |logits diff| ORT vs PyTorch", f"{(got - ref).abs().max().item():.3g} (logits up to {ref.abs().max().item():.3g})"],
-            ["held-out perplexity PyTorch / ORT", f"{pt_ppl:.4f} / {ort_ppl:.4f} ({100 * (ort_ppl / pt_ppl - 1):+.3f}%)"],
+            ["max |logits diff| ORT vs PyTorch",
+             f"{(got - ref).abs().max().item():.3g} (logits up to {ref.abs().max().item():.3g})"],
+            ["held-out perplexity PyTorch / ORT",
+             f"{pt_ppl:.4f} / {ort_ppl:.4f} ({100 * (ort_ppl / pt_ppl - 1):+.3f}%)"],
             [f"forward 4x{args.seq_len} PyTorch / ORT", f"{t_pt:.3f} s / {t_ort:.3f} s ({t_pt / t_ort:.2f}x)"]]
     print(tabulate(rows, headers=["measure", "value"]))
 

@@ -39,7 +39,8 @@ def outlier_scale(x_absmax: torch.Tensor, w_outlier: torch.Tensor) -> torch.Tens
     return torch.sqrt(x_absmax.float() / w_absmax).clamp_min(1.0)
 
 
-def smooth_factors(act_max: torch.Tensor, w_colmax: torch.Tensor, alpha: float, outlier_idx: torch.Tensor) -> torch.Tensor:
+def smooth_factors(act_max: torch.Tensor, w_colmax: torch.Tensor, alpha: float,
+                   outlier_idx: torch.Tensor) -> torch.Tensor:
     """SmoothQuant's per-input-channel factors s = max|X|^α / max|W|^(1−α) (x is divided by s, the weight
     column multiplied by it), with s = 1 on the outlier channels, which Quaff's own scaling handles.
     ``w_colmax``: max|W| per input column, over every layer that reads this input (siblings share s)."""
@@ -48,7 +49,8 @@ def smooth_factors(act_max: torch.Tensor, w_colmax: torch.Tensor, alpha: float, 
     return s
 
 
-def scale_activations(x: torch.Tensor, outlier_idx: torch.Tensor, act_div: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_activations(x: torch.Tensor, outlier_idx: torch.Tensor,
+                      act_div: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """X̂ = X / S (S = 1 outside the outliers) as fp32 [M, K], and its outlier columns X̂_o [M, k]."""
     x = x.float()
     if outlier_idx.numel() == 0:

@@ -123,7 +123,8 @@ def _gemm_configs():
     out = []
     for bm, bn, bk, stages, warps in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
                                       (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps))
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
+                                 num_warps=warps))
     return out
 
 
@@ -163,13 +164,16 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_
         for j0 in range(0, KO, BLOCK_O):
             j = j0 + tl.arange(0, BLOCK_O)
             jm = j < KO
-            xo = tl.load(xo_ptr + offs_m[:, None] * stride_om + j[None, :], mask=(offs_m[:, None] < M) & jm[None, :], other=0.0)
-            wo = tl.load(wo_ptr + offs_n[None, :] * stride_wn + j[:, None], mask=jm[:, None] & (offs_n[None, :] < N), other=0.0)
+            xo = tl.load(xo_ptr + offs_m[:, None] * stride_om + j[None, :], mask=(offs_m[:, None] < M) & jm[None, :],
+                         other=0.0)
+            wo = tl.load(wo_ptr + offs_n[None, :] * stride_wn + j[:, None], mask=jm[:, None] & (offs_n[None, :] < N),
+                         other=0.0)
             so = tl.load(so_ptr + j, mask=jm, other=1.0).to(tl.float32)
             wc = (wo.to(tl.float32) * (so - 1.0)[:, None]).to(xo.dtype)
             out = tl.dot(xo, wc, out, input_precision=DOT_PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor | None, out_dtype: torch.dtype,
@@ -188,7 +192,10 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     has_out = x_o is not None and x_o.shape[1] > 0
     if has_out and w_outlier.stride(1) != 1:
         w_outlier = w_outlier.contiguous()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    def grid(meta):  # one program per output tile (the tile size is the autotuner's choice)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
     _int8_gemm_kernel[grid](a, b, c, sa, sb if sb is not None else dummy, bias if bias is not None else dummy,
                             x_o if has_out else dummy, w_outlier if has_out else dummy, act_scale if has_out else dummy,
                             m, n, k, x_o.shape[1] if has_out else 0,
@@ -227,8 +234,8 @@ def dequantize(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, 
     w_int8 = w_int8.contiguous()
     out = torch.empty((n, k), dtype=dtype, device=w_int8.device)
     block = 1024
-    _dequant_kernel[(n, triton.cdiv(k, block))](w_int8, w_scale, col_scale if col_scale is not None else w_scale, out, k,
-                                                HAS_COL=col_scale is not None, BLOCK=block)
+    _dequant_kernel[(n, triton.cdiv(k, block))](w_int8, w_scale, col_scale if col_scale is not None else w_scale, out,
+                                                k, HAS_COL=col_scale is not None, BLOCK=block)
     return out
 
 
