@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_finetune import IDS, quantized_tiny
+from conftest import TRAIN_IDS
 from transformers import TrainerCallback
 
 from quaff_fx import QuaffError
@@ -124,11 +124,11 @@ class StopAt(TrainerCallback):
 
 
 def _tiny_examples():
-    win = IDS[: 24 * 32].view(24, 32)
+    win = TRAIN_IDS[: 24 * 32].view(24, 32)
     return [{"input_ids": w.tolist(), "labels": w.tolist()} for w in win]
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, quantized_tiny):
     """Stopped after 2 of 4 steps and resumed: steps 3 and 4 lose what an uninterrupted run loses, and the
     outlier scales end where they would (the callback restored them)."""
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, save_every=2, lr_scheduler="cosine", progress=False)
@@ -152,7 +152,7 @@ def test_adapter_reload_reproduces_the_trained_logits(artifact, tmp_path):
     loaded, _ = load_quantized(artifact)
     model = make_peft_model(loaded.model, FinetuneConfig(seq_len=32))
     fit(model, _tiny_examples(), [], TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False), tmp_path / "ck")
-    probe = IDS[:64].view(2, 32)
+    probe = TRAIN_IDS[:64].view(2, 32)
     with torch.no_grad():
         trained = model(input_ids=probe).logits
     folder = save_adapter(model, tmp_path / "adapter", str(artifact))
@@ -164,7 +164,7 @@ def test_adapter_reload_reproduces_the_trained_logits(artifact, tmp_path):
     assert not torch.allclose(plain, trained, atol=1e-4)
 
 
-def test_prompt_completion_and_chat_data_train_with_falling_loss(tiny_tokenizer, tmp_path):
+def test_prompt_completion_and_chat_data_train_with_falling_loss(tiny_tokenizer, tmp_path, quantized_tiny):
     tiny_tokenizer.chat_template = CHAT_TEMPLATE
     try:
         for rows in (prompt_rows(), chat_rows()):
@@ -184,82 +184,33 @@ def test_cli_finetune_jsonl_merge_eval_and_adapter(artifact, tmp_path, capsys):
     --merge writes an artifact with the artifact's config; eval ART --adapter DIR scores the adapter."""
     data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
     out = tmp_path / "ft"
-    argv = [
-        "finetune",
-        str(artifact),
-        "--data",
-        str(data),
-        "--steps",
-        "3",
-        "--seq-len",
-        "64",
-        "--batch-size",
-        "2",
-        "--eval-split",
-        "0.1",
-        "--save-every",
-        "2",
-        "--out",
-        str(out),
-        "--json",
-        "--merge",
-    ]
+    argv = ["finetune", str(artifact), "--data", str(data), "--steps", "3", "--seq-len", "64", "--batch-size", "2",
+            "--eval-split", "0.1", "--save-every", "2", "--out", str(out), "--json", "--merge"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["eval_loss"] > 0 and "4 held-out examples" in summary["eval_set"]
-    assert {"adapter", "checkpoints", "loss.json", "loss.png", "finetune.json", "merged"} <= {
-        p.name for p in out.iterdir()
-    }
+    written = {p.name for p in out.iterdir()}
+    assert {"adapter", "checkpoints", "loss.json", "loss.png", "finetune.json", "merged"} <= written
     assert (out / "adapter" / "quaff_scales.safetensors").is_file()
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((artifact / "quaff.json").read_text())
     assert json.loads((out / "merged" / "quaff.json").read_text())["config"] == manifest["config"]
     assert main(argv) == 2 and "pass --resume" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "eval",
-                str(artifact),
-                "--adapter",
-                str(out / "adapter"),
-                "--seq-len",
-                "32",
-                "--max-batches",
-                "1",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main(["eval", str(artifact), "--adapter", str(out / "adapter"), "--seq-len", "32", "--max-batches", "1",
+                 "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["model"] == "quaff+adapter"
 
 
 def test_cli_prompt_tuning_finishes(artifact, tmp_path, capsys):
     """Prompt tuning used to crash in the final perplexity (virtual tokens in the logits, 23.1)."""
     out = tmp_path / "pt"
-    assert (
-        main(
-            [
-                "finetune",
-                str(artifact),
-                "--peft",
-                "prompt",
-                "--steps",
-                "1",
-                "--seq-len",
-                "32",
-                "--out",
-                str(out),
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main(["finetune", str(artifact), "--peft", "prompt", "--steps", "1", "--seq-len", "32", "--out", str(out),
+                 "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_loss"] > 0
     assert (out / "adapter" / "adapter_config.json").is_file()
 
 
-def test_a_model_read_from_gguf_trains(tmp_path):
+def test_a_model_read_from_gguf_trains(tmp_path, quantized_tiny):
     """SmolLM2 comes from a .gguf file: transformers marks it quantized (GGUF) and the Trainer would refuse it."""
     from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
 
@@ -269,3 +220,18 @@ def test_a_model_read_from_gguf_trains(tmp_path):
     peft_model = make_peft_model(model, FinetuneConfig(seq_len=32))
     log = fit(peft_model, _tiny_examples(), [], TrainConfig(steps=1, batch_size=2, progress=False), tmp_path)
     assert log["steps"] == 1 and model.hf_quantizer is None
+
+
+def test_the_chunked_loss_trains_as_the_models_own(tiny_tokenizer, tmp_path, quantized_tiny):
+    """--loss chunked (the default on CUDA) gives the Trainer the losses of the model's own cross-entropy, with
+    prompt tokens (label -100) left out just the same."""
+    examples = build_examples(read_rows(write_jsonl(tmp_path / "d.jsonl", prompt_rows())), tiny_tokenizer, 64, False,
+                              "d")[:8]
+    losses = {}
+    for loss in ("model", "chunked"):
+        model = make_peft_model(quantized_tiny(), FinetuneConfig(seq_len=32))
+        cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, progress=False, loss=loss)
+        losses[loss] = fit(model, examples, [], cfg, tmp_path / loss, pad_id=0)["losses"]
+    assert losses["chunked"] == pytest.approx(losses["model"], rel=1e-4)
+    with pytest.raises(QuaffError, match="--loss"):
+        TrainConfig(loss="fused")
