@@ -172,10 +172,9 @@ def _report(args: argparse.Namespace, cfg, log: dict) -> None:
         "eval_loss": log.get("eval_loss"),
         "eval_perplexity": log.get("eval_perplexity"),
         "eval_set": log["eval_set"],
-        "seq_len": cfg.seq_len,
-        "seconds": round(log["seconds"], 2),
-        "tokens_per_s": log.get("tokens_per_s"),
-        "peak_memory_bytes": log.get("peak_memory_bytes"),
+        "seq_len": cfg.seq_len, "seconds": round(log["seconds"], 2),
+        "tokens_per_s": log.get("tokens_per_s"), "peak_memory_bytes": log.get("peak_memory_bytes"),
+        "peak_memory_after_warmup_bytes": log.get("peak_memory_after_warmup_bytes"),
         "trainable_parameters": log["trainable_parameters"],
         "out": args.out,
     }
@@ -190,7 +189,9 @@ def _report(args: argparse.Namespace, cfg, log: dict) -> None:
     if summary["tokens_per_s"]:
         line += f", {summary['tokens_per_s']:.0f} tokens/s"
     if summary["peak_memory_bytes"]:
-        line += f", peak GPU memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"
+        after = summary["peak_memory_after_warmup_bytes"]
+        line += f", peak GPU memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB" + (
+            f" ({after / 2**30:.2f} GiB after 3 steps)" if after else "")
     print(line + ")")
     if summary["eval_loss"] is not None:
         print(

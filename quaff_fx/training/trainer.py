@@ -108,6 +108,9 @@ class LossBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
 
 
+WARMUP_STEPS = 3
+
+
 class Throughput(TrainerCallback):
     """Tokens seen (non-padding) per second, over the steps after the warm-up ones (the first steps compile and
     allocate): steps after min(3, half of them)."""
@@ -115,14 +118,19 @@ class Throughput(TrainerCallback):
     def __init__(self) -> None:
         self.tokens = 0
         self.marks: list[tuple[float, int]] = []
+        self.peak_warmup: int | None = None  # CUDA: the peak of the first WARMUP_STEPS steps (compilation)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.marks.append((time.perf_counter(), self.tokens))
+        if len(self.marks) == WARMUP_STEPS and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.peak_warmup = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()  # what follows is the steady state's peak
 
     def rate(self) -> float | None:
         if len(self.marks) < 2:
             return None
-        (t0, n0), (t1, n1) = self.marks[min(3, len(self.marks) // 2) - 1 if len(self.marks) > 2 else 0], self.marks[-1]
+        first = min(WARMUP_STEPS, len(self.marks) // 2) - 1 if len(self.marks) > 2 else 0
+        (t0, n0), (t1, n1) = self.marks[first], self.marks[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
@@ -239,7 +247,10 @@ def fit(
         log["eval_loss"] = loss
         log["eval_perplexity"] = math.exp(loss) if loss < 50 else math.inf
     if cfg.device == "cuda":
-        log["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        steady = torch.cuda.max_memory_allocated()
+        log["peak_memory_bytes"] = max(steady, throughput.peak_warmup or 0)
+        if throughput.peak_warmup is not None:
+            log["peak_memory_after_warmup_bytes"] = steady
     model.eval()
     return log
 
