@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batches", type=int, default=4, help="evaluate on the first N batches of 4 x 256 tokens")
     ap.add_argument("--folds", nargs="*", default=None, help="leave out only these sources (default: each in turn)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="run the model there (e.g. cuda); default: the CPU")
     ap.add_argument("--json", default=None, help="write every fold's numbers here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     candidates = {spec: candidate(spec) for spec in args.candidates}
     fp = load_model(args.model)
+    if args.device:
+        fp.model.to(args.device)
     texts = {s.name: tokenize(fp.tokenizer, read_text(s.path)) for s in corpus_sources()}
     always = {n: texts.pop(n) for n in ALWAYS}
     runs = {}
