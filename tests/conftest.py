@@ -104,9 +104,15 @@ def quantize_tiny(model: torch.nn.Module, config: QuaffConfig = PLAIN, batches: 
     return model
 
 
+def plain_tiny() -> torch.nn.Module:
+    """The model of the fine-tuning tests: a tiny Llama quantized with PLAIN on one batch. Where a fixture can
+    serve, take ``quantized_tiny`` instead (built once); this builds it anew (for spawned ranks)."""
+    return quantize_tiny(tiny_llama(), PLAIN, calibration_batches(1, seed=1))
+
+
 @pytest.fixture(scope="session")
 def _plain_tiny() -> tuple[torch.nn.Module, torch.Tensor]:
-    model = quantize_tiny(tiny_llama(), PLAIN, calibration_batches(1, seed=1))
+    model = plain_tiny()
     return model, torch.get_rng_state()
 
 

@@ -4,32 +4,38 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import PLAIN, calibration_batches, make_tiny
 
-from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, transform
+from quaff_fx import QuaffConfig, QuaffLinear, calibrate, capture, transform
 from quaff_fx.finetune import FinetuneConfig, make_peft_model, train
 
 # quantized layers expected per architecture (conftest.TINY builds the models)
 EXPECTED = {"llama": 14, "llama-tied-bias": 14, "mistral": 14, "qwen2": 14, "phi3": 8, "gemma": 14, "gpt2": 8,
             "opt": 12, "bert": 12}
-# plain Quaff: the mechanics under test
-CFG = QuaffConfig.preset("fast", outliers=OutlierConfig("top_abs", max_ratio=0.05))
 
 
 def forward(model, ids):
     return model(input_ids=ids)[0]
 
 
+_TRANSFORMED: dict = {}  # arch -> (FP32 reference, transformed model, TransformResult), built once per run
+
+
+def transformed(arch: str):
+    """The tiny ``arch`` model and its Quaff transform (plain Quaff, two calibration batches), built on first use."""
+    if arch not in _TRANSFORMED:
+        model = make_tiny(arch)
+        reference = copy.deepcopy(model)
+        gm = capture(model)
+        stats = calibrate(gm, calibration_batches(), PLAIN.outliers, PLAIN.eligible, n_batches=2)
+        _TRANSFORMED[arch] = reference, model, transform(model, stats, PLAIN, gm=gm)
+    return _TRANSFORMED[arch]
+
+
 @pytest.mark.parametrize("arch", list(EXPECTED))
-def test_transform_eval_finetune(arch):
+def test_transform_and_eval(arch):
     expected = EXPECTED[arch]
-    model = make_tiny(arch)
-    reference = copy.deepcopy(model)
-    gm = capture(model)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)]
-    stats = calibrate(gm, batches, CFG.outliers, CFG.eligible, n_batches=2)
-    result = transform(model, stats, CFG, gm=gm)
+    reference, model, result = transformed(arch)
     assert len(result.layers) == expected
     assert sum(isinstance(m, QuaffLinear) for m in model.modules()) == expected
     ids = torch.randint(0, 256, (2, 20))
@@ -37,8 +43,12 @@ def test_transform_eval_finetune(arch):
         fp, q = forward(reference, ids), forward(model, ids)
     assert torch.isfinite(q).all()
     assert (q - fp).abs().max() <= 0.05 * fp.abs().max(), arch
-    if arch == "bert":
-        return  # an encoder: no causal-LM fine-tuning
+
+
+@pytest.mark.slow  # end to end: the Trainer once per architecture (test_finetune trains the Llama in the fast tests)
+@pytest.mark.parametrize("arch", [a for a in EXPECTED if a != "bert"])  # BERT is an encoder: no causal-LM tuning
+def test_one_lora_step_trains(arch):
+    model = copy.deepcopy(transformed(arch)[1])
     cfg = FinetuneConfig(steps=2, seq_len=16, batch_size=2)
     peft_model = make_peft_model(model, cfg)
     log = train(peft_model, torch.randint(0, 256, (512,)), cfg)  # raises on a NaN loss
@@ -70,7 +80,7 @@ def test_real_minilm_sentence_embeddings_keep_cosine():
         return tokenizer(sentence, return_tensors="pt")["input_ids"]
 
     gm = capture(model)
-    stats = calibrate(gm, [ids(s) for s in sentences("calibration", 32)], CFG.outliers, CFG.eligible)
+    stats = calibrate(gm, [ids(s) for s in sentences("calibration", 32)], PLAIN.outliers, PLAIN.eligible)
     result = transform(model, stats, QuaffConfig(), gm=gm)
     assert len(result.layers) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
 

@@ -231,6 +231,7 @@ def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, caps
 
 
 # -- issue 23: what a new user trips on ---------------------------------------------------------------------
+@pytest.mark.slow  # end to end: a second process (imports torch)
 def test_a_closed_pipe_ends_quietly_with_exit_0(artifact):
     """`quaff-fx inspect ... | head`: the reader goes away; no BrokenPipeError traceback, exit 0 (23.3)."""
     read_end, write_end = os.pipe()

@@ -114,6 +114,7 @@ def test_summarize_reports_mean_and_worst_text():
     assert summarize({"a": 0.01, "b": 0.03, "c": -0.01}) == {"mean": pytest.approx(0.01), "worst": ["b", 0.03]}
 
 
+@pytest.mark.slow  # end to end: the corpus selection experiment, one calibration per source
 def test_leave_one_source_out_on_a_tiny_model():
     torch.manual_seed(0)
     sources = {f"s{i}": torch.randint(0, 256, (400,)) for i in range(3)}

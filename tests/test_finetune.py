@@ -79,6 +79,7 @@ def test_bad_finetune_config():
         FinetuneConfig(lr=0)
 
 
+@pytest.mark.slow  # end to end: load, calibrate, train, plot, through the CLI
 def test_cli_finetune_saves_adapter_and_refuses_to_overwrite(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ft"
     argv = ["finetune", str(tiny_model_dir), "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--out", str(out),
@@ -94,6 +95,7 @@ def test_cli_finetune_saves_adapter_and_refuses_to_overwrite(tiny_model_dir, tmp
     assert main(argv) == 2 and "pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end to end: load, calibrate, train, plot, through the CLI
 def test_ossh_tracks_outliers_and_plots(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ossh.png"
     assert main(["ossh", str(tiny_model_dir), "--steps", "4", "--seq-len", "32", "--batch-size", "2", "--out", str(out),

@@ -5,8 +5,8 @@ survive, without inductor's C++ compilation, which would take minutes on the CI'
 
 import pytest
 import torch
+from conftest import TRAIN_IDS, plain_tiny
 from test_distributed import run_ranks
-from test_finetune import IDS, quantized_tiny
 
 from quaff_fx.data import windows
 from quaff_fx.distributed import full_state_dict, global_mean, load_full_state_dict, local_bytes, shard_model, wrap
@@ -15,7 +15,7 @@ from quaff_fx.finetune import FinetuneConfig, batch_for_step, make_peft_model
 from quaff_fx.quaff_linear import QuaffLinear
 
 CFG = FinetuneConfig(steps=3, seq_len=32, batch_size=4, lr=1e-2)
-PROBE = IDS[:64].view(2, 32)  # the input on which merged models are compared
+PROBE = TRAIN_IDS[:64].view(2, 32)  # the input on which merged models are compared
 
 
 def _scales(model) -> list[list[float]]:
@@ -24,7 +24,7 @@ def _scales(model) -> list[list[float]]:
 
 def _train(model, net, rank: int = 0, size: int = 1) -> list[float]:
     """CFG.steps AdamW steps on this rank's slice of each global batch; the global mean loss per step."""
-    win = windows(IDS, CFG.seq_len)
+    win = windows(TRAIN_IDS, CFG.seq_len)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=CFG.lr, weight_decay=0.0)
     model.train()
     losses = []
@@ -46,7 +46,7 @@ def _probe_loss(model) -> float:
 
 def _merged_logits(state: dict[str, torch.Tensor]) -> list:
     """An unsharded model of the same architecture, loaded from ``state``, its LoRA merged into the int8 base."""
-    fresh = make_peft_model(quantized_tiny(), CFG)
+    fresh = make_peft_model(plain_tiny(), CFG)
     fresh.load_state_dict(state)  # strict: the gathered keys are the unsharded model's
     merged = fresh.merge_and_unload()
     with torch.no_grad():
@@ -65,7 +65,7 @@ def _recording_aot_eager(counts: list[int]):
 
 
 def _run(rank: int, size: int, mode: str) -> dict:
-    model = make_peft_model(quantized_tiny(), CFG)
+    model = make_peft_model(plain_tiny(), CFG)
     out = {"bytes_before": local_bytes(model)}
     net = shard_model(model) if mode.startswith("fsdp") else wrap(model, "ddp")
     out["bytes_after"] = local_bytes(model)
@@ -77,7 +77,7 @@ def _run(rank: int, size: int, mode: str) -> dict:
     out["traced_all_reduces"] = sum(traced)
     state = full_state_dict(model)
     if mode == "fsdp":
-        fresh = shard_model(make_peft_model(quantized_tiny(), CFG))  # resume: rank 0's whole state into shards
+        fresh = shard_model(make_peft_model(plain_tiny(), CFG))  # resume: rank 0's whole state into shards
         load_full_state_dict(fresh, state if rank == 0 else {})
         out["resumed_scales"] = _scales(fresh)
         out["probe_loss"], out["resumed_probe_loss"] = _probe_loss(model), _probe_loss(fresh)
@@ -91,7 +91,7 @@ def _run(rank: int, size: int, mode: str) -> dict:
 @pytest.fixture(scope="module")
 def single():
     """One process, the whole global batch: losses, scales and merged logits to compare the ranks with."""
-    model = make_peft_model(quantized_tiny(), CFG)
+    model = make_peft_model(plain_tiny(), CFG)
     losses = _train(model, model)
     merged = model.merge_and_unload()
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_two_ranks_match_one_process(mode, single):
             assert out["resumed_probe_loss"] == pytest.approx(out["probe_loss"], rel=1e-6)
 
 
-def test_state_dict_keys_and_merge_unchanged_by_int8_parameters():
+def test_state_dict_keys_and_merge_unchanged_by_int8_parameters(quantized_tiny):
     """int8_parameters_ turns buffers into frozen parameters: same state_dict, same outputs, LoRA merge still works."""
     from quaff_fx.distributed import int8_parameters_
 
@@ -157,7 +157,7 @@ def test_state_dict_keys_and_merge_unchanged_by_int8_parameters():
     assert not torch.equal(ref, unmerged)  # the merge did something
 
 
-def test_int8_backward_copy_is_refused_before_sharding():
+def test_int8_backward_copy_is_refused_before_sharding(quantized_tiny):
     from quaff_fx import int8_backward_
     from quaff_fx.distributed import int8_parameters_
 
@@ -167,9 +167,9 @@ def test_int8_backward_copy_is_refused_before_sharding():
         int8_parameters_(model)
 
 
-def test_gradient_checkpointing_updates_the_scales_once_per_step():
+def test_gradient_checkpointing_updates_the_scales_once_per_step(quantized_tiny):
     """The recomputation in backward runs the forward again; the momentum update must not run twice."""
-    batch = IDS[:128].view(4, 32)
+    batch = TRAIN_IDS[:128].view(4, 32)
     scales = []
     for checkpointing in (False, True):
         base = quantized_tiny()

@@ -22,6 +22,7 @@ def exported(artifact, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # end to end: the ONNX export in its own process
 def test_export_matches_pytorch_and_stores_int8_weights(artifact, exported):
     from quaff_fx import QuaffLinear
 
@@ -83,6 +84,7 @@ def test_export_gives_a_verdict_on_the_logit_difference(artifact, tmp_path, monk
         assert check["verdict"] == verdict, (verdict, check)
 
 
+@pytest.mark.slow  # end to end: the ONNX export in its own process
 def test_cli_export_is_quiet_names_its_phases_and_judges(artifact, exported):
     """As a user runs it: no torchvision or FutureWarning noise, a line per phase, a verdict (23.6, 23.7, 23.8)."""
     out, proc = exported

@@ -158,7 +158,10 @@ def test_smoothing_keeps_x_w_and_merges():
     s = QuaffLinear.from_weight(lin.weight, lin.bias, [5, 11, 60], act_max, smooth_alpha=0.5).eval()
     exact = lin(x)
     assert (s(x) - exact).abs().max() / exact.abs().max() < 0.02
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
     assert rel(s.weight, lin.weight) < 0.02
     assert torch.equal(s.inv_smooth[[5, 11, 60]], torch.ones(3))  # Quaff's scaling owns the outliers
     delta = torch.randn(40, 96) * 0.01

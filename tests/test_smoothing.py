@@ -2,6 +2,7 @@
 stats, picked by the annotate pass, shared by siblings so that fusion still applies."""
 import pytest
 import torch
+from conftest import tiny_llama
 from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear, annotations
 
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture, run_passes
@@ -22,8 +23,14 @@ def stats_of(model, **kw):
                      **{"smooth_grid": SMOOTH_GRID, **kw})
 
 
-def test_search_is_recorded_deterministic_and_shared_by_siblings(llama):
-    a, b = stats_of(llama), stats_of(llama)
+@pytest.fixture(scope="module")
+def searched():
+    """The tiny Llama's stats with the smoothing search, gathered once for this module (tests only read them)."""
+    return stats_of(tiny_llama())
+
+
+def test_search_is_recorded_deterministic_and_shared_by_siblings(llama, searched):
+    a, b = searched, stats_of(llama)  # a second search of the same model gives the same errors
     assert a.info["smooth_grid"] == list(SMOOTH_GRID) and a.info["smooth_rows"] == 64
     for name, layer in a.layers.items():
         assert layer.smooth_error.shape == (len(SMOOTH_GRID),) and torch.isfinite(layer.smooth_error).all()
@@ -32,8 +39,8 @@ def test_search_is_recorded_deterministic_and_shared_by_siblings(llama):
     assert torch.equal(q.smooth_error, k.smooth_error)  # q/k/v read one input: one measurement, one α
 
 
-def test_auto_picks_the_least_error_and_siblings_fuse(llama):
-    stats = stats_of(llama)
+def test_auto_picks_the_least_error_and_siblings_fuse(llama, searched):
+    stats = searched
     gm = capture(llama)
     run_passes(gm, [AnnotateOutliers(stats, CFG), RewriteLinear(CFG)])
     ann = annotations(gm)
@@ -55,16 +62,16 @@ def test_auto_picks_the_least_error_and_siblings_fuse(llama):
     assert (gm(ids) - before).abs().max() <= 0.01 * before.abs().max()
 
 
-def test_auto_reduces_the_layer_error_against_no_smoothing(llama):
-    stats = stats_of(llama)
+def test_auto_reduces_the_layer_error_against_no_smoothing(searched):
+    stats = searched
     # grid[0] is None (no smoothing). down_proj reads the uneven MLP activations: some α cuts its error by over
     # 10% (0.63-0.69 of it measured); inputs whose heavy channels are all outliers (scaled, not smoothed) may tie
     ratio = {name: float(layer.smooth_error.min() / layer.smooth_error[0]) for name, layer in stats.layers.items()}
     assert all(r <= 0.9 for name, r in ratio.items() if name.endswith("down_proj")), ratio
 
 
-def test_stats_keep_the_search_and_old_stats_are_refused_for_auto(llama, tmp_path):
-    stats = stats_of(llama)
+def test_stats_keep_the_search_and_old_stats_are_refused_for_auto(llama, searched, tmp_path):
+    stats = searched
     save_stats(stats, tmp_path / "s.safetensors")
     back = load_stats(tmp_path / "s.safetensors")
     for name, layer in stats.layers.items():
@@ -106,7 +113,10 @@ def test_gptq_rounding_lowers_the_output_error_of_correlated_inputs():
     w = torch.randn(40, 96, generator=g)
     nearest, scale = quantize_weight(w)
     gptq = gptq_round(w, x.double().t() @ x.double(), scale)
-    err = lambda q: float((x @ (w - q.float() * scale[:, None]).t()).pow(2).sum())  # noqa: E731
+
+    def err(q):  # the output error of the rounded weight on x
+        return float((x @ (w - q.float() * scale[:, None]).t()).pow(2).sum())
+
     assert gptq.dtype == torch.int8 and gptq.abs().max() <= 127
     assert err(gptq) < 0.7 * err(nearest)
 
@@ -173,8 +183,8 @@ def test_transform_with_gptq_rounding_is_independent_of_the_chunking(llama):
         QuaffConfig(weight_rounding="stochastic")
 
 
-def test_per_layer_smoothing_differs_between_siblings_and_is_not_fused(llama):
-    stats = stats_of(llama)
+def test_per_layer_smoothing_differs_between_siblings_and_is_not_fused(llama, searched):
+    stats = searched
     shared = QuaffConfig.preset("fast", outliers=CFG.outliers, smooth_alpha=0.5)
     own = QuaffConfig.preset("fast", outliers=CFG.outliers, smooth_alpha=0.5, smooth_shared=False)
     graphs = {}
@@ -182,7 +192,10 @@ def test_per_layer_smoothing_differs_between_siblings_and_is_not_fused(llama):
         gm = capture(llama)
         run_passes(gm, [AnnotateOutliers(stats, cfg), RewriteLinear(cfg)])
         graphs[key] = gm
-    attn = lambda gm, leaf: gm.get_submodule(f"model.model.layers.0.self_attn.{leaf}")  # noqa: E731
+
+    def attn(gm, leaf):
+        return gm.get_submodule(f"model.model.layers.0.self_attn.{leaf}")
+
     assert torch.equal(attn(graphs["shared"], "q_proj").inv_smooth, attn(graphs["shared"], "k_proj").inv_smooth)
     assert not torch.equal(attn(graphs["own"], "q_proj").inv_smooth, attn(graphs["own"], "k_proj").inv_smooth)
     assert sum(r["status"] == "fused" for r in FuseScales()(graphs["shared"]).report.rows) == 4

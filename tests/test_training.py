@@ -128,6 +128,7 @@ def _tiny_examples():
     return [{"input_ids": w.tolist(), "labels": w.tolist()} for w in win]
 
 
+@pytest.mark.slow  # end to end: three Trainer runs with checkpoints (train()'s resume: test_finetune)
 def test_resume_continues_exactly(tmp_path, quantized_tiny):
     """Stopped after 2 of 4 steps and resumed: steps 3 and 4 lose what an uninterrupted run loses, and the
     outlier scales end where they would (the callback restored them)."""
@@ -164,6 +165,7 @@ def test_adapter_reload_reproduces_the_trained_logits(artifact, tmp_path):
     assert not torch.allclose(plain, trained, atol=1e-4)
 
 
+@pytest.mark.slow  # end to end: two trainings to a falling loss
 def test_prompt_completion_and_chat_data_train_with_falling_loss(tiny_tokenizer, tmp_path, quantized_tiny):
     tiny_tokenizer.chat_template = CHAT_TEMPLATE
     try:
@@ -179,6 +181,7 @@ def test_prompt_completion_and_chat_data_train_with_falling_loss(tiny_tokenizer,
         tiny_tokenizer.chat_template = None
 
 
+@pytest.mark.slow  # end to end: train, merge, eval through the CLI
 def test_cli_finetune_jsonl_merge_eval_and_adapter(artifact, tmp_path, capsys):
     """A prompt/completion JSONL on an artifact: adapter (with scales), loss.json/png, eval loss on the split,
     --merge writes an artifact with the artifact's config; eval ART --adapter DIR scores the adapter."""
