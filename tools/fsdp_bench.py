@@ -88,51 +88,17 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from quaff_fx.distributed import init_from_env, local_bytes, shard_model, wrap
+    from quaff_fx.distributed import init_from_env, shard_model, wrap
 
     rank, size = init_from_env()
-    cuda = args.device == "cuda"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     model = build(args, device)
     net = model if size == 1 else shard_model(model) if args.mode == "fsdp" else wrap(model, "ddp")
     if args.compile_backend != "none" and args.compile_scope == "layers":
         compile_layers(model, args.compile_backend)
     elif args.compile_backend != "none":
         net = torch.compile(net, backend=args.compile_backend)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    gen = torch.Generator().manual_seed(1000 + rank)
-    batch = torch.randint(0, SIZES[args.size]["vocab_size"], (args.batch, args.seq_len), generator=gen).to(device)
-    model.train()
-
-    def step() -> float:
-        loss = net(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()  # a host sync: the step is over when it returns
-
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    warmup_s = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.empty_cache()  # the build's (bf16 before quantization, full before sharding) is gone
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(args.steps):
-        if size > 1:
-            dist.barrier()
-        t = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t)
-    sec = statistics.median(times)
-    row = {"model": args.model, "gpus": size, "mode": "single" if size == 1 else args.mode, "size": args.size,
-           "batch_per_gpu": args.batch, "seq_len": args.seq_len, "seconds": sec, "warmup_s": warmup_s,
-           "tokens_per_s": args.batch * args.seq_len * size / sec, "loss": losses[-1],
-           "int8_bytes_per_gpu": local_bytes(model), "bf16_bytes_per_gpu": local_bytes(model, torch.bfloat16),
-           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-           "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-           "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend}
+    row = _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode)
     if rank == 0:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -166,7 +132,7 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
         step()
     warmup_s = time.perf_counter() - t0
     if cuda:
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the build's (bf16 before quantization, full before sharding) is gone
         torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated() if cuda else None
     times, losses = [], []
