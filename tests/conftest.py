@@ -28,6 +28,18 @@ from transformers import (
 
 from quaff_fx import OutlierConfig, QuaffConfig, QuaffLinear, calibrate, capture, transform
 
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fast tests run torch on one thread: on the tiny models a second intra-op thread only spin-waits (12 LoRA
+    steps took 3 s of CPU on one thread and 12-25 s on two, measured on a 2-core machine), and with two xdist
+    workers it would fight the other worker for the core. Slow tests (SmolLM2, the golden artifact) keep torch's
+    default, so their numbers are made as before. Set before the test's fixtures are built."""
+    torch.set_num_threads(_DEFAULT_THREADS if item.get_closest_marker("slow") else 1)
+
+
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=512)
