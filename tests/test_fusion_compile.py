@@ -102,11 +102,26 @@ def quantized_llama():
     return quantize_tiny(tiny_llama(), PLAIN, n_batches=2)
 
 
-def test_quaff_backend_fuses_and_matches_eager(quantized_llama):
+def quaff_backend(inner: str):
+    """The "quaff" backend as registered (FuseScales, then inductor), or its passes in front of aot_eager: the same
+    capture, passes and AOTAutograd without inductor's C++ code generation (tens of seconds on 2 cores: slow)."""
+    if inner == "inductor":
+        return "quaff"
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return make_backend(inner=lookup_backend(inner))
+
+
+# inductor end to end: the C++ compile of a whole model (tens of seconds on 2 cores)
+BACKEND_INNERS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("inner", BACKEND_INNERS)
+def test_quaff_backend_fuses_and_matches_eager(quantized_llama, inner):
     ids = torch.randint(0, 256, (2, 19))
     with torch.no_grad():
         eager = quantized_llama(input_ids=ids, use_cache=False).logits
-        compiled = torch.compile(quantized_llama, backend="quaff", fullgraph=True)
+        compiled = torch.compile(quantized_llama, backend=quaff_backend(inner), fullgraph=True)
         out = compiled(input_ids=ids, use_cache=False).logits
     fused = [r for rep in LAST_REPORTS for r in rep.rows if r["status"] == "fused"]
     assert len(fused) == 4
@@ -137,13 +152,14 @@ def test_backend_with_user_passes_runs_them_in_order(quantized_llama):
     torch._dynamo.reset()
 
 
-def test_compiled_lora_training_step_fullgraph(quantized_llama):
+@pytest.mark.parametrize("inner", BACKEND_INNERS)
+def test_compiled_lora_training_step_fullgraph(quantized_llama, inner):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(quantized_llama, register_peft(LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
     model.train()
     eager_model = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="quaff", fullgraph=True)
+    compiled = torch.compile(model, backend=quaff_backend(inner), fullgraph=True)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
     loss_c = compiled(input_ids=ids, labels=ids).loss
     loss_c.backward()
