@@ -3,6 +3,7 @@ tokenizer (trained here on the bundled text), and the real SmolLM2 for the slow 
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -183,6 +184,27 @@ def artifact(tiny_model_dir, tmp_path_factory):
 @pytest.fixture()
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def _captured_llama() -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    model = tiny_llama()
+    return model, capture(model)
+
+
+@pytest.fixture()
+def captured_llama(_captured_llama):
+    """A factory of (tiny_llama(), its captured graph) pairs: each call a copy of one pair captured once per run
+    (torch.export takes about 1.5 s of CPU a call, most of a fast test's time). The copy's graph shares the copy's
+    parameters, and its live-model reference points at the copy (deepcopy would keep the original's)."""
+    from quaff_fx.capture import META_KEY
+
+    def make() -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+        model, gm = copy.deepcopy(_captured_llama)
+        gm.meta[META_KEY]["source"] = weakref.ref(model)
+        return model, gm
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -39,9 +39,10 @@ def inputs_by_hooks(model, data):
     return {n: torch.cat(xs) for n, xs in seen.items()}
 
 
-def test_stats_record_max_mean_and_tokens_of_every_linear_input(llama):
+def test_stats_record_max_mean_and_tokens_of_every_linear_input(captured_llama):
+    llama, gm = captured_llama()
     data = batches()
-    stats = calibrate(capture(llama), data, n_batches=4)
+    stats = calibrate(gm, data, n_batches=4)
     truth = inputs_by_hooks(llama, data)
     assert set(stats.layers) == set(truth)
     for name, x in truth.items():
@@ -51,9 +52,10 @@ def test_stats_record_max_mean_and_tokens_of_every_linear_input(llama):
         assert torch.allclose(layer.mean_abs, x.abs().mean(0), rtol=1e-4, atol=1e-6)
 
 
-def test_planted_outlier_channels_are_found_and_stable_across_halves(llama):
+def test_planted_outlier_channels_are_found_and_stable_across_halves(captured_llama):
+    _, gm = captured_llama()
     cfg = OutlierConfig("mean_times", threshold=10, max_ratio=0.04)  # cap: 2 of 64
-    stats = calibrate(capture(llama), batches(), cfg, n_batches=4)
+    stats = calibrate(gm, batches(), cfg, n_batches=4)
     q = stats.outliers("model.layers.0.self_attn.q_proj")
     counts = stats.layers["model.layers.0.self_attn.q_proj"].total_counts
     assert q.tolist() == [3, 17] and set(counts.topk(2).indices.tolist()) == {3, 17}
@@ -62,8 +64,9 @@ def test_planted_outlier_channels_are_found_and_stable_across_halves(llama):
     assert jaccard(stats.half_outliers(q_name, 0), stats.half_outliers(q_name, 1)) == 1.0
 
 
-def test_layer_filter_skips_lm_head_by_default(llama):
-    stats = calibrate(capture(llama), batches(2), layer_filter=QuaffConfig().eligible)
+def test_layer_filter_skips_lm_head_by_default(captured_llama):
+    _, gm = captured_llama()
+    stats = calibrate(gm, batches(2), layer_filter=QuaffConfig().eligible)
     assert "lm_head" not in stats.layers and len(stats.layers) == 14
 
 
@@ -118,8 +121,9 @@ def test_bad_outlier_config(kwargs, message):
         OutlierConfig(**kwargs)
 
 
-def test_stats_roundtrip_and_version_check(llama, tmp_path):
-    stats = calibrate(capture(llama), batches(2), OutlierConfig(threshold=10), n_batches=2)
+def test_stats_roundtrip_and_version_check(captured_llama, tmp_path):
+    _, gm = captured_llama()
+    stats = calibrate(gm, batches(2), OutlierConfig(threshold=10), n_batches=2)
     path = tmp_path / "stats.safetensors"
     save_stats(stats, path)
     back = load_stats(path)
@@ -136,27 +140,30 @@ def test_stats_roundtrip_and_version_check(llama, tmp_path):
         CalibrationStats.from_parts(meta, stats.to_tensors())
 
 
-def test_stats_for_another_model_are_refused(llama):
+def test_stats_for_another_model_are_refused(captured_llama):
     from conftest import tiny_llama
     from quaff_fx.passes import AnnotateOutliers
 
-    stats = calibrate(capture(llama), batches(1))
+    _, gm = captured_llama()
+    stats = calibrate(gm, batches(1))
     wider = capture(tiny_llama(hidden_size=96))
     with pytest.raises(QuaffError, match="have 64 channels, the layer has 96 inputs"):
         AnnotateOutliers(stats)(wider)
 
 
-def test_other_strategy_needs_new_calibration(llama):
-    stats = calibrate(capture(llama), batches(1))
+def test_other_strategy_needs_new_calibration(captured_llama):
+    _, gm = captured_llama()
+    stats = calibrate(gm, batches(1))
     with pytest.raises(QuaffError, match="needs a new calibration"):
         stats.outliers("model.layers.0.mlp.up_proj", OutlierConfig("zscore", threshold=3))
 
 
-def test_nan_activations_are_reported_with_the_layer(llama):
+def test_nan_activations_are_reported_with_the_layer(captured_llama):
+    llama, gm = captured_llama()
     with torch.no_grad():
         llama.model.layers[0].input_layernorm.weight[0] = float("nan")
     with pytest.raises(QuaffError, match="model.layers.0.self_attn.q_proj.*NaN"):
-        calibrate(capture(llama), batches(1))
+        calibrate(gm, batches(1))
 
 
 def test_presets():
@@ -166,12 +173,12 @@ def test_presets():
         OutlierConfig.preset("best")
 
 
-def test_calibration_runs_the_live_model_with_hooks_and_agrees_with_the_graph(llama, monkeypatch):
+def test_calibration_runs_the_live_model_with_hooks_and_agrees_with_the_graph(captured_llama, monkeypatch):
     def graph_run(self, node):
         raise AssertionError("graph run")
 
     cfg = OutlierConfig("mean_times", threshold=10, max_ratio=0.04)
-    gm = capture(llama)
+    llama, gm = captured_llama()
     with monkeypatch.context() as m:  # the live model is there: the graph is never run node by node
         m.setattr(torch.fx.Interpreter, "run_node", graph_run)
         live = calibrate(gm, batches(), cfg, n_batches=4, smooth_grid=(None, 0.5))

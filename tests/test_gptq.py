@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quaff_fx import capture, find_linears
+from quaff_fx import find_linears
 from quaff_fx.kernels.reference import QMAX, quantize_weight
 from quaff_fx.rounding import gather_xtx, gptq_round, gptq_round_many
 
@@ -63,8 +63,8 @@ def test_float32_gptq_stays_close_to_float64_and_beats_round_to_nearest():
     assert err(q32) < 0.8 * err(nearest)
 
 
-def test_xtx_in_float32_from_the_live_model_matches_float64(llama):
-    gm = capture(llama)
+def test_xtx_in_float32_from_the_live_model_matches_float64(captured_llama):
+    llama, gm = captured_llama()
     sites = [s for s in find_linears(gm) if s.module_name != "lm_head"]
     nodes = list(dict.fromkeys(s.input_node for s in sites))
     g = torch.Generator().manual_seed(0)

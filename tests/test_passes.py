@@ -20,8 +20,8 @@ def data(n=4):
 
 
 @pytest.fixture()
-def calibrated(llama):
-    gm = capture(llama)
+def calibrated(captured_llama):
+    llama, gm = captured_llama()
     return llama, gm, calibrate(gm, data(), CFG.outliers, CFG.eligible, n_batches=4)
 
 
@@ -88,18 +88,18 @@ def test_graph_route_and_live_module_swap_give_the_same_logits(calibrated):
     assert out.shape == (1, 9)
 
 
-def test_include_exclude_patterns(llama):
+def test_include_exclude_patterns(captured_llama):
     cfg = QuaffConfig(outliers=CFG.outliers, include=("*mlp*",), exclude=("lm_head", "*down_proj"))
-    gm = capture(llama)
+    llama, gm = captured_llama()
     stats = calibrate(gm, data(1), cfg.outliers, cfg.eligible)
     result = transform(llama, stats, cfg, gm=gm)
     assert sorted(result.layers) == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
                                      "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
 
 
-def test_nothing_eligible_is_a_clear_error(llama):
+def test_nothing_eligible_is_a_clear_error(captured_llama):
     cfg = QuaffConfig(outliers=CFG.outliers, exclude=("*",))
-    gm = capture(llama)
+    llama, gm = captured_llama()
     stats = calibrate(gm, data(1), cfg.outliers)
     with pytest.raises(QuaffError, match="no eligible Linear"):
         transform(llama, stats, cfg, gm=gm)

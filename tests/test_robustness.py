@@ -10,7 +10,7 @@ from conftest import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quaff_fx import OutlierConfig, QuaffError, QuaffLinear, calibrate, capture
+from quaff_fx import OutlierConfig, QuaffError, QuaffLinear, calibrate
 from quaff_fx.cli import main
 from quaff_fx.evaluate import perplexity
 from quaff_fx.io import load_quantized
@@ -70,8 +70,8 @@ def test_non_contiguous_and_tiny_inputs():
     assert torch.equal(q(torch.zeros(2, 32)), lin.bias.detach().expand(2, 16).float())  # all-zero tokens
 
 
-def test_extreme_thresholds(llama):
-    gm = capture(llama)
+def test_extreme_thresholds(captured_llama):
+    _, gm = captured_llama()
     data = [torch.randint(0, 256, (2, 16))]
     none = calibrate(gm, data, OutlierConfig("mean_times", threshold=1e9))
     assert all(none.outliers(n).numel() == 0 for n in none.layers)
