@@ -197,14 +197,16 @@ def captured_llama(_captured_llama):
     """A factory of (tiny_llama(), its captured graph) pairs: each call a copy of one pair captured once per run
     (torch.export takes about 1.5 s of CPU a call, most of a fast test's time). The copy's graph shares the copy's
     parameters, and its live-model reference points at the copy (deepcopy would keep the original's)."""
+    return lambda: copy_captured(_captured_llama)
+
+
+def copy_captured(pair: tuple[torch.nn.Module, torch.fx.GraphModule]) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """A deep copy of (model, its captured graph) whose graph calibrates through the copied model."""
     from quaff_fx.capture import META_KEY
 
-    def make() -> tuple[torch.nn.Module, torch.fx.GraphModule]:
-        model, gm = copy.deepcopy(_captured_llama)
-        gm.meta[META_KEY]["source"] = weakref.ref(model)
-        return model, gm
-
-    return make
+    model, gm = copy.deepcopy(pair)
+    gm.meta[META_KEY]["source"] = weakref.ref(model)  # deepcopy keeps a weakref to the original
+    return model, gm
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,10 @@
 stats, picked by the annotate pass, shared by siblings so that fusion still applies."""
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import copy_captured
 from quaff_fx.passes import AnnotateOutliers, FuseScales, RewriteLinear, annotations
 
-from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, capture, run_passes
+from quaff_fx import OutlierConfig, QuaffConfig, QuaffError, QuaffLinear, calibrate, run_passes
 from quaff_fx.config import SMOOTH_GRID
 from quaff_fx.io import load_stats, save_stats
 from quaff_fx.smoothing import pick_alpha
@@ -18,19 +18,18 @@ def data(n=2):
     return [torch.randint(0, 256, (2, 16), generator=g) for _ in range(n)]
 
 
-def stats_of(model, **kw):
-    return calibrate(capture(model), data(), CFG.outliers, CFG.eligible, n_batches=2,
-                     **{"smooth_grid": SMOOTH_GRID, **kw})
+def stats_of(gm, **kw):
+    return calibrate(gm, data(), CFG.outliers, CFG.eligible, n_batches=2, **{"smooth_grid": SMOOTH_GRID, **kw})
 
 
 @pytest.fixture(scope="module")
-def searched():
+def searched(_captured_llama):
     """The tiny Llama's stats with the smoothing search, gathered once for this module (tests only read them)."""
-    return stats_of(tiny_llama())
+    return stats_of(copy_captured(_captured_llama)[1])
 
 
-def test_search_is_recorded_deterministic_and_shared_by_siblings(llama, searched):
-    a, b = searched, stats_of(llama)  # a second search of the same model gives the same errors
+def test_search_is_recorded_deterministic_and_shared_by_siblings(captured_llama, searched):
+    a, b = searched, stats_of(captured_llama()[1])  # a second search of the same model gives the same errors
     assert a.info["smooth_grid"] == list(SMOOTH_GRID) and a.info["smooth_rows"] == 64
     for name, layer in a.layers.items():
         assert layer.smooth_error.shape == (len(SMOOTH_GRID),) and torch.isfinite(layer.smooth_error).all()
@@ -39,9 +38,9 @@ def test_search_is_recorded_deterministic_and_shared_by_siblings(llama, searched
     assert torch.equal(q.smooth_error, k.smooth_error)  # q/k/v read one input: one measurement, one α
 
 
-def test_auto_picks_the_least_error_and_siblings_fuse(llama, searched):
+def test_auto_picks_the_least_error_and_siblings_fuse(captured_llama, searched):
     stats = searched
-    gm = capture(llama)
+    _, gm = captured_llama()
     run_passes(gm, [AnnotateOutliers(stats, CFG), RewriteLinear(CFG)])
     ann = annotations(gm)
     for name, a in ann.items():
@@ -70,18 +69,18 @@ def test_auto_reduces_the_layer_error_against_no_smoothing(searched):
     assert all(r <= 0.9 for name, r in ratio.items() if name.endswith("down_proj")), ratio
 
 
-def test_stats_keep_the_search_and_old_stats_are_refused_for_auto(llama, searched, tmp_path):
+def test_stats_keep_the_search_and_old_stats_are_refused_for_auto(captured_llama, searched, tmp_path):
     stats = searched
     save_stats(stats, tmp_path / "s.safetensors")
     back = load_stats(tmp_path / "s.safetensors")
     for name, layer in stats.layers.items():
         assert torch.equal(back.layers[name].smooth_error, layer.smooth_error)
-    bare = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2)
+    _, gm = captured_llama()
+    bare = calibrate(gm, data(), CFG.outliers, CFG.eligible, n_batches=2)
     assert all(layer.smooth_error is None for layer in bare.layers.values())
     with pytest.raises(QuaffError, match="no smoothing search.*--smooth-alpha off"):
-        AnnotateOutliers(bare, CFG)(capture(llama))
+        AnnotateOutliers(bare, CFG)(gm)
     off = QuaffConfig.preset("fast", outliers=CFG.outliers)
-    gm = capture(llama)
     run_passes(gm, [AnnotateOutliers(bare, off), RewriteLinear(off)])
     assert all(m.inv_smooth is None for m in gm.modules() if isinstance(m, QuaffLinear))
 
@@ -121,11 +120,11 @@ def test_gptq_rounding_lowers_the_output_error_of_correlated_inputs():
     assert err(gptq) < 0.7 * err(nearest)
 
 
-def test_xtx_is_gathered_once_per_input_from_the_fp_graph(llama):
+def test_xtx_is_gathered_once_per_input_from_the_fp_graph(captured_llama):
     from quaff_fx.capture import find_linears
     from quaff_fx.rounding import chunks, gather_xtx
 
-    gm = capture(llama)
+    llama, gm = captured_llama()
     sites = {s.module_name: s for s in find_linears(gm)}
     q, k = sites["model.layers.0.self_attn.q_proj"], sites["model.layers.0.self_attn.k_proj"]
     assert q.input_node is k.input_node
@@ -151,23 +150,22 @@ def test_xtx_is_gathered_once_per_input_from_the_fp_graph(llama):
     assert chunks(nodes, widths, budget=1) == [[n] for n in nodes]
 
 
-def test_transform_with_gptq_rounding_is_independent_of_the_chunking(llama):
-    import copy
-
+def test_transform_with_gptq_rounding_is_independent_of_the_chunking(captured_llama):
     from quaff_fx import default_passes, transform
 
     gptq_cfg = QuaffConfig.preset("fast", outliers=CFG.outliers, weight_rounding="gptq")
-    stats = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2)
+    llama, gm = captured_llama()
+    stats = calibrate(gm, data(), CFG.outliers, CFG.eligible, n_batches=2)
     assert len(stats.batches) == 2 and "batches" not in str(stats.metadata()["layers"])  # kept in memory, not saved
     ids = torch.randint(0, 256, (2, 12))
     ref = llama(input_ids=ids).logits
-    nearest_model, gptq_model, small_model = copy.deepcopy(llama), copy.deepcopy(llama), copy.deepcopy(llama)
-    transform(nearest_model, stats, QuaffConfig.preset("fast", outliers=CFG.outliers))
-    result = transform(gptq_model, stats, gptq_cfg)
+    (nearest_model, nearest_gm), (gptq_model, gptq_gm), (small_model, small_gm) = (captured_llama() for _ in range(3))
+    transform(nearest_model, stats, QuaffConfig.preset("fast", outliers=CFG.outliers), gm=nearest_gm)
+    result = transform(gptq_model, stats, gptq_cfg, gm=gptq_gm)
     assert any("GPTQ rounding: 14 layers, XᵀX gathered in 1 chunk" in n for r in result.reports for n in r.notes)
     small = default_passes(stats, gptq_cfg, fuse=True)
     small[1].gptq_memory = 64 * 64 * 4  # one input per chunk (float32 XᵀX): 8 partial runs per batch
-    fused = transform(small_model, stats, gptq_cfg, passes=small)
+    fused = transform(small_model, stats, gptq_cfg, passes=small, gm=small_gm)
     assert any("in 8 chunk(s)" in n for r in fused.reports for n in r.notes)
     assert not hasattr(stats, "gptq_codes")  # no side channel: the rounded layers travel on the graph's annotations
     a, b = nearest_model.model.layers[0].mlp.down_proj, gptq_model.model.layers[0].mlp.down_proj
@@ -176,20 +174,20 @@ def test_transform_with_gptq_rounding_is_independent_of_the_chunking(llama):
         if isinstance(mod, QuaffLinear):
             assert torch.equal(mod.w_int8, small_model.get_submodule(name).w_int8), name
     assert (gptq_model(input_ids=ids).logits - ref).abs().max() <= 0.05 * ref.abs().max()
-    bare = calibrate(capture(llama), data(), CFG.outliers, CFG.eligible, n_batches=2, keep_batches=False)
+    bare = calibrate(gm, data(), CFG.outliers, CFG.eligible, n_batches=2, keep_batches=False)
     with pytest.raises(QuaffError, match="GPTQ rounding .* gathers XᵀX from the calibration batches"):
-        transform(copy.deepcopy(llama), bare, gptq_cfg)
+        transform(llama, bare, gptq_cfg, gm=gm)
     with pytest.raises(QuaffError, match="weight_rounding must be"):
         QuaffConfig(weight_rounding="stochastic")
 
 
-def test_per_layer_smoothing_differs_between_siblings_and_is_not_fused(llama, searched):
+def test_per_layer_smoothing_differs_between_siblings_and_is_not_fused(captured_llama, searched):
     stats = searched
     shared = QuaffConfig.preset("fast", outliers=CFG.outliers, smooth_alpha=0.5)
     own = QuaffConfig.preset("fast", outliers=CFG.outliers, smooth_alpha=0.5, smooth_shared=False)
     graphs = {}
     for key, cfg in (("shared", shared), ("own", own)):
-        gm = capture(llama)
+        _, gm = captured_llama()
         run_passes(gm, [AnnotateOutliers(stats, cfg), RewriteLinear(cfg)])
         graphs[key] = gm
 
