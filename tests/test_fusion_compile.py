@@ -18,17 +18,18 @@ GROUPS = {
 }
 
 
-def quantized_graph(arch, passes_fuse=False, fold=False):
-    model = make_tiny(arch) if arch != "llama" else tiny_llama()
-    gm = capture(model)
+def quantized_graph(arch, passes_fuse=False, fold=False, captured_llama=None):
+    """The tiny ``arch`` model and its graph after the default passes; the Llama from the ``captured_llama`` factory."""
+    model, gm = captured_llama() if arch == "llama" else (lambda m: (m, capture(m)))(make_tiny(arch))
     stats = calibrate(gm, calibration_batches(), PLAIN.outliers, PLAIN.eligible, n_batches=2)
     result = run_passes(gm, default_passes(stats, PLAIN, fuse=passes_fuse, fold_norms=fold))
     return model, result
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_fusion_groups_and_numerics(arch):
-    _, unfused = quantized_graph(arch)
+# qwen2 groups as llama does: one more capture, slow
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow), "phi3"])
+def test_fusion_groups_and_numerics(arch, captured_llama):
+    _, unfused = quantized_graph(arch, captured_llama=captured_llama)
     gm = unfused.graph_module
     ids = torch.randint(0, 256, (2, 21))
     before = gm(ids).detach()
@@ -51,8 +52,8 @@ def test_fusion_groups_and_numerics(arch):
     assert FuseScales()(fused).modified is False
 
 
-def test_norm_folding_removes_the_division_and_keeps_outputs():
-    model, result = quantized_graph("llama", passes_fuse=True)
+def test_norm_folding_removes_the_division_and_keeps_outputs(captured_llama):
+    model, result = quantized_graph("llama", passes_fuse=True, captured_llama=captured_llama)
     gm = result.graph_module
     ids = torch.randint(0, 256, (2, 21))
     fused_out = gm(ids).detach()
@@ -98,8 +99,8 @@ def test_no_folding_where_the_norm_also_feeds_the_residual():
 
 
 @pytest.fixture()
-def quantized_llama():
-    return quantize_tiny(tiny_llama(), PLAIN, n_batches=2)
+def quantized_llama(quantized_tiny):
+    return quantized_tiny()
 
 
 def quaff_backend(inner: str):
@@ -174,16 +175,22 @@ def test_compiled_lora_training_step_fullgraph(quantized_llama, inner):
     torch._dynamo.reset()
 
 
-def smoothed_llama():
-    """A tiny Llama transformed with the default preset (smoothed, GPTQ-rounded)."""
+@pytest.fixture(scope="module")
+def _smoothed_llama():
     cfg = QuaffConfig.preset("default", outliers=PLAIN.outliers)
     return quantize_tiny(tiny_llama(), cfg, n_batches=2)
 
 
-def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
+@pytest.fixture()
+def smoothed_llama(_smoothed_llama):
+    """A tiny Llama transformed with the default preset (smoothed, GPTQ-rounded): a copy of one built per module."""
+    return copy.deepcopy(_smoothed_llama)
+
+
+def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs(smoothed_llama):
     """With the default preset every layer's op multiplies x by its 1/s (an op argument, with 1/S): in an exported
     (or compiled) graph siblings read one x, and FuseScales fuses those whose 1/s agree."""
-    model = smoothed_llama()
+    model = smoothed_llama
     assert all(m.inv_smooth is not None for m in model.modules() if isinstance(m, QuaffLinear))
     ops = capture(model)  # the live model exported: quaff ops inlined, 1/s an argument of each
     calls = [n for n in ops.graph.nodes if n.target == torch.ops.quaff.linear.default]
@@ -202,10 +209,10 @@ def test_default_preset_smoothed_siblings_fuse_in_op_level_graphs():
     assert fused == ["gate_proj,up_proj", "gate_proj,up_proj", "q_proj,k_proj,v_proj", "q_proj,v_proj"]
 
 
-def test_norms_absorb_the_smoothing_with_the_scales():
+def test_norms_absorb_the_smoothing_with_the_scales(smoothed_llama):
     """Default preset (smoothed): folding puts 1/s and 1/S into the norm before the fused q/k/v and gate/up, and
     the folded layers stop applying 1/s themselves (else x would be divided by s twice)."""
-    model = smoothed_llama()
+    model = smoothed_llama
     ops = capture(model.eval())
     ids = torch.randint(0, 256, (2, 13))
     before = ops(ids).detach()
