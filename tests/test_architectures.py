@@ -32,7 +32,12 @@ def transformed(arch: str):
     return _TRANSFORMED[arch]
 
 
-@pytest.mark.parametrize("arch", list(EXPECTED))
+# the fast tests keep one model of each shape (Llama, tied embeddings with biases, Phi-3's fused projections, GPT-2's
+# Conv1D, OPT, the BERT encoder); the families built as the Llama is (Mistral, Qwen2, Gemma) run with the slow tests
+LLAMA_LIKE = ("mistral", "qwen2", "gemma")
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in LLAMA_LIKE else a for a in EXPECTED])
 def test_transform_and_eval(arch):
     expected = EXPECTED[arch]
     reference, model, result = transformed(arch)

@@ -11,7 +11,9 @@ def eager(model, ids):
     return out[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt2", "bert"])
+# a decoder and an encoder in the fast tests; the other families (captured in test_architectures too) slow
+@pytest.mark.parametrize("arch", ["llama", "bert", *(pytest.param(a, marks=pytest.mark.slow) for a in ("qwen2", "phi3",
+                                                                                                       "gpt2"))])
 def test_captured_graph_matches_eager_at_several_shapes(arch):
     model = make_tiny(arch)
     gm = capture(model)
