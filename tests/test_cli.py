@@ -111,7 +111,8 @@ def test_inspect_artifact(artifact, capsys):
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--threshold", "0"], "threshold must be > 0"),
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--seq-len", "0"], "--seq-len must be >= 1"),
     (["calibrate", "{model}", "--out", "{tmp}/missing/s.st"], "does not exist"),
-    (["transform", "{model}", "--out", "{tmp}/a", "--exclude", "*", *FAST], "no eligible Linear"),
+    pytest.param(["transform", "{model}", "--out", "{tmp}/a", "--exclude", "*", *FAST], "no eligible Linear",
+                 marks=pytest.mark.slow),  # a capture to fail: test_passes' fast test raises the same error
     (["inspect", "{tmp}/nothing"], "does not exist"),
     (["eval", "{tmp}"], "no config.json"),
 ])
@@ -132,6 +133,7 @@ def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, tmp_path, ca
     assert not (tmp_path / "s.st").exists() and not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow  # end to end: a second model folder transformed (test_calibration refuses the stats in-process)
 def test_stats_of_another_model_are_refused(artifact, tiny_model_dir, tmp_path, capsys):
     from conftest import tiny_llama
     from transformers import AutoTokenizer
@@ -215,7 +217,9 @@ def test_sweep_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert rows[-4]["channels"] > 0 and rows[-1]["channels"] > 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("extra", [["--preset", "fast"], ["--smooth-per-layer", "--weight-rounding", "gptq"]])
+# per-layer smoothing with GPTQ in the fast tests; the shared smoothing the artifact fixture (default preset) has slow
+@pytest.mark.parametrize("extra", [pytest.param(["--preset", "fast"], marks=pytest.mark.slow),
+                                   ["--smooth-per-layer", "--weight-rounding", "gptq"]])
 def test_transform_with_smoothing_saves_and_loads(tiny_model_dir, tmp_path, capsys, extra):
     out = tmp_path / "smooth"
     assert main(["transform", str(tiny_model_dir), "--out", str(out), *FAST, "--smooth-alpha", "0.5", *extra]) == 0
@@ -342,6 +346,7 @@ def test_written_files_have_ordinary_modes(artifact, calibrated):
             if stat.S_IMODE(p.stat().st_mode) != expected} == {}
 
 
+@pytest.mark.slow  # end to end: a whole transform to print its table
 def test_all_rows_prints_every_row(tiny_model_dir, capsys):
     """The option the cut-table hint names does what it says (23.8)."""
     code, out, _ = run(capsys, "transform", tiny_model_dir, *FAST, "--preset", "fast", "--all-rows")

@@ -93,6 +93,7 @@ def test_nan_weights_are_reported_not_silently_evaluated():
         perplexity(model, torch.randint(0, 256, (512,)), seq_len=64)
 
 
+@pytest.mark.slow  # end to end: the CLI loads the model (test_cli's fast bad-input cases end in the same message)
 def test_one_token_text_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "one.txt").write_text("the")
     argv = ["calibrate", str(tiny_model_dir), "--calib", str(tmp_path / "one.txt"), "--out", str(tmp_path / "s")]
