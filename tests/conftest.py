@@ -35,9 +35,9 @@ _DEFAULT_THREADS = torch.get_num_threads()
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Fast tests run torch on one thread: on the tiny models a second intra-op thread only spin-waits (12 LoRA
-    steps took 3 s of CPU on one thread and 12-25 s on two, measured on a 2-core machine), and with two xdist
-    workers it would fight the other worker for the core. Slow tests (SmolLM2, the golden artifact) keep torch's
-    default, so their numbers are made as before. Set before the test's fixtures are built."""
+    steps took 3 s of CPU on one thread and 12-25 s on two, measured on a 2-core machine). Slow tests (SmolLM2, the
+    golden artifact) keep torch's default, so their numbers are made as before. Set before the test's fixtures are
+    built."""
     torch.set_num_threads(_DEFAULT_THREADS if item.get_closest_marker("slow") else 1)
 
 
