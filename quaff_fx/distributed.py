@@ -63,6 +63,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 _SYNC_SCALES = True  # False inside ``local_scales()``
+_SCALE_GROUP = None  # the process group of the scale all-reduces, made by scale_group()
 
 
 @contextlib.contextmanager
@@ -86,9 +87,6 @@ def global_max(t: torch.Tensor) -> torch.Tensor:
 
         return funcol.all_reduce(t, "max", _SCALE_GROUP or dist.group.WORLD)
     return t
-
-
-_SCALE_GROUP = None  # the process group of the scale all-reduces, made by scale_group()
 
 
 def scale_group():
@@ -193,9 +191,9 @@ def _untied_input_embeddings(model: nn.Module) -> nn.Module | None:
     if embedding is None:
         return None
     own = {id(p) for p in embedding.parameters()}
-    inside = {id(p) for m in embedding.modules() for p in m.parameters(recurse=False)}
-    others = {id(p) for m in model.modules() if m not in set(embedding.modules()) for p in m.parameters(recurse=False)}
-    return embedding if own and own <= inside and not own & others else None
+    members = set(embedding.modules())
+    others = {id(p) for m in model.modules() if m not in members for p in m.parameters(recurse=False)}
+    return embedding if own and not own & others else None
 
 
 def local_bytes(model: nn.Module, dtype: torch.dtype = torch.int8) -> int:

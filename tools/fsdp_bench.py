@@ -91,20 +91,30 @@ def worker(args) -> None:
     from quaff_fx.distributed import init_from_env, shard_model, wrap
 
     rank, size = init_from_env()
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = _device(args)
     model = build(args, device)
     net = model if size == 1 else shard_model(model) if args.mode == "fsdp" else wrap(model, "ddp")
     if args.compile_backend != "none" and args.compile_scope == "layers":
         compile_layers(model, args.compile_backend)
     elif args.compile_backend != "none":
         net = torch.compile(net, backend=args.compile_backend)
-    row = _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode)
+    _emit(args, rank, _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode))
+    if size > 1:
+        dist.destroy_process_group()
+
+
+def _device(args):
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+
+
+def _emit(args, rank: int, row: dict) -> None:
+    """Rank 0 appends the row to ``args.out`` and prints it."""
     if rank == 0:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    if size > 1:
-        dist.destroy_process_group()
 
 
 def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
@@ -160,29 +170,21 @@ def worker_sequence(args) -> None:
     Per-layer compilation is shared by the three; rank 0 appends the rows to ``args.out``."""
     import gc
 
-    import torch
     import torch.distributed as dist
 
     from quaff_fx.distributed import init_from_env, local_scales, shard_model, wrap
 
     rank, size = init_from_env()
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = _device(args)
     model = build(args, device)
     if args.compile_backend != "none":
         compile_layers(model, args.compile_backend)
-
-    def emit(row: dict) -> None:
-        if rank == 0:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-
     with local_scales():
-        emit({**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
+        _emit(args, rank, {**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
     dist.barrier()
     for mode in args.modes.split(","):
         net = shard_model(model) if mode == "fsdp" else wrap(model, "ddp")
-        emit(_measure(args, net, model, device, rank, size, mode))
+        _emit(args, rank, _measure(args, net, model, device, rank, size, mode))
         del net
         gc.collect()
         dist.barrier()
@@ -226,7 +228,7 @@ def main() -> int:
                         "then each --modes wrapper, on one build (fsdp must come last)")
     p.add_argument("--compile-scope", choices=["layers", "model"], default="layers",
                    help="compile each decoder layer (shared graph, wrappers outside) or the whole wrapped model")
-    p.add_argument("--loss", choices=["chunked", "hf"], default="chunked",
+    p.add_argument("--loss", choices=["chunked", "model"], default="chunked",
                    help="chunked linear + cross-entropy (quaff_fx.kernels.linear_ce) or the model's own loss")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -246,6 +248,8 @@ def main() -> int:
         modes = args.modes.split(",")
         if "fsdp" in modes and modes[-1] != "fsdp":
             p.error("--one-group: fsdp must be the last of --modes (sharding cannot be undone)")
+        if args.compile_scope != "layers":
+            p.error("--one-group compiles the decoder layers (one build serves three wrappers): --compile-scope layers")
         gpus = max(int(g) for g in args.gpus.split(","))
         for model in args.models.split(","):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),

@@ -191,7 +191,7 @@ def _report(args: argparse.Namespace, cfg, log: dict) -> None:
     if summary["peak_memory_bytes"]:
         after = summary["peak_memory_after_warmup_bytes"]
         line += f", peak GPU memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB" + (
-            f" ({after / 2**30:.2f} GiB after 3 steps)" if after else "")
+            f" ({after / 2**30:.2f} GiB after the warm-up steps)" if after else "")
     print(line + ")")
     if summary["eval_loss"] is not None:
         print(
