@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -39,20 +40,25 @@ def round_gptq_(gm: GraphModule, sites: list[LinearSite], stats: CalibrationStat
         t0 = time.perf_counter()
         xtx = gather_xtx(gm, part, stats.batches)
         t1 = time.perf_counter()
-        jobs = [(site, weight_and_bias(gm, site)[0], xtx[node]) for node in part for site in by_input[node]]
+        jobs = [(site, weight_and_bias(gm, site)[0], node) for node in part for site in by_input[node]]
+        readers = Counter(node for _, _, node in jobs)
         for group in _batches(jobs):
             mods = [build(site) for site, _, _ in group]
             seen = [w.detach().float() if m.inv_smooth is None else w.detach().float() / m.inv_smooth[None, :]
                     for (_, w, _), m in zip(group, mods)]
-            hessians = [seen_hessian(h, m.input_scale()) for (_, _, h), m in zip(group, mods)]
+            hessians = []
+            for (_, _, node), m in zip(group, mods):
+                readers[node] -= 1
+                last = readers[node] == 0  # the input's last reader takes its XᵀX over (no second copy)
+                hessians.append(seen_hessian(xtx.pop(node) if last else xtx[node], m.input_scale(), inplace=last))
             codes = gptq_round_many(seen, hessians, [m.w_scale for m in mods])
-            del seen, hessians
             for mod, c in zip(mods, codes):
                 mod.w_int8.copy_(c)
                 if offload:
                     mod.to("cpu")
+            del mods, codes
+        n = len(jobs)
         del xtx, jobs
-        n = sum(len(by_input[x]) for x in part)
         xtx_s, gptq_s = (t1 - t0) / n, (time.perf_counter() - t1) / n
         seconds.update({site.module_name: {"xtx_s": xtx_s, "gptq_s": gptq_s} for x in part for site in by_input[x]})
     return len(parts), seconds
@@ -62,8 +68,8 @@ GPTQ_BATCH_BYTES = 1 << 30  # float32 weight copies rounded at once (rows padded
 
 
 def _batches(jobs: list) -> list[list]:
-    """Jobs (site, FP weight, XᵀX) of one weight shape rounded together (no padding), at most ``GPTQ_BATCH_BYTES``
-    of weight copies and Hessians per batch (a single larger layer alone)."""
+    """Jobs (site, FP weight, input node) of one weight shape rounded together (no padding), at most
+    ``GPTQ_BATCH_BYTES`` of weight copies and Hessians per batch (a single larger layer alone)."""
     out: list[list] = []
     by_shape: dict[tuple[int, int], list] = {}
     for job in jobs:
