@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.profiler import record_function
 
 from quaff_fx.annotation import QuaffAnnotation, annotation_of
 from quaff_fx.calibration import CalibrationStats
@@ -38,30 +39,37 @@ def round_gptq_(gm: GraphModule, sites: list[LinearSite], stats: CalibrationStat
     seconds: dict[str, dict[str, float]] = {}
     for part in parts:
         t0 = time.perf_counter()
-        xtx = gather_xtx(gm, part, stats.batches)
+        with record_function("quaff:xtx"):
+            xtx = gather_xtx(gm, part, stats.batches)
         t1 = time.perf_counter()
         jobs = [(site, weight_and_bias(gm, site)[0], node) for node in part for site in by_input[node]]
         readers = Counter(node for _, _, node in jobs)
         for group in _batches(jobs):
-            mods = [build(site) for site, _, _ in group]
-            seen = [w.detach().float() if m.inv_smooth is None else w.detach().float() / m.inv_smooth[None, :]
-                    for (_, w, _), m in zip(group, mods)]
-            hessians = []
-            for (_, _, node), m in zip(group, mods):
-                readers[node] -= 1
-                last = readers[node] == 0  # the input's last reader takes its XᵀX over (no second copy)
-                hessians.append(seen_hessian(xtx.pop(node) if last else xtx[node], m.input_scale(), inplace=last))
-            codes = gptq_round_many(seen, hessians, [m.w_scale for m in mods])
-            for mod, c in zip(mods, codes):
-                mod.w_int8.copy_(c)
-                if offload:
-                    mod.to("cpu")
-            del mods, codes
+            with record_function("quaff:gptq"):
+                _round_group(group, build, xtx, readers, offload)
         n = len(jobs)
         del xtx, jobs
         xtx_s, gptq_s = (t1 - t0) / n, (time.perf_counter() - t1) / n
         seconds.update({site.module_name: {"xtx_s": xtx_s, "gptq_s": gptq_s} for x in part for site in by_input[x]})
     return len(parts), seconds
+
+
+def _round_group(group: list, build: Callable[[LinearSite], QuaffLinear], xtx: dict[Node, torch.Tensor],
+                 readers: Counter, offload: bool) -> None:
+    """Build and round one batch of jobs (site, FP weight, input node); an input's last reader takes its XᵀX over."""
+    mods = [build(site) for site, _, _ in group]
+    seen = [w.detach().float() if m.inv_smooth is None else w.detach().float() / m.inv_smooth[None, :]
+            for (_, w, _), m in zip(group, mods)]
+    hessians = []
+    for (_, _, node), m in zip(group, mods):
+        readers[node] -= 1
+        last = readers[node] == 0  # no second copy of the input's XᵀX: H of X̂ is written over it
+        hessians.append(seen_hessian(xtx.pop(node) if last else xtx[node], m.input_scale(), inplace=last))
+    codes = gptq_round_many(seen, hessians, [m.w_scale for m in mods])
+    for mod, c in zip(mods, codes):
+        mod.w_int8.copy_(c)
+        if offload:
+            mod.to("cpu")
 
 
 GPTQ_BATCH_BYTES = 1 << 30  # float32 weight copies rounded at once (rows padded to the widest of the batch)

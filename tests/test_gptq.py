@@ -95,3 +95,46 @@ def test_gptq_on_the_gpu_matches_the_cpu():
     cpu = gptq_round(w, h, scale)
     gpu = gptq_round(w.cuda(), h.cuda(), scale.cuda())
     assert gpu.device.type == "cuda" and (gpu.cpu() != cpu).float().mean() < 0.01
+
+
+def _peak_live_bytes(prof) -> int:
+    """Peak of the CPU bytes allocated while ``prof`` recorded (its allocation events) and not yet freed."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
+        events = json.loads((Path(tmp) / "trace.json").read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
+def test_quantize_holds_the_weights_and_one_layers_working_set(monkeypatch):
+    """The default transform of a Llama whose down_proj XᵀX (1024², float32) dwarfs the rest: at its peak it holds
+    the FP weights, the int8 layers built so far and GPTQ's working set of one layer (its XᵀX turned into H of X̂ in
+    place, the Cholesky factors, the weight copy), not a second Hessian or code buffer (7.8 XᵀX before); and no FP
+    weight of a quantized layer outlives the swap."""
+    import weakref
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quaff_fx import CalibrationConfig, OutlierConfig, QuaffConfig, QuaffLinear, quantize_, rounding
+
+    monkeypatch.setattr(rounding, "GPTQ_MEMORY", 1)  # XᵀX of one input at a time
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    g = torch.Generator().manual_seed(0)
+    calibration = CalibrationConfig(token_batches=tuple(torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        fp = [weakref.ref(m.weight) for n, m in model.named_modules()
+              if type(m) is torch.nn.Linear and "lm_head" not in n]
+        result = quantize_(model, QuaffConfig(outliers=OutlierConfig("top_abs", max_ratio=0.02)), calibration)
+    int8 = sum(m.w_int8.numel() for m in model.modules() if isinstance(m, QuaffLinear))
+    xtx = 1024**2 * 4
+    assert len(result.layers) == 28
+    assert _peak_live_bytes(prof) - weights - int8 <= 4 * xtx  # 3.4 measured
+    assert [r for r in fp if r() is not None] == []

@@ -4,7 +4,18 @@
     python tools/transform_big.py /tmp/llama8b --out /tmp/llama8b-quaff --device cuda
 
 Prints the phases (load, capture, calibration, XᵀX, GPTQ, rewrite, save), the wall time, the peak GPU memory against
-the bf16 weights and the peak host memory (RSS), and writes them as JSON to --json.
+the bf16 weights (``torch.cuda.max_memory_allocated``, load and save included) and the peak host memory (RSS), and
+writes them as JSON to --json. ``--snapshot FILE`` (CUDA) also records the allocator's history and writes the
+snapshot (https://pytorch.org/memory_viz), with the phase and the largest live blocks at the peak printed.
+
+A CPU proxy of the same measurement (no GPU needed), ``--cpu-peak``: the peak of live CPU tensor bytes (the profiler's
+allocation events, load included) against the weights, and the ``quaff:<phase>`` span where it was reached. The XᵀX
+chunk and GPTQ batch budgets are absolute bytes; ``--budget-scale`` scales them with the model (an 8B-shaped Llama of
+hidden 256 is (256/4096)² of the 8B's XᵀX, so 0.0039 keeps the 8B's proportions):
+
+    python tools/make_llama_folder.py /tmp/llama-proxy --hidden 256 --intermediate 896 --heads 8 --kv-heads 2 \\
+        --vocab 8192
+    python tools/transform_big.py /tmp/llama-proxy --device cpu --cpu-peak --budget-scale 0.0039
 """
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import argparse
 import json
 import resource
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -29,33 +41,121 @@ def main() -> None:
     p.add_argument("--preset", default="default")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--json", default=None)
+    p.add_argument("--snapshot", default=None, help="CUDA: write the allocator's memory snapshot here (.pickle)")
+    p.add_argument("--cpu-peak", action="store_true", help="CPU proxy: peak of live tensor bytes vs the weights")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="scale the XᵀX chunk and GPTQ batch budgets")
     args = p.parse_args()
+    if args.budget_scale != 1.0:
+        _scale_budgets(args.budget_scale)
+    if args.snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    profiler = _cpu_profiler() if args.cpu_peak else nullcontext()
     t_start = time.perf_counter()
-    t0 = time.perf_counter()
-    loaded = load_model(args.folder, getattr(torch, args.dtype), device=args.device)
-    load_s = time.perf_counter() - t0
-    weight_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
-    config = QuaffConfig.preset(args.preset)
-    calibration = CalibrationConfig(num_batches=args.batches)
-    result = quantize_(loaded.model, config, calibration, loaded.tokenizer, progress=True)
-    result.timings = {"load": load_s, **result.timings}
-    if args.out:
-        with result.timed("save"):
-            save_quantized(result.model, args.out, build_manifest(loaded.source, config, result.layers, result.reports),
-                           result.stats, loaded.tokenizer, force=True)
+    with profiler:
+        t0 = time.perf_counter()
+        loaded = load_model(args.folder, getattr(torch, args.dtype), device=args.device)
+        load_s = time.perf_counter() - t0
+        weight_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+        config = QuaffConfig.preset(args.preset)
+        calibration = CalibrationConfig(num_batches=args.batches)
+        result = quantize_(loaded.model, config, calibration, loaded.tokenizer, progress=True)
+        result.timings = {"load": load_s, **result.timings}
+        if args.out:
+            with result.timed("save"):
+                save_quantized(result.model, args.out,
+                               build_manifest(loaded.source, config, result.layers, result.reports),
+                               result.stats, loaded.tokenizer, force=True)
     wall = time.perf_counter() - t_start
     peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"timings": {k: round(v, 1) for k, v in result.timings.items()}, "wall_s": round(wall, 1),
            "weights_gib": round(weight_bytes / 2**30, 2), "peak_gpu_gib": round(peak_gpu / 2**30, 2),
            "peak_gpu_vs_weights": round(peak_gpu / weight_bytes, 3), "peak_rss_gib": round(rss / 2**30, 2),
-           "layers": len(result.layers),
+           "layers": len(result.layers), "budget_scale": args.budget_scale,
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    if args.cpu_peak:
+        out["cpu_peak"] = _cpu_peak(profiler, weight_bytes)
+    if args.snapshot:
+        out["gpu_peak"] = _gpu_peak(args.snapshot, weight_bytes)
     print(result.timing_text())
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def _scale_budgets(scale: float) -> None:
+    """The XᵀX chunk budget (both devices) and the GPTQ batch budget times ``scale`` (a proxy of a bigger model)."""
+    from quaff_fx.passes import rewrite_linear
+
+    from quaff_fx import rounding
+
+    rounding.GPTQ_MEMORY = int(rounding.GPTQ_MEMORY_CUDA * scale)
+    rounding.GPTQ_MEMORY_CUDA = int(rounding.GPTQ_MEMORY_CUDA * scale)
+    rewrite_linear.GPTQ_BATCH_BYTES = int(rewrite_linear.GPTQ_BATCH_BYTES * scale)
+
+
+def _cpu_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def _cpu_peak(prof, weight_bytes: int) -> dict:
+    """Peak live CPU bytes from the profiler's allocation events (all allocations made while profiling, the model's
+    load included), where it was reached, and the maximum within each ``quaff:<phase>`` span."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = [(e["ts"], e["args"]["Total Allocated"]) for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    spans = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("quaff:")]
+    ts, peak = max(memory, key=lambda m: m[1])
+    at = [e["name"] for e in spans if e["ts"] <= ts <= e["ts"] + e["dur"]]
+    by_phase: dict[str, float] = {}
+    for e in spans:
+        inside = [m for t, m in memory if e["ts"] <= t <= e["ts"] + e["dur"]]
+        if inside:
+            by_phase[e["name"]] = max(by_phase.get(e["name"], 0.0), round(max(inside) / weight_bytes, 3))
+    return {"peak_mib": round(peak / 2**20, 1), "peak_vs_weights": round(peak / weight_bytes, 3),
+            "at": at or ["outside quantize_ (load or save)"], "max_vs_weights_by_phase": by_phase}
+
+
+def _gpu_peak(path: str, weight_bytes: int) -> dict:
+    """Write the CUDA allocator's snapshot to ``path``; return the peak replayed from its trace and the largest
+    blocks alive then (size and the innermost quaff-fx frame that allocated them)."""
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    with open(path, "wb") as f:
+        import pickle
+
+        pickle.dump(snapshot, f)
+    live: dict[int, tuple[int, str]] = {}
+    used, peak, at_peak = 0, 0, {}
+    for event in (e for trace in snapshot["device_traces"] for e in trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], _frame(event))
+            used += event["size"]
+            if used > peak:
+                peak, at_peak = used, dict(live)
+        elif event["action"] in ("free_completed",) and event["addr"] in live:
+            used -= live.pop(event["addr"])[0]
+    largest = sorted(at_peak.values(), reverse=True)[:12]
+    return {"traced_peak_gib": round(peak / 2**30, 2), "traced_peak_vs_weights": round(peak / weight_bytes, 3),
+            "note": "traced from the start of recording: blocks allocated before it are not counted",
+            "largest_at_peak": [f"{size / 2**20:.0f} MiB {where}" for size, where in largest]}
+
+
+def _frame(event: dict) -> str:
+    frames = event.get("frames") or []
+    ours = [f for f in frames if "quaff_fx" in f.get("filename", "") or "/passes/" in f.get("filename", "")]
+    f = (ours or frames or [{}])[0]
+    return f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line', '?')} {f.get('name', '')}"
 
 
 if __name__ == "__main__":
