@@ -44,8 +44,8 @@ def test_blocked_gptq_equals_the_column_loop():
 
 def test_layers_rounded_together_equal_each_alone():
     layers = [layer(rows, 48, seed) for seed, rows in enumerate((16, 40, 7))]
-    together = gptq_round_many([w for w, _, _ in layers], [h for _, h, _ in layers], [s for _, _, s in layers],
-                               block=16, dtype=torch.float64)
+    together = gptq_round_many([w for w, _, _ in layers], [h.clone() for _, h, _ in layers],  # consumed
+                               [s for _, _, s in layers], block=16, dtype=torch.float64)
     for (w, h, s), codes in zip(layers, together):
         assert codes.shape == w.shape and torch.equal(codes, gptq_round(w, h, s, block=16, dtype=torch.float64))
 
@@ -122,6 +122,7 @@ def test_quantize_holds_the_weights_and_one_layers_working_set(monkeypatch):
     from quaff_fx import CalibrationConfig, OutlierConfig, QuaffConfig, QuaffLinear, quantize_, rounding
 
     monkeypatch.setattr(rounding, "GPTQ_MEMORY", 1)  # XᵀX of one input at a time
+    monkeypatch.setattr(rounding, "CPU_CHOLESKY_DTYPE", torch.float32)  # as on a GPU (float64: 5.4 XᵀX)
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=1024, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,8 @@ writes them as JSON to --json. ``--snapshot FILE`` (CUDA) also records the alloc
 snapshot (https://pytorch.org/memory_viz), with the phase and the largest live blocks at the peak printed.
 
 A CPU proxy of the same measurement (no GPU needed), ``--cpu-peak``: the peak of live CPU tensor bytes (the profiler's
-allocation events, load included) against the weights, and the ``quaff:<phase>`` span where it was reached. The XᵀX
+allocation events, load included) against the weights, and the ``quaff:<phase>`` span where it was reached (GPTQ's
+factorisations in float32 there, as on a GPU; the CPU's default is float64). The XᵀX
 chunk and GPTQ batch budgets are absolute bytes; ``--budget-scale`` scales them with the model (an 8B-shaped Llama of
 hidden 256 is (256/4096)² of the 8B's XᵀX, so 0.0039 keeps the 8B's proportions):
 
@@ -27,7 +28,7 @@ from contextlib import nullcontext
 
 import torch
 
-from quaff_fx import CalibrationConfig, QuaffConfig, quantize_
+from quaff_fx import CalibrationConfig, QuaffConfig, quantize_, rounding
 from quaff_fx.io import build_manifest, save_quantized
 from quaff_fx.model_loading import load_model
 
@@ -49,6 +50,8 @@ def main() -> None:
         _scale_budgets(args.budget_scale)
     if args.snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
+    if args.cpu_peak:
+        rounding.CPU_CHOLESKY_DTYPE = torch.float32  # a GPU's memory
     profiler = _cpu_profiler() if args.cpu_peak else nullcontext()
     t_start = time.perf_counter()
     with profiler:
@@ -87,8 +90,6 @@ def main() -> None:
 def _scale_budgets(scale: float) -> None:
     """The XᵀX chunk budget (both devices) and the GPTQ batch budget times ``scale`` (a proxy of a bigger model)."""
     from quaff_fx.passes import rewrite_linear
-
-    from quaff_fx import rounding
 
     rounding.GPTQ_MEMORY = int(rounding.GPTQ_MEMORY_CUDA * scale)
     rounding.GPTQ_MEMORY_CUDA = int(rounding.GPTQ_MEMORY_CUDA * scale)
