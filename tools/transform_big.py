@@ -21,16 +21,22 @@ hidden 256 is (256/4096)² of the 8B's XᵀX, so 0.0039 keeps the 8B's proportio
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 
 from quaff_fx import CalibrationConfig, QuaffConfig, quantize_, rounding
+from quaff_fx import quantize as quantize_module
 from quaff_fx.io import build_manifest, save_quantized
 from quaff_fx.model_loading import load_model
+
+transform_module = importlib.import_module("quaff_fx.transform")  # the module: quaff_fx.transform is the function
+_library_timed, _library_adopt = quantize_module.timed, transform_module.adopt_from_graph_
 
 
 def main() -> None:
@@ -46,6 +52,8 @@ def main() -> None:
     p.add_argument("--cpu-peak", action="store_true", help="CPU proxy: peak of live tensor bytes vs the weights")
     p.add_argument("--budget-scale", type=float, default=1.0, help="scale the XᵀX chunk and GPTQ batch budgets")
     args = p.parse_args()
+    quantize_module.timed = _timed_with_peak  # Timer looks it up by name: every phase of quantize_ reports its peak
+    transform_module.adopt_from_graph_ = _adopt_with_peak
     if args.budget_scale != 1.0:
         _scale_budgets(args.budget_scale)
     if args.snapshot:
@@ -58,6 +66,7 @@ def main() -> None:
         t0 = time.perf_counter()
         loaded = load_model(args.folder, getattr(torch, args.dtype), device=args.device)
         load_s = time.perf_counter() - t0
+        _phase_peak("load")
         weight_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
         config = QuaffConfig.preset(args.preset)
         calibration = CalibrationConfig(num_batches=args.batches)
@@ -69,11 +78,13 @@ def main() -> None:
                                build_manifest(loaded.source, config, result.layers, result.reports),
                                result.stats, loaded.tokenizer, force=True)
     wall = time.perf_counter() - t_start
-    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    _phase_peak("after")
+    peak_gpu = max(PHASE_PEAKS.values(), default=0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"timings": {k: round(v, 1) for k, v in result.timings.items()}, "wall_s": round(wall, 1),
            "weights_gib": round(weight_bytes / 2**30, 2), "peak_gpu_gib": round(peak_gpu / 2**30, 2),
            "peak_gpu_vs_weights": round(peak_gpu / weight_bytes, 3), "peak_rss_gib": round(rss / 2**30, 2),
+           "peak_gpu_gib_by_phase": {k: round(v / 2**30, 2) for k, v in PHASE_PEAKS.items()},
            "layers": len(result.layers), "budget_scale": args.budget_scale,
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     if args.cpu_peak:
@@ -85,6 +96,32 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+PHASE_PEAKS: dict[str, int] = {}  # CUDA: peak bytes allocated within each phase (the peak is reset after each)
+
+
+def _phase_peak(phase: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        PHASE_PEAKS[phase] = max(PHASE_PEAKS.get(phase, 0), torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+
+@contextmanager
+def _timed_with_peak(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """quantize_'s phase timer, also noting each phase's CUDA peak (which phase sets the transform's peak)."""
+    _phase_peak("between phases")
+    with _library_timed(timings, phase):
+        yield
+    _phase_peak(phase)
+
+
+def _adopt_with_peak(model, gm):
+    """The swap into the live model, its peak apart from the passes' (XᵀX, GPTQ, rewrite) before it."""
+    _phase_peak("passes (XᵀX, GPTQ, rewrite)")
+    layers = _library_adopt(model, gm)
+    _phase_peak("swap into the live model")
+    return layers
 
 
 def _scale_budgets(scale: float) -> None:

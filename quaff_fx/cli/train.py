@@ -219,9 +219,9 @@ def _finetune_base(args: argparse.Namespace, calibration):
         if args.fp32:
             raise QuaffError("--fp32 needs a model, not a quantized artifact")
         phase(f"loading the artifact {args.model}")
-        loaded, manifest = load_quantized(args.model, dtype)
+        loaded, manifest = load_quantized(args.model, dtype, device)  # straight onto the device
         source = {"artifact": str(Path(args.model).resolve()), **manifest.get("source", {})}
-        return loaded.model.to(device), loaded.tokenizer, source, manifest["config"]
+        return loaded.model, loaded.tokenizer, source, manifest["config"]
     phase(f"loading {args.model or 'smollm2'} ({dtype or torch.float32}, {device})")
     loaded = load_model(args.model, dtype or torch.float32)
     loaded.model.to(device)
