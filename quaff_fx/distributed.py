@@ -6,8 +6,9 @@ the int8 weight and W_o of every QuaffLinear become frozen parameters first (``i
 shards parameters and replicates buffers), so each rank holds 1/world of them and each decoder layer
 all-gathers its own for compute; the small per-row and per-outlier vectors (w_scale, act_scale, outlier_idx,
 inv_smooth) stay replicated buffers. The outlier scales' momentum update takes max|X_o| over the whole global
-batch (``global_max``, a functional all-reduce of k floats that torch.compile traces), so every rank holds the
-same scales as a single process would, compiled or not.
+batch, so every rank holds the same scales as a single process would, compiled or not; ``scale_sync`` says when:
+in every QuaffLinear forward (``"forward"``, the default: ``global_max``, a functional all-reduce of k floats that
+torch.compile traces) or once per micro-batch (``"step"``: ``sync_scales_``, one all-reduce of every layer's scales).
 """
 from __future__ import annotations
 
@@ -62,31 +63,72 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-_SYNC_SCALES = True  # False inside ``local_scales()``
+SCALE_SYNCS = ("forward", "step")  # when the ranks' outlier scales meet: scale_sync()
+_SCALE_SYNC = "forward"  # a SCALE_SYNCS mode, or "local" inside ``local_scales()``
 _SCALE_GROUP = None  # the process group of the scale all-reduces, made by scale_group()
 
 
 @contextlib.contextmanager
-def local_scales():
-    """Inside the block, ``global_max`` is the identity: each rank updates its outlier scales from its own batch,
-    as a process of its own would (ranks that each train a whole model of their own, with no collective)."""
-    global _SYNC_SCALES
-    previous, _SYNC_SCALES = _SYNC_SCALES, False
+def _scale_sync_mode(mode: str):
+    global _SCALE_SYNC
+    previous, _SCALE_SYNC = _SCALE_SYNC, mode
     try:
         yield
     finally:
-        _SYNC_SCALES = previous
+        _SCALE_SYNC = previous
+
+
+def local_scales():
+    """Inside the block, ``global_max`` is the identity and ``sync_scales_`` does nothing: each rank updates its
+    outlier scales from its own batch, as a process of its own would (ranks that each train a whole model of their
+    own, with no collective)."""
+    return _scale_sync_mode("local")
+
+
+def scale_sync(mode: str):
+    """Inside the block, the ranks' outlier scales meet ``"forward"`` (in every QuaffLinear forward, before its
+    matmul: ``global_max``) or once per ``"step"``: each forward updates the scales from this rank's batch alone,
+    with no collective, and ``sync_scales_(model)`` after each micro-batch's backward makes them the global batch's.
+
+    Why that is the global batch's update: S ← m·S + (1−m)·outlier_scale(max|X_o|) starts from the same S on every
+    rank and is non-decreasing in max|X_o| (rounding included), so the maximum over ranks of their local updates is
+    the update from the global max. It holds for one update: sync after every forward of a micro-batch (with
+    gradient accumulation, after each micro-batch, not once per optimizer step). What differs from ``"forward"``:
+    that micro-batch's forward quantized with each rank's local scales, so a layer after it sees slightly
+    different activations than one process would (within int8 rounding); the update from them is exact."""
+    if mode not in SCALE_SYNCS:
+        raise QuaffError(f"unknown scale sync {mode!r}; use {' or '.join(SCALE_SYNCS)}")
+    return _scale_sync_mode(mode)
 
 
 def global_max(t: torch.Tensor) -> torch.Tensor:
-    """The elementwise maximum of ``t`` over all ranks (``t`` itself in one process or inside ``local_scales``).
-    A functional collective: torch.compile traces it into the graph, where ``dist.all_reduce`` would break the
-    graph or have to be skipped."""
-    if _SYNC_SCALES and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """The elementwise maximum of ``t`` over all ranks (``t`` itself in one process, inside ``local_scales`` or
+    under ``scale_sync("step")``). A functional collective: torch.compile traces it into the graph, where
+    ``dist.all_reduce`` would break the graph or have to be skipped."""
+    if _SCALE_SYNC == "forward" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from torch.distributed import _functional_collectives as funcol
 
         return funcol.all_reduce(t, "max", _SCALE_GROUP or dist.group.WORLD)
     return t
+
+
+@torch.no_grad()
+def sync_scales_(model: nn.Module) -> int:
+    """Every QuaffLinear's outlier scales (act_scale) become their maximum over the ranks: one all-reduce of one
+    flat buffer on ``scale_group()``, for ``scale_sync("step")``, after each micro-batch's backward. Every rank
+    must call it. Returns the number of layers synced: 0 in one process or inside ``local_scales``."""
+    from .quaff_linear import QuaffLinear
+
+    if _SCALE_SYNC == "local" or world()[1] == 1:
+        return 0
+    scales = [m.act_scale for m in model.modules() if isinstance(m, QuaffLinear) and m.act_scale.numel()]
+    if not scales:
+        return 0
+    flat = torch.cat([s.float() for s in scales])
+    dist.all_reduce(flat, dist.ReduceOp.MAX, group=scale_group())
+    for scale, synced in zip(scales, flat.split([s.numel() for s in scales])):
+        scale.copy_(synced)
+    return len(scales)
 
 
 def scale_group():

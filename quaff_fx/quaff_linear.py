@@ -171,7 +171,9 @@ class QuaffLinear(nn.Linear):
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             return  # an activation-checkpoint recomputation, inside backward: this batch has updated the scales already
         x_absmax = x.detach().index_select(-1, self.outlier_idx).abs().reshape(-1, self.outlier_idx.numel()).amax(0)
-        x_absmax = global_max(x_absmax)  # ranks agree on the global batch's scales (a collective compile traces)
+        # the global batch's max (a collective compile traces), or this rank's under scale_sync("step"), where
+        # sync_scales_ makes the updated scales the global batch's after backward
+        x_absmax = global_max(x_absmax)
         batch_scale = outlier_scale(x_absmax, self.w_outlier)
         self.act_scale.mul_(self.momentum).add_(batch_scale * (1.0 - self.momentum))
 

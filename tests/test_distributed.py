@@ -54,7 +54,8 @@ def run_ranks(body, *args, size: int = 2) -> dict:
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
-    """`quaff-fx finetune` takes the launcher's environment as it is: torchrun's and accelerate's."""
+    """`quaff-fx finetune` takes the launcher's environment as it is: torchrun's and accelerate's. Under torchrun
+    the scales sync once per step (--scale-sync step: the Trainer's callback, one all-reduce each micro-batch)."""
     import json
     import subprocess
     import sys
@@ -68,11 +69,13 @@ def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_port", port]
+    sync = "step" if launcher == "torchrun" else "forward"  # the same DDP under both launchers
     cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "2", "--seq-len", "32",
-                    "--batch-size", "4", "--out", str(out), "--json"]
+                    "--batch-size", "4", "--grad-accum", "2", "--scale-sync", sync, "--out", str(out), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["steps"] == 2
-    assert json.loads((out / "loss.json").read_text())["world_size"] == 2
+    log = json.loads((out / "loss.json").read_text())
+    assert log["world_size"] == 2 and log["config"]["scale_sync"] == sync
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

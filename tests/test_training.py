@@ -238,3 +238,27 @@ def test_the_chunked_loss_trains_as_the_models_own(tiny_tokenizer, tmp_path, qua
     assert losses["chunked"] == pytest.approx(losses["model"], rel=1e-4)
     with pytest.raises(QuaffError, match="--loss"):
         TrainConfig(loss="fused")
+
+
+def test_step_scale_sync_syncs_after_every_micro_batch(tmp_path, quantized_tiny, monkeypatch):
+    """TrainConfig(scale_sync="step") calls sync_scales_ once after each micro-batch's forward and backward (2 steps
+    of 2 accumulated micro-batches: 4 calls, after forwards 1-4), under scale_sync("step"); the default makes no
+    call, and the mode is "forward" again after fit."""
+    from quaff_fx import distributed
+    from quaff_fx.quaff_linear import QuaffLinear
+    from quaff_fx.training import trainer
+
+    calls, forwards = [], []
+    monkeypatch.setattr(trainer, "sync_scales_", lambda model: calls.append((distributed._SCALE_SYNC, len(forwards))))
+    for mode in ("forward", "step"):
+        model = make_peft_model(quantized_tiny(), FinetuneConfig(seq_len=32))
+        layer = next(m for m in model.modules() if isinstance(m, QuaffLinear))
+        layer.register_forward_pre_hook(lambda module, args: forwards.append(1) if module.training else None)
+        calls.clear()
+        forwards.clear()
+        cfg = TrainConfig(steps=2, batch_size=2, grad_accum=2, lr=1e-2, progress=False, scale_sync=mode)
+        fit(model, _tiny_examples()[:8], [], cfg, tmp_path / mode)
+        assert calls == ([] if mode == "forward" else [("step", 1), ("step", 2), ("step", 3), ("step", 4)]), mode
+        assert distributed._SCALE_SYNC == "forward"
+    with pytest.raises(QuaffError, match="--scale-sync 'epoch'"):
+        TrainConfig(scale_sync="epoch")

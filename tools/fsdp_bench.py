@@ -14,6 +14,10 @@ counts the global batch; step time is the median after warm-up; peak memory is `
 after warm-up (every rank holds the same amount). Scaling = tokens/s with 2 GPUs / tokens/s with 1; memory ratio =
 peak per GPU / peak of the 1-GPU run of the same model (the issue's targets: ≥ 1.8× and FSDP2 ≤ 0.6×).
 ``--device cpu --size tiny --compile-backend aot_eager`` runs the same code on CPU with gloo (a smoke test).
+``--scale-sync step`` syncs the outlier scales once per step, after backward (``quaff_fx.distributed.scale_sync``),
+instead of in every QuaffLinear forward. ``--profile`` records 2 more steps after the timed ones with torch.profiler
+on rank 0 (the timed numbers are unchanged) and adds to the row, under "profile", the top ops by self CUDA time (CPU
+time on the CPU), the CUDA time of NCCL kernels and the all-reduce calls: what the scale all-reduces cost.
 """
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from quaff_fx.distributed import init_from_env, shard_model, wrap
+    from quaff_fx.distributed import init_from_env, scale_sync, shard_model, wrap
 
     rank, size = init_from_env()
     device = _device(args)
@@ -98,7 +102,8 @@ def worker(args) -> None:
         compile_layers(model, args.compile_backend)
     elif args.compile_backend != "none":
         net = torch.compile(net, backend=args.compile_backend)
-    _emit(args, rank, _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode))
+    with scale_sync(args.scale_sync):
+        _emit(args, rank, _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode))
     if size > 1:
         dist.destroy_process_group()
 
@@ -122,7 +127,7 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from quaff_fx.distributed import local_bytes
+    from quaff_fx.distributed import local_bytes, sync_scales_
 
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
@@ -133,6 +138,8 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
     def step() -> float:
         loss = net(input_ids=batch, labels=batch).loss
         loss.backward()
+        if args.scale_sync == "step":
+            sync_scales_(model)  # one all-reduce of every layer's scales (no-op in one process)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()  # a host sync: the step is over when it returns
@@ -153,14 +160,58 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
         losses.append(step())
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
-    return {"model": args.model, "gpus": size, "mode": mode, "size": args.size, "batch_per_gpu": args.batch,
+    row = {"model": args.model, "gpus": size, "mode": mode, "size": args.size, "batch_per_gpu": args.batch,
             "seq_len": args.seq_len, "seconds": sec, "warmup_s": warmup_s,
             "tokens_per_s": args.batch * args.seq_len * size / sec, "loss": losses[-1],
             "int8_bytes_per_gpu": local_bytes(model), "bf16_bytes_per_gpu": local_bytes(model, torch.bfloat16),
             "resident_bytes": resident, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend,
-            "compile_scope": args.compile_scope, "loss_impl": args.loss}
+            "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync}
+    if args.profile:  # after the row is made: its peak memory and step times are the timed steps'
+        row["profile"] = profile_steps(step, PROFILE_STEPS, cuda, rank)
+    return row
+
+
+PROFILE_STEPS = 2
+PROFILE_ROWS = 15
+
+
+def profile_steps(step, steps: int, cuda: bool, rank: int) -> dict | None:
+    """``steps`` calls of ``step`` on every rank (their collectives pair up), recorded by torch.profiler on rank 0:
+    the top ops by self CUDA time (self CPU time without CUDA), the CUDA time of NCCL kernels (by kernel: AllReduce
+    Max is the scales', Sum DDP's gradients), and each all-reduce op's calls and times. Times in µs over all steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if rank != 0:
+        for _ in range(steps):
+            step()
+        return None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    sort_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+
+    def rows(selected) -> list[dict]:
+        return [{"name": e.key[:100], "calls": e.count, "self_cuda_us": e.self_device_time_total,
+                 "cuda_us": e.device_time_total, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total}
+                for e in sorted(selected, key=lambda e: -getattr(e, sort_key))]
+
+    # kernels only (a CPU op's device time counts the kernels it launched, which are rows of their own)
+    nccl = [e for e in events if "nccl" in e.key.lower() and e.device_type == torch.autograd.DeviceType.CUDA]
+    reduces = [e for e in events if "all_reduce" in e.key.lower() or "allreduce" in e.key.lower()]
+    out = {"steps": steps, "sorted_by": sort_key, "top": rows(events)[:PROFILE_ROWS],
+           "nccl_cuda_us": sum(e.self_device_time_total for e in nccl), "nccl_kernels": rows(nccl),
+           "all_reduce": rows(reduces)}
+    print(f"profile of {steps} steps on rank 0, by {sort_key} (µs):", flush=True)
+    for r in out["top"]:
+        print(f"  {r['self_cuda_us']:>12.0f} {r['self_cpu_us']:>12.0f} {r['calls']:>7}  {r['name'][:80]}", flush=True)
+    print(f"  NCCL kernels: {out['nccl_cuda_us']:.0f} µs of CUDA time; all-reduce ops: "
+          + ", ".join(f"{r['name'][:40]} ×{r['calls']}" for r in out["all_reduce"]), flush=True)
+    return out
 
 
 def worker_sequence(args) -> None:
@@ -172,7 +223,7 @@ def worker_sequence(args) -> None:
 
     import torch.distributed as dist
 
-    from quaff_fx.distributed import init_from_env, local_scales, shard_model, wrap
+    from quaff_fx.distributed import init_from_env, local_scales, scale_sync, shard_model, wrap
 
     rank, size = init_from_env()
     device = _device(args)
@@ -184,7 +235,8 @@ def worker_sequence(args) -> None:
     dist.barrier()
     for mode in args.modes.split(","):
         net = shard_model(model) if mode == "fsdp" else wrap(model, "ddp")
-        _emit(args, rank, _measure(args, net, model, device, rank, size, mode))
+        with scale_sync(args.scale_sync):
+            _emit(args, rank, _measure(args, net, model, device, rank, size, mode))
         del net
         gc.collect()
         dist.barrier()
@@ -192,22 +244,27 @@ def worker_sequence(args) -> None:
 
 
 def report(rows: list[dict]) -> str:
-    """One line per configuration; scaling and memory against the 1-GPU run of the same model."""
+    """One line per configuration; scaling and memory against the 1-GPU run of the same model. A wrapper whose
+    scales synced once per step reads ddp/step, fsdp/step."""
     one = {r["model"]: r for r in rows if r["gpus"] == 1}
-    lines = [f"{'model':6} {'gpus':>4} {'mode':6} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
+    lines = [f"{'model':6} {'gpus':>4} {'mode':10} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
              f"{'mem vs 1 GPU':>13} {'int8 GiB/GPU':>13} {'loss':>7}"]
-    for r in sorted(rows, key=lambda r: (r["model"], r["gpus"], r["mode"])):
+    for r in sorted(rows, key=lambda r: (r["model"], r["gpus"], _mode(r))):
         base = one.get(r["model"])
         scaling = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "-"
         mem = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base and base["peak_bytes"] and r["peak_bytes"] else "-"
-        lines.append(f"{r['model']:6} {r['gpus']:>4} {r['mode']:6} {r['tokens_per_s']:>10.0f} {scaling:>8} {peak:>13} "
+        lines.append(f"{r['model']:6} {r['gpus']:>4} {_mode(r):10} {r['tokens_per_s']:>10.0f} {scaling:>8} {peak:>13} "
                      f"{mem:>13} {r['int8_bytes_per_gpu'] / 2**30:>13.2f} {r['loss']:>7.3f}")
     quaff, bf16 = one.get("quaff"), one.get("bf16")
     if quaff and bf16:
         memory = f", peak memory {quaff['peak_bytes'] / bf16['peak_bytes']:.2f}x" if quaff["peak_bytes"] else ""
         lines.append(f"quaff / bf16 on 1 GPU: tokens/s {quaff['tokens_per_s'] / bf16['tokens_per_s']:.2f}x{memory}")
     return "\n".join(lines)
+
+
+def _mode(row: dict) -> str:
+    return row["mode"] + ("/step" if row.get("scale_sync") == "step" and row["gpus"] > 1 else "")
 
 
 def main() -> int:
@@ -230,6 +287,10 @@ def main() -> int:
                    help="compile each decoder layer (shared graph, wrappers outside) or the whole wrapped model")
     p.add_argument("--loss", choices=["chunked", "model"], default="chunked",
                    help="chunked linear + cross-entropy (quaff_fx.kernels.linear_ce) or the model's own loss")
+    p.add_argument("--scale-sync", choices=["forward", "step"], default="forward",
+                   help="the outlier scales' all-reduce in every QuaffLinear forward, or one per step after backward")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile 2 more on rank 0 (top CUDA ops, NCCL and all-reduce time)")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -40,18 +40,8 @@ def _check_finetune_args(args: argparse.Namespace):
         raise QuaffError("give --eval-data FILE or --eval-split FRACTION, not both")
     device = device_of(args)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    cfg = FinetuneConfig(
-        args.peft,
-        max(args.steps, 1),
-        args.batch_size,
-        args.seq_len,
-        args.lr,
-        args.rank,
-        args.alpha,
-        args.virtual_tokens,
-        args.save_every,
-        args.seed,
-    )
+    cfg = FinetuneConfig(args.peft, max(args.steps, 1), args.batch_size, args.seq_len, args.lr, args.rank, args.alpha,
+                         args.virtual_tokens, args.save_every, args.seed)
     tcfg = TrainConfig(
         steps=args.steps,
         epochs=args.epochs,
@@ -67,7 +57,7 @@ def _check_finetune_args(args: argparse.Namespace):
         bf16=bf16,
         compile=args.compile,
         gradient_checkpointing=args.gradient_checkpointing,
-        report_to=args.report_to, loss=args.loss,
+        report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync,
     )
     out = Path(args.out)
     if args.resume:
@@ -349,6 +339,8 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report-to", default="none", choices=("none", "tensorboard"), help="training logs for")
     g.add_argument("--loss", default="auto", choices=("auto", "chunked", "model"), help="chunked: linear + "
                    "cross-entropy without the whole logits (less memory); model: the model's own; auto: CUDA chunked")
+    g.add_argument("--scale-sync", default="forward", choices=("forward", "step"), help="several processes: the "
+                   "outlier scales' all-reduce in every layer's forward, or one per micro-batch after its backward")
     g = p.add_argument_group("calibration (a model quantized here)")
     g.add_argument(
         "--calib",

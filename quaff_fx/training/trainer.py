@@ -1,6 +1,6 @@
 """The Hugging Face Trainer as the fine-tuning engine, with what Quaff adds: the momentum-updated outlier
-scales saved in every checkpoint and restored on resume (a TrainerCallback), the loss log as JSON and a PNG,
-tokens per second and peak memory.
+scales saved in every checkpoint and restored on resume (a TrainerCallback), synced across processes once per
+micro-batch under ``scale_sync="step"`` (another), the loss log as JSON and a PNG, tokens per second and peak memory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..distributed import SCALE_SYNCS, scale_sync, sync_scales_
 from ..errors import QuaffError
 from ..io import write_json
 from .adapter import SCALES, load_scales_, read_scales, write_scales
@@ -48,6 +49,7 @@ class TrainConfig:
     report_to: str = "none"
     progress: bool = True
     loss: str = "auto"  # LOSSES: "chunked" (kernels.linear_ce), "model" (its own), "auto" (chunked on CUDA)
+    scale_sync: str = "forward"  # SCALE_SYNCS: the outlier scales' all-reduce in every forward, or once per micro-batch
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "save_every"):
@@ -63,6 +65,8 @@ class TrainConfig:
             raise QuaffError("--warmup and --eval-every must be >= 0")
         if self.loss not in LOSSES:
             raise QuaffError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.scale_sync not in SCALE_SYNCS:
+            raise QuaffError(f"--scale-sync {self.scale_sync!r}: choose one of {', '.join(SCALE_SYNCS)}")
         if self.report_to not in ("none", "tensorboard"):
             raise QuaffError(f"--report-to {self.report_to!r}: choose none or tensorboard")
 
@@ -87,6 +91,22 @@ class QuaffStateCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 write_scales(self.model, folder / SCALES)
+
+
+class ScaleSync(TrainerCallback):
+    """``sync_scales_`` after every micro-batch's backward, for ``scale_sync("step")``: the Trainer calls
+    ``on_substep_end`` after each micro-batch of a gradient accumulation but the last, and ``on_step_end`` after
+    the last one's backward and the optimizer step, before it logs, saves or evaluates (so a checkpoint holds the
+    synced scales)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        sync_scales_(self.model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync_scales_(self.model)
 
 
 class StepHook(TrainerCallback):
@@ -222,7 +242,8 @@ def fit(
         train_dataset=list(train),
         eval_dataset=list(eval_set) or None,
         data_collator=counting,
-        callbacks=[QuaffStateCallback(model, last), throughput, *callbacks],
+        callbacks=[QuaffStateCallback(model, last), *([ScaleSync(model)] if cfg.scale_sync == "step" else []),
+                   throughput, *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
@@ -230,7 +251,8 @@ def fit(
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    with scale_sync(cfg.scale_sync):
+        result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
     history = trainer.state.log_history
     log: dict[str, Any] = {
