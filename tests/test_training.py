@@ -262,3 +262,16 @@ def test_step_scale_sync_syncs_after_every_micro_batch(tmp_path, quantized_tiny,
         assert distributed._SCALE_SYNC == "forward"
     with pytest.raises(QuaffError, match="--scale-sync 'epoch'"):
         TrainConfig(scale_sync="epoch")
+
+
+def test_throughput_reports_the_mean_and_the_median_step_after_the_warm_up():
+    from quaff_fx.training.trainer import Throughput
+
+    t = Throughput()
+    # step ends at these times with 100 tokens a step: 3 warm-up steps (compilation), then 1 s steps and one 6 s hiccup
+    for i, at in enumerate((30.0, 40.0, 41.0, 42.0, 43.0, 44.0, 50.0, 51.0)):
+        t.tokens = 100 * (i + 1)
+        t.marks.append((at, t.tokens))
+    assert t.step_seconds() == [1.0, 1.0, 1.0, 6.0, 1.0]  # after the third step's end
+    assert t.rate() == pytest.approx(500 / 10.0)  # the hiccup counts in the mean
+    assert t.median_rate() == pytest.approx(100.0)  # not at the median step

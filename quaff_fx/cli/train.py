@@ -163,7 +163,8 @@ def _report(args: argparse.Namespace, cfg, log: dict) -> None:
         "eval_perplexity": log.get("eval_perplexity"),
         "eval_set": log["eval_set"],
         "seq_len": cfg.seq_len, "seconds": round(log["seconds"], 2),
-        "tokens_per_s": log.get("tokens_per_s"), "peak_memory_bytes": log.get("peak_memory_bytes"),
+        "tokens_per_s": log.get("tokens_per_s"), "tokens_per_s_median_step": log.get("tokens_per_s_median_step"),
+        "step_seconds": log.get("step_seconds"), "peak_memory_bytes": log.get("peak_memory_bytes"),
         "peak_memory_after_warmup_bytes": log.get("peak_memory_after_warmup_bytes"),
         "trainable_parameters": log["trainable_parameters"],
         "out": args.out,
@@ -177,7 +178,8 @@ def _report(args: argparse.Namespace, cfg, log: dict) -> None:
         f"{summary['steps']} steps ({summary['seconds']} s"
     )
     if summary["tokens_per_s"]:
-        line += f", {summary['tokens_per_s']:.0f} tokens/s"
+        median = summary["tokens_per_s_median_step"]
+        line += f", {summary['tokens_per_s']:.0f} tokens/s ({median:.0f} at the median step)"
     if summary["peak_memory_bytes"]:
         after = summary["peak_memory_after_warmup_bytes"]
         line += f", peak GPU memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB" + (

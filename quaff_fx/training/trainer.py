@@ -146,12 +146,28 @@ class Throughput(TrainerCallback):
             self.peak_warmup = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()  # what follows is the steady state's peak
 
+    def _first(self) -> int:
+        return min(WARMUP_STEPS, len(self.marks) // 2) - 1 if len(self.marks) > 2 else 0
+
     def rate(self) -> float | None:
+        """Tokens over seconds of all the steps after the warm-up (a hiccup in one step counts)."""
         if len(self.marks) < 2:
             return None
-        first = min(WARMUP_STEPS, len(self.marks) // 2) - 1 if len(self.marks) > 2 else 0
-        (t0, n0), (t1, n1) = self.marks[first], self.marks[-1]
+        (t0, n0), (t1, n1) = self.marks[self._first()], self.marks[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+    def step_seconds(self) -> list[float]:
+        """Each step's seconds after the warm-up (a step benchmark's median compares with their median)."""
+        times = [t for t, _ in self.marks[self._first():]]
+        return [b - a for a, b in zip(times, times[1:])]
+
+    def median_rate(self) -> float | None:
+        """Tokens per step over the median step's seconds, the statistic of a step benchmark."""
+        steps = sorted(self.step_seconds())
+        if not steps:
+            return None
+        (_, n0), (_, n1) = self.marks[self._first()], self.marks[-1]
+        return (n1 - n0) / len(steps) / steps[len(steps) // 2]
 
 
 def checkpointing_arguments(enable: bool) -> dict[str, Any]:
@@ -262,6 +278,8 @@ def fit(
         "steps": result.global_step,
         "seconds": seconds,
         "tokens_per_s": throughput.rate(),
+        "tokens_per_s_median_step": throughput.median_rate(),
+        "step_seconds": [round(t, 4) for t in throughput.step_seconds()],
         "config": asdict(cfg),
     }
     if eval_set:
