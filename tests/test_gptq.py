@@ -122,7 +122,7 @@ def test_quantize_holds_the_weights_and_one_layers_working_set(monkeypatch):
     from quaff_fx import CalibrationConfig, OutlierConfig, QuaffConfig, QuaffLinear, quantize_, rounding
 
     monkeypatch.setattr(rounding, "GPTQ_MEMORY", 1)  # XᵀX of one input at a time
-    monkeypatch.setattr(rounding, "CPU_CHOLESKY_DTYPE", torch.float32)  # as on a GPU (float64: 5.4 XᵀX)
+    monkeypatch.setattr(rounding, "CPU_FLOAT64_MAX_WIDTH", 0)  # float32, as on a GPU (float64: 5.4 XᵀX)
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=1024, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     g = torch.Generator().manual_seed(0)
@@ -139,3 +139,23 @@ def test_quantize_holds_the_weights_and_one_layers_working_set(monkeypatch):
     assert len(result.layers) == 28
     assert _peak_live_bytes(prof) - weights - int8 <= 4 * xtx  # 3.4 measured
     assert [r for r in fp if r() is not None] == []
+
+
+@pytest.mark.parametrize("max_width, expected", [(64, torch.float64), (32, torch.float32)])
+def test_cpu_factorisations_in_float64_up_to_the_width_limit(monkeypatch, max_width, expected):
+    """On the CPU the O(K³) factorisations run in float64 for inputs up to CPU_FLOAT64_MAX_WIDTH wide, in float32
+    (as on a GPU) above it; the column steps stay in the asked dtype either way."""
+    from quaff_fx import rounding
+
+    seen = []
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def spy(h, *args, **kwargs):
+        seen.append(h.dtype)
+        return cholesky_ex(h, *args, **kwargs)
+
+    monkeypatch.setattr(rounding, "CPU_FLOAT64_MAX_WIDTH", max_width)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
+    w, h, s = layer(16, 48, 0)
+    codes = gptq_round(w.float(), h.float(), s.float())
+    assert seen == [expected] and codes.dtype == torch.int8 and codes.shape == (16, 48)

@@ -59,7 +59,7 @@ def main() -> None:
     if args.snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     if args.cpu_peak:
-        rounding.CPU_CHOLESKY_DTYPE = torch.float32  # a GPU's memory
+        rounding.CPU_FLOAT64_MAX_WIDTH = 0  # float32 factorisations: a GPU's memory
     profiler = _cpu_profiler() if args.cpu_peak else nullcontext()
     t_start = time.perf_counter()
     with profiler:
