@@ -141,15 +141,14 @@ GPTQ_CPU_THREADS = 1
 
 
 @contextmanager
-def cpu_threads(device: torch.device, threads: int | None = None) -> Iterator[None]:
-    """At most ``threads`` (default ``GPTQ_CPU_THREADS``) intra-op threads inside the block when ``device`` is the
-    CPU; the caller's setting again after."""
+def cpu_threads(device: torch.device) -> Iterator[None]:
+    """At most ``GPTQ_CPU_THREADS`` intra-op threads inside the block when ``device`` is the CPU; the caller's
+    setting again after."""
     before = torch.get_num_threads()
-    limit = GPTQ_CPU_THREADS if threads is None else threads
-    if torch.device(device).type != "cpu" or limit >= before:
+    if torch.device(device).type != "cpu" or GPTQ_CPU_THREADS >= before:
         yield
         return
-    torch.set_num_threads(limit)
+    torch.set_num_threads(GPTQ_CPU_THREADS)
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ hidden 256 is (256/4096)² of the 8B's XᵀX, so 0.0039 keeps the 8B's proportio
 from __future__ import annotations
 
 import argparse
+import bisect
 import importlib
 import json
 import resource
@@ -153,13 +154,16 @@ def _cpu_peak(prof, weight_bytes: int) -> dict:
     memory = [(e["ts"], e["args"]["Total Allocated"]) for e in events
               if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
     spans = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("quaff:")]
+    memory.sort()
+    times = [t for t, _ in memory]
     ts, peak = max(memory, key=lambda m: m[1])
     at = [e["name"] for e in spans if e["ts"] <= ts <= e["ts"] + e["dur"]]
     by_phase: dict[str, float] = {}
-    for e in spans:
-        inside = [m for t, m in memory if e["ts"] <= t <= e["ts"] + e["dur"]]
-        if inside:
-            by_phase[e["name"]] = max(by_phase.get(e["name"], 0.0), round(max(inside) / weight_bytes, 3))
+    for e in spans:  # the allocation events inside the span: a slice of the time-sorted events
+        lo, hi = bisect.bisect_left(times, e["ts"]), bisect.bisect_right(times, e["ts"] + e["dur"])
+        if lo < hi:
+            inside = max(m for _, m in memory[lo:hi])
+            by_phase[e["name"]] = max(by_phase.get(e["name"], 0.0), round(inside / weight_bytes, 3))
     return {"peak_mib": round(peak / 2**20, 1), "peak_vs_weights": round(peak / weight_bytes, 3),
             "at": at or ["outside quantize_ (load or save)"], "max_vs_weights_by_phase": by_phase}
 
@@ -173,20 +177,29 @@ def _gpu_peak(path: str, weight_bytes: int) -> dict:
         import pickle
 
         pickle.dump(snapshot, f)
-    live: dict[int, tuple[int, str]] = {}
-    used, peak, at_peak = 0, 0, {}
-    for event in (e for trace in snapshot["device_traces"] for e in trace):
-        if event["action"] == "alloc":
-            live[event["addr"]] = (event["size"], _frame(event))
-            used += event["size"]
-            if used > peak:
-                peak, at_peak = used, dict(live)
-        elif event["action"] in ("free_completed",) and event["addr"] in live:
-            used -= live.pop(event["addr"])[0]
-    largest = sorted(at_peak.values(), reverse=True)[:12]
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+    peak, peak_index = _replay(events)
+    live = _replay(events[: peak_index + 1], keep=True)
+    largest = sorted(((size, _frame(event)) for size, event in live.values()), key=lambda x: -x[0])[:12]
     return {"traced_peak_gib": round(peak / 2**30, 2), "traced_peak_vs_weights": round(peak / weight_bytes, 3),
             "note": "traced from the start of recording: blocks allocated before it are not counted",
             "largest_at_peak": [f"{size / 2**20:.0f} MiB {where}" for size, where in largest]}
+
+
+def _replay(events: list[dict], keep: bool = False):
+    """Replay the allocator's alloc / free_completed events: (peak bytes, index of the event that reached it), or
+    with ``keep`` the blocks still alive at the end (address -> (size, alloc event))."""
+    live: dict[int, tuple[int, dict]] = {}
+    used, peak, peak_index = 0, 0, -1
+    for i, event in enumerate(events):
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event)
+            used += event["size"]
+            if used > peak:
+                peak, peak_index = used, i
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            used -= live.pop(event["addr"])[0]
+    return live if keep else (peak, peak_index)
 
 
 def _frame(event: dict) -> str:

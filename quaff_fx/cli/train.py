@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..distributed import SCALE_SYNCS
 from ..errors import QuaffError
 from ..io import is_artifact
 from .common import (
@@ -341,7 +342,7 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report-to", default="none", choices=("none", "tensorboard"), help="training logs for")
     g.add_argument("--loss", default="auto", choices=("auto", "chunked", "model"), help="chunked: linear + "
                    "cross-entropy without the whole logits (less memory); model: the model's own; auto: CUDA chunked")
-    g.add_argument("--scale-sync", default="forward", choices=("forward", "step"), help="several processes: the "
+    g.add_argument("--scale-sync", default="forward", choices=SCALE_SYNCS, help="several processes: the "
                    "outlier scales' all-reduce in every layer's forward, or one per micro-batch after its backward")
     g = p.add_argument_group("calibration (a model quantized here)")
     g.add_argument(
