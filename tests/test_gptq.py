@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from quaff_fx import find_linears
 from quaff_fx.kernels.reference import QMAX, quantize_weight
@@ -159,3 +160,35 @@ def test_cpu_factorisations_in_float64_up_to_the_width_limit(monkeypatch, max_wi
     w, h, s = layer(16, 48, 0)
     codes = gptq_round(w.float(), h.float(), s.float())
     assert seen == [expected] and codes.dtype == torch.int8 and codes.shape == (16, 48)
+
+
+def test_the_swap_frees_each_fp_weight_as_it_replaces_it(monkeypatch):
+    """With the cyclic GC off, as when it has not run for a while: each FP weight is freed by the swap that replaces
+    its layer, before the next layer comes in (torch.export leaves a garbage cycle holding every parameter; the
+    transform collects it first, else a GPU holds the whole FP model and all the int8 layers at once)."""
+    import gc
+    import importlib
+    import weakref
+
+    from quaff_fx import CalibrationConfig, QuaffConfig, quantize_
+
+    transform_module = importlib.import_module("quaff_fx.transform")
+    model = tiny_llama()
+    fp = {n: weakref.ref(m.weight) for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    alive_after_install = []
+    install = transform_module._install
+
+    def counting_install(model, name, module, annotation):
+        spec = install(model, name, module, annotation)
+        alive_after_install.append(sum(r() is not None for r in fp.values()))
+        return spec
+
+    monkeypatch.setattr(transform_module, "_install", counting_install)
+    batches = tuple(torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2))
+    gc.collect()
+    gc.disable()
+    try:
+        quantize_(model, QuaffConfig(), CalibrationConfig(token_batches=batches))
+    finally:
+        gc.enable()
+    assert alive_after_install == list(range(len(fp) - 1, -1, -1))

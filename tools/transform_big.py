@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import importlib
 import json
 import resource
+import sys
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
@@ -103,8 +106,13 @@ PHASE_PEAKS: dict[str, int] = {}  # CUDA: peak bytes allocated within each phase
 
 
 def _phase_peak(phase: str) -> None:
+    """Note the CUDA peak since the last call under ``phase`` and print it at once (a run cut short keeps its lines)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        PHASE_PEAKS[phase] = max(PHASE_PEAKS.get(phase, 0), torch.cuda.max_memory_allocated())
+        peak = torch.cuda.max_memory_allocated()
+        PHASE_PEAKS[phase] = max(PHASE_PEAKS.get(phase, 0), peak)
+        now = torch.cuda.memory_allocated()
+        print(f"transform_big: {phase}: peak {peak / 2**30:.2f} GiB, now {now / 2**30:.2f} GiB", file=sys.stderr,
+              flush=True)
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -120,9 +128,27 @@ def _timed_with_peak(timings: dict[str, float], phase: str) -> Iterator[None]:
 def _adopt_with_peak(model, gm):
     """The swap into the live model, its peak apart from the passes' (XᵀX, GPTQ, rewrite) before it."""
     _phase_peak("passes (XᵀX, GPTQ, rewrite)")
+    fp = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     layers = _library_adopt(model, gm)
+    gc.collect()
+    alive = [w() for w in fp if w() is not None]
+    print(f"transform_big: FP Linear weights alive after the swap: {len(alive)} of {len(fp)} (lm_head and others not "
+          f"quantized included); holders of one: {_holders(alive[-1]) if alive else '-'}", file=sys.stderr, flush=True)
+    del alive
     _phase_peak("swap into the live model")
     return layers
+
+
+def _holders(tensor: torch.Tensor) -> list[str]:
+    """What refers to ``tensor`` (types, and the keys of dicts holding it): where a leaked FP weight is kept."""
+    out = []
+    for ref in gc.get_referrers(tensor):
+        if isinstance(ref, dict):
+            keys = [k for k, v in ref.items() if v is tensor][:2]
+            out.append(f"dict{keys}")
+        elif not isinstance(ref, list) or len(ref) < 10_000:
+            out.append(type(ref).__name__)
+    return out[:8]
 
 
 def _scale_budgets(scale: float) -> None:
