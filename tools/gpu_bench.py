@@ -92,6 +92,41 @@ def breakdown(timer, k: int = 4096, n: int = 14336, m: int = 8192) -> None:
         print(f"  {name:44s} {timer(fn) * 1e3:.3f} ms", flush=True)
 
 
+def act_group_rows(timer, groups=(64, 128)) -> list[dict]:
+    """down_proj's forward (Llama-3-8B: K 14336, N 4096) per token against per (token, group): the quantization, the
+    GEMM and the whole op, next to bf16's GEMM."""
+    rows = []
+    k, n = 14336, 4096
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    idx = torch.randperm(k, device="cuda")[: k // 100]
+    quaff = QuaffLinear.from_weight(w, None, idx, act_max=torch.full((k,), 300.0, device="cuda")).eval()
+    inv = tk.outlier_inv(k, quaff.outlier_idx, quaff.act_scale)
+    w_o = quaff.w_outlier.to(torch.bfloat16)
+    for m in (4096, 8192):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        q, sx, x_o = tk.quantize_rows(x, inv, quaff.outlier_idx)
+        row = {"K": k, "N": n, "M": m, "bf16 GEMM": timer(lambda: F.linear(x, w)),
+               "per token: quantize": timer(lambda: tk.quantize_rows(x, inv, quaff.outlier_idx)),
+               "per token: int8 GEMM + correction": timer(lambda: tk.int8_gemm(q, quaff.w_int8, sx, quaff.w_scale,
+                                                                                torch.bfloat16, None, x_o, w_o,
+                                                                                quaff.act_scale)),
+               "per token: op": timer(lambda: tk.quaff_linear(x, quaff.w_int8, quaff.w_scale, quaff.outlier_idx,
+                                                               quaff.act_scale, w_o))}
+        for group in groups:
+            qg, sg = tk.quantize_groups(x, inv, group)
+            row[f"group {group}: quantize"] = timer(lambda: tk.quantize_groups(x, inv, group))
+            row[f"group {group}: int8 GEMM"] = timer(lambda: tk.int8_gemm_grouped(qg, quaff.w_int8, sg, quaff.w_scale,
+                                                                                 group, torch.bfloat16))
+            row[f"group {group}: op"] = timer(lambda: tk.quaff_linear(x, quaff.w_int8, quaff.w_scale, quaff.outlier_idx,
+                                                                      quaff.act_scale, w_o, act_group=group))
+        print(f"\ndown_proj forward, M={m}:")
+        for name, t in row.items():
+            if name not in ("K", "N", "M"):
+                print(f"  {name:36s} {t * 1e3:.3f} ms  ({row['bf16 GEMM'] / t:.2f}x bf16)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def grad_x_modes(timer, m: int = 4096) -> list[dict]:
     """grad_X of a layer without the transposed copy, each mode of ``set_grad_x_mode`` (int8 on a transient
     transposed copy, dequantized W + cuBLAS), against the kept copy and bf16, at Llama-3-8B's shapes; the int8
@@ -132,10 +167,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     ap.add_argument("--eager-timing", action="store_true", help="time eager calls (CPU launch overhead included)")
     ap.add_argument("--grad-x-only", action="store_true", help="only the grad_X modes at Llama-3-8B's shapes")
+    ap.add_argument("--act-group-only", action="store_true",
+                    help="only down_proj's forward per token against per (token, group of 64 / 128 channels)")
     args = ap.parse_args()
     timer = cuda_time if args.eager_timing else graph_time
-    if args.grad_x_only:
-        rows = grad_x_modes(timer)
+    if args.grad_x_only or args.act_group_only:
+        rows = grad_x_modes(timer) if args.grad_x_only else act_group_rows(timer)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
