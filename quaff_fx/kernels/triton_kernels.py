@@ -12,6 +12,10 @@ A forward pass is three launches:
    residual goes through memory. B is read as the row-major int8 weight [N, K] (K contiguous), i.e.
    column-major for the GEMM: the layout the Hopper int8 tensor cores want.
 The smoothing's 1/s, when the layer has one, is folded into the dense vector of step 0: no extra pass over X.
+A layer whose activation is quantized per (token, group of G channels) (``act_group``, the default for down_proj)
+takes ``quantize_groups`` (one scale per row and group) and ``int8_gemm_grouped`` (the K loop steps one group at a
+time and scales each group's int32 tile by its rows' scales before summing in fp32) instead of steps 1 and 2; its
+outlier correction is one more small GEMM after it.
 
 The backward (grad_X = grad · W · diag(1/s)) is an int8 GEMM unless the layer is ``exact``: the gradient times
 W's row scales is quantized per row (step 1's kernel) and multiplied (step 2's kernel, 1/s as its column scale)
@@ -119,6 +123,40 @@ def quantize_rows(x: torch.Tensor, inv: torch.Tensor | None, outlier_idx: torch.
     return q, scale, xo
 
 
+@triton.jit
+def _quantize_groups_kernel(x_ptr, inv_ptr, q_ptr, scale_ptr, K, NG, stride_xm, stride_qm, stride_sm,
+                            G: tl.constexpr, HAS_INV: tl.constexpr, BLOCK_G: tl.constexpr, GROUPS: tl.constexpr):
+    """One program per (row, run of GROUPS groups): each group's absmax, int8 codes and scale."""
+    row, g0 = tl.program_id(0), tl.program_id(1) * GROUPS
+    groups = g0 + tl.arange(0, GROUPS)
+    cols = groups[:, None] * G + tl.arange(0, BLOCK_G)[None, :]
+    mask = (groups[:, None] < NG) & (tl.arange(0, BLOCK_G)[None, :] < G) & (cols < K)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_INV:
+        x = x * tl.load(inv_ptr + cols, mask=mask, other=1.0)
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(amax > 0, amax / 127.0, 1.0)
+    q = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(x / scale[:, None]), -127.0), 127.0)
+    tl.store(q_ptr + row * stride_qm + cols, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row * stride_sm + groups, scale, mask=groups < NG)
+
+
+def quantize_groups(x: torch.Tensor, inv: torch.Tensor | None, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [M, K] and fp32 scales [M, ceil(K / group)] of x · inv, one scale per (row, group of ``group``
+    consecutive columns; the last may be shorter): ``reference.quantize_groups``."""
+    m, k = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    ng = triton.cdiv(k, group)
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, ng), dtype=torch.float32, device=x.device)
+    block_g = triton.next_power_of_2(group)
+    groups = max(1, min(triton.next_power_of_2(ng), 4096 // block_g))
+    _quantize_groups_kernel[(m, triton.cdiv(ng, groups))](
+        x, inv if inv is not None else scale, q, scale, k, ng, x.stride(0), q.stride(0), scale.stride(0), G=group,
+        HAS_INV=inv is not None, BLOCK_G=block_g, GROUPS=groups, num_warps=4)
+    return q, scale
+
+
 def _gemm_configs():
     out = []
     for bm, bn, bk, stages, warps in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
@@ -206,12 +244,93 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     return c
 
 
+def _grouped_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+            for bm, bn, stages, warps in [(128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (64, 128, 4, 4),
+                                          (128, 64, 4, 4)]]
+
+
+@triton.autotune(configs=_grouped_configs(), key=["M", "N", "K", "G"])
+@triton.jit
+def _int8_gemm_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                              stride_sam, G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = Σ_g (A_g · B_gᵀ) · sa[:, g] · sb: the K loop steps one activation group (G columns) at a time; each
+    group's int32 tile is scaled by its rows' scales and summed in fp32. A [M, K], B [N, K] int8, K contiguous."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, G)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, tl.cdiv(K, G)):
+        k_left = K - g * G
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0)
+        part = tl.dot(a, b, out_dtype=tl.int32)
+        sa = tl.load(sa_ptr + offs_m * stride_sam + g, mask=offs_m < M, other=0.0)
+        acc += part.to(tl.float32) * sa[:, None]
+        a_ptrs += G
+        b_ptrs += G
+    out = acc * tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def grouped_kernel_takes(group: int) -> bool:
+    """The grouped GEMM steps K one group at a time on the tensor cores: groups of a power of two from 32 up."""
+    return group >= 32 and group & (group - 1) == 0
+
+
+def int8_gemm_grouped(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, group: int,
+                      out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """C = Σ_g (A_g · B_gᵀ) · sa[:, g] · sb (+ bias): a [M, K] int8 codes quantized per (row, group of ``group``
+    columns) with scales sa [M, ceil(K / group)], b the int8 weight [N, K] with row scales sb [N]. Groups that
+    the kernel does not take (``grouped_kernel_takes``) go through exact fp32 matmuls, one per group."""
+    m, k = a.shape
+    n = b.shape[0]
+    if not grouped_kernel_takes(group):
+        out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
+        for i, k0 in enumerate(range(0, k, group)):  # |sum| <= group * 127² < 2²⁴: exact in fp32 for group < 1040
+            out += (a[:, k0:k0 + group].float() @ b[:, k0:k0 + group].float().t()) * sa[:, i:i + 1]
+        out *= sb[None, :]
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+    a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _int8_gemm_grouped_kernel[grid](a, b, c, sa, sb, bias if bias is not None else sb, m, n, k, a.stride(0),
+                                    b.stride(0), c.stride(0), sa.stride(0), G=group, HAS_BIAS=bias is not None)
+    return c
+
+
 def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
-                 inv_smooth=None) -> torch.Tensor:
-    """The forward of quaff::linear on CUDA; x is [M, K] (any float dtype), the output is in x's dtype."""
+                 inv_smooth=None, act_group: int = 0) -> torch.Tensor:
+    """The forward of quaff::linear on CUDA; x is [M, K] (any float dtype), the output is in x's dtype.
+    ``act_group`` > 0: X̂ quantized per (token, group of that many channels), the grouped GEMM, and the outlier
+    correction added after it."""
     has_outliers = outlier_idx.numel() > 0
     scaled = not prescaled and (has_outliers or inv_smooth is not None)
     inv = outlier_inv(x.shape[1], outlier_idx, act_scale, inv_smooth) if scaled else None
+    if act_group and act_group < x.shape[1]:
+        q, sx = quantize_groups(x, inv, act_group)
+        out = int8_gemm_grouped(q, w_int8, sx, w_scale, act_group, x.dtype, bias)
+        if has_outliers:
+            x_o = x.index_select(1, outlier_idx)
+            x_o = x_o if inv is None else x_o * inv.index_select(0, outlier_idx).to(x.dtype)
+            out = torch.addmm(out, x_o, (w_outlier.to(x.dtype) * (act_scale.to(x.dtype) - 1.0)).t())
+        return out
     q, sx, x_o = quantize_rows(x, inv, outlier_idx if has_outliers else None)
     return int8_gemm(q, w_int8, sx, w_scale, x.dtype, bias, x_o, w_outlier.to(x.dtype), act_scale, b_is_nk=True)
 
