@@ -67,6 +67,7 @@ class AnnotateOutliers(QuaffPass):
             after = quaff_bytes(site.in_features, site.out_features, k, dtype_bytes)
             report.add(**row, outliers=k, outlier_ratio=k / site.in_features, max_mean_ratio=annotation.max_mean_ratio,
                        smooth_alpha="off" if alpha is None else alpha,
+                       act_group=self.config.act_group_of(site.module_name),
                        bytes_before=before, bytes_after=after, bytes_saved=before - after,
                        outlier_bytes=k * site.out_features * dtype_bytes, status="annotated",
                        outlier_channels=outliers.tolist())

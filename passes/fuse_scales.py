@@ -23,6 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from quaff_fx.capture import META_KEY, attr, module_prefix
+from quaff_fx.errors import QuaffError
 from quaff_fx.pipeline import QuaffPass, QuaffPassResult
 from quaff_fx.quaff_linear import QuaffLinear
 from quaff_fx.report import PassReport
@@ -67,12 +68,13 @@ def _op_site_name(gm: GraphModule, w_int8: Node, node: Node) -> str:
 
 
 _OP_PARAMS = ("x", "w_int8", "w_scale", "outlier_idx", "act_scale", "w_outlier", "bias", "prescaled", "exact_grad",
-              "inv_smooth", "w_int8_t")
-_OP_DEFAULTS = {"bias": None, "prescaled": False, "exact_grad": False, "inv_smooth": None, "w_int8_t": None}
+              "inv_smooth", "w_int8_t", "act_group")
+_OP_DEFAULTS = {"bias": None, "prescaled": False, "exact_grad": False, "inv_smooth": None, "w_int8_t": None,
+                "act_group": 0}
 
 
 def op_arguments(node: Node) -> list[Any]:
-    """The eleven arguments of a quaff::linear call, positional, defaults filled in (export drops them)."""
+    """The twelve arguments of a quaff::linear call, positional, defaults filled in (export drops them)."""
     given = dict(zip(_OP_PARAMS, node.args)) | dict(node.kwargs)
     return [given.get(p, _OP_DEFAULTS.get(p)) for p in _OP_PARAMS]
 
@@ -97,8 +99,12 @@ def _mutated(node: Node) -> bool:
 
 
 def fuse_modules(members: list[QuaffLinear]) -> QuaffLinear:
-    """One QuaffLinear computing all ``members`` (same input) side by side, with the union outlier set."""
+    """One QuaffLinear computing all ``members`` (same input) side by side, with the union outlier set and their
+    activation group size (members of different group sizes are refused: one quantization cannot serve both)."""
     first = members[0]
+    if len({m.act_group for m in members}) > 1:
+        raise QuaffError(f"cannot fuse layers of different act_group ({sorted({m.act_group for m in members})}): "
+                         "they quantize their shared input differently; fuse only layers of one act_group")
     scale: dict[int, float] = {}
     for m in members:
         for c, s in zip(m.outlier_idx.tolist(), m.act_scale.tolist()):
@@ -107,7 +113,7 @@ def fuse_modules(members: list[QuaffLinear]) -> QuaffLinear:
     has_bias = any(m.bias is not None for m in members)
     fused = QuaffLinear(first.in_features, sum(m.out_features for m in members), union.numel(), has_bias,
                         first.w_outlier.dtype, first.w_int8.device, first.momentum, first.exact_grad,
-                        smoothed=first.inv_smooth is not None)
+                        smoothed=first.inv_smooth is not None, act_group=first.act_group)
     with torch.no_grad():
         if first.inv_smooth is not None:  # _fusable: every member divides x by the same s
             fused.inv_smooth.copy_(first.inv_smooth)
@@ -149,6 +155,10 @@ class FuseScales(QuaffPass):
         for site in quaff_sites(gm, self.constants):
             groups.setdefault(site.node.args[0], []).append(site)
         for x, siblings in groups.items():
+            if len({s.module.act_group for s in siblings}) > 1:
+                report.notes.append(f"{', '.join(s.name for s in siblings)} read one input with different act_group "
+                                    f"({', '.join(str(s.module.act_group) for s in siblings)}): only siblings of "
+                                    "one act_group are fused")
             for members in _classes(siblings):
                 if len(members) > 1:
                     self._fuse(gm, x, members, report)
@@ -185,7 +195,8 @@ class FuseScales(QuaffPass):
                               "outliers": fused.outlier_idx.tolist()}
         before = sum(_bytes(m) for m in mods)
         report.add(node=new.name, module=module_name, in_features=fused.in_features, out_features=fused.out_features,
-                   members=",".join(leaves), outliers=fused.outlier_idx.numel(), ops_removed=len(members) - 1,
+                   members=",".join(leaves), outliers=fused.outlier_idx.numel(), act_group=fused.act_group,
+                   ops_removed=len(members) - 1,
                    bytes_before=before, bytes_after=_bytes(fused), bytes_saved=before - _bytes(fused), status="fused")
 
     def _fold(self, gm: GraphModule, site: QuaffSite, report: PassReport) -> None:
@@ -211,7 +222,8 @@ class FuseScales(QuaffPass):
             args[_OP_PARAMS.index("prescaled")], args[_OP_PARAMS.index("inv_smooth")] = True, None  # folded with 1/S
             node.args, node.kwargs = tuple(args), {}
         report.add(node=node.name, module=site.name, in_features=module.in_features, out_features=module.out_features,
-                   outliers=module.outlier_idx.numel(), ops_removed=1, folded_into=norm.name,
+                   outliers=module.outlier_idx.numel(), act_group=module.act_group, ops_removed=1,
+                   folded_into=norm.name,
                    bytes_before=0, bytes_after=0, bytes_saved=0, status="fused")
 
 
@@ -229,9 +241,10 @@ def _classes(siblings: list[QuaffSite]) -> list[list[QuaffSite]]:
 
 
 def _fusable(a: QuaffLinear, b: QuaffLinear) -> bool:
-    """Whether two layers of one input can be one: the same flags and the same smoothing factor."""
+    """Whether two layers of one input can be one: the same flags, activation group size and smoothing factor."""
     def flags(m: QuaffLinear) -> tuple:
-        return m.w_outlier.dtype, m.momentum, m.exact_grad, m.prescaled, m.in_features, m.training, m.w_int8_t is None
+        return (m.w_outlier.dtype, m.momentum, m.exact_grad, m.prescaled, m.in_features, m.training, m.w_int8_t is None,
+                m.act_group)
 
     sa, sb = a.inv_smooth, b.inv_smooth
     return flags(a) == flags(b) and (sa is None) == (sb is None) and (sa is None or torch.equal(sa, sb))

@@ -130,7 +130,8 @@ class RewriteLinear(QuaffPass):
             report.add(node=site.node.name, module=site.module_name, in_features=site.in_features,
                        out_features=site.out_features,
                        outliers=k, bytes_before=before, bytes_after=after, bytes_saved=before - after,
-                       outlier_bytes=k * site.out_features * weight.element_size(), status="rewritten",
+                       outlier_bytes=k * site.out_features * weight.element_size(),
+                       act_group=annotation.layer.act_group, status="rewritten",
                        **{key: round(v, 4) for key, v in seconds.get(site.module_name, {}).items()})
         modified = bool(report.rows)
         if modified:

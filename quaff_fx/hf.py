@@ -2,6 +2,7 @@
 ``generate()``, PEFT and the Trainer keep working on the Hugging Face model itself."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -55,8 +56,9 @@ def quantize_model_(model: nn.Module, annotations: dict[str, QuaffAnnotation], c
 
 
 def naive_w8a8_(model: nn.Module, config: QuaffConfig | None = None) -> list[str]:
-    """The baseline: the same int8 scheme with no outlier handling, on every eligible Linear."""
-    config = config or QuaffConfig()
+    """The baseline: the same int8 scheme with no outlier handling and per-token activation scales, on every
+    eligible Linear (``config``'s act_group is not applied: naive W8A8 stays the per-token baseline)."""
+    config = dataclasses.replace(config or QuaffConfig(), act_group=0)
     names = eligible_linears(model, config)
     no_outliers = {n: QuaffAnnotation(n, torch.zeros(0, dtype=torch.long), torch.zeros(0), 0.0) for n in names}
     return quantize_model_(model, no_outliers, config)
@@ -70,7 +72,8 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]], granularity: str = "channel") -> None:
     """Put empty QuaffLinears of the recorded shapes in place, ready for ``load_state_dict``. ``granularity``: the
-    weight granularity of layers whose spec does not record it (artifacts written before it did: the config's)."""
+    weight granularity of layers whose spec does not record it (artifacts written before it did: the config's).
+    A spec without ``act_group`` was written before per-group activation scales existed: per token (0)."""
     for name, spec in layers.items():
         try:
             linear = model.get_submodule(name)
@@ -81,11 +84,16 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]], granula
             raise QuaffError(f"artifact layer {name!r} ({spec['in_features']}x{spec['out_features']}) does not "
                              f"match the model's {linear}")
         weight, bias = wb
+        act_group = spec.get("act_group", 0)
+        if isinstance(act_group, bool) or not isinstance(act_group, int) or act_group < 0:
+            raise QuaffError(f"artifact layer {name!r} has act_group {act_group!r}; an integer >= 0 was expected "
+                             "(the manifest is damaged or was edited)")
         set_submodule(model, name, QuaffLinear(spec["in_features"], spec["out_features"], len(spec["outliers"]),
                                                bias is not None, weight.dtype, weight.device,
                                                spec.get("momentum", MOMENTUM), spec.get("exact_grad", False),
                                                spec.get("smoothed", False),
-                                               spec.get("weight_granularity", granularity)).train(linear.training))
+                                               spec.get("weight_granularity", granularity),
+                                               act_group).train(linear.training))
 
 
 def register_peft(peft_config):

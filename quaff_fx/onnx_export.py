@@ -4,7 +4,10 @@ Per layer: X̂ = X · 1/s / S (the smoothing's 1/s where the layer has one; S sc
 per-token symmetric int8 quantization
 (ReduceMax, Div, Round, Clip, Cast), ``MatMulInteger`` with the int8 weight (an int8 initializer),
 dequantization by the token and channel scales, the outlier correction ``MatMul(Gather(X̂), ((S-1)·W_o)ᵀ)``
-and the bias. Batch and sequence axes are dynamic. Validated with ``onnx.checker`` (full check).
+and the bias. A layer with ``act_group`` G (per-group activation scales): X̂ and the int8 weight padded with zeros
+to whole groups of G input channels (Pad), reshaped to [tokens, groups, G], quantized per group, one batched
+``MatMulInteger`` over the groups, each group's product scaled by its step and summed (ReduceSum).
+Batch and sequence axes are dynamic. Validated with ``onnx.checker`` (full check).
 """
 from __future__ import annotations
 
@@ -30,24 +33,50 @@ def _translation(opset: int):
 
     op = onnxscript.values.Opset("", opset)
 
+    def const(value: float, like):
+        return op.CastLike(op.Constant(value_float=value), like)
+
+    def quantize(x):
+        """Symmetric int8 over the last axis: (q int8, step), step = max|x| / 127 (1 where all zero), keepdims."""
+        absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+        step = op.Where(op.Greater(absmax, const(0.0, x)), op.Div(absmax, const(127.0, x)), const(1.0, x))
+        q = op.Cast(op.Clip(op.Round(op.Div(x, step)), const(-127.0, x), const(127.0, x)), to=ir.DataType.INT8)
+        return q, step
+
+    def grouped_matmul(x, w_int8, k, group: int):
+        """Σ_g step[:, g] · (q_g · w_gᵀ) for x [..., K] quantized per (row, group of ``group`` channels), as
+        [rows, N]: x and W padded with zeros to whole groups, one batched MatMulInteger over the groups."""
+        g = op.Constant(value_ints=[group])
+        pad = op.Mod(op.Sub(g, op.Mod(k, g)), g)  # zeros to the next whole group (none when G divides K)
+        n_groups = op.Div(op.Add(k, pad), g)
+        minus_one = op.Constant(value_ints=[-1])  # the rows (a Reshape), the last axis (Pad's axes)
+        pads = op.Concat(op.Constant(value_ints=[0]), pad, axis=0)
+        xg = op.Reshape(op.Pad(x, pads, const(0.0, x), minus_one), op.Concat(minus_one, n_groups, g, axis=0))
+        q, step = quantize(xg)  # [M, ng, G] int8, [M, ng, 1]
+        wg = op.Reshape(op.Pad(w_int8, pads, op.Constant(value=ir.tensor(0, dtype=ir.DataType.INT8)),
+                               op.Constant(value_ints=[1])),
+                        op.Concat(op.Shape(w_int8, start=0, end=1), n_groups, g, axis=0))  # [N, ng, G]
+        acc = op.MatMulInteger(op.Transpose(q, perm=[1, 0, 2]), op.Transpose(wg, perm=[1, 2, 0]))  # [ng, M, N]
+        scaled = op.Mul(op.CastLike(acc, x), op.Transpose(step, perm=[1, 0, 2]))
+        return op.ReduceSum(scaled, op.Constant(value_ints=[0]), keepdims=0)
+
     def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
-                     exact_grad=False, inv_smooth=None, w_int8_t=None):
+                     exact_grad=False, inv_smooth=None, w_int8_t=None, act_group=0):
         k = op.Shape(w_int8, start=1, end=2)
         if not prescaled and inv_smooth is not None:  # the smoothing's 1/s (1 on the outlier channels)
             x = op.Mul(x, op.CastLike(inv_smooth, x))
         if not prescaled:
-            ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), x), k)
+            ones = op.Expand(const(1.0, x), k)
             x = op.Div(x, op.ScatterElements(ones, outlier_idx, op.CastLike(act_scale, x), axis=0))
-        absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-        zero = op.CastLike(op.Constant(value_float=0.0), x)
-        step = op.Where(op.Greater(absmax, zero), op.Div(absmax, op.CastLike(op.Constant(value_float=127.0), x)),
-                        op.CastLike(op.Constant(value_float=1.0), x))
-        lo, hi = op.CastLike(op.Constant(value_float=-127.0), x), op.CastLike(op.Constant(value_float=127.0), x)
-        q = op.Cast(op.Clip(op.Round(op.Div(x, step)), lo, hi), to=ir.DataType.INT8)
-        acc = op.MatMulInteger(q, op.Transpose(w_int8, perm=[1, 0]))
-        y = op.Mul(op.Mul(op.CastLike(acc, x), step), op.CastLike(w_scale, x))
-        one = op.CastLike(op.Constant(value_float=1.0), x)
-        corr_w = op.Mul(op.CastLike(w_outlier, x), op.Sub(op.CastLike(act_scale, x), one))
+        if act_group:
+            rows = grouped_matmul(x, w_int8, k, act_group)
+            out_shape = op.Concat(op.Shape(x, start=0, end=-1), op.Shape(w_int8, start=0, end=1), axis=0)
+            y = op.Mul(op.Reshape(rows, out_shape), op.CastLike(w_scale, x))
+        else:
+            q, step = quantize(x)
+            acc = op.MatMulInteger(q, op.Transpose(w_int8, perm=[1, 0]))
+            y = op.Mul(op.Mul(op.CastLike(acc, x), step), op.CastLike(w_scale, x))
+        corr_w = op.Mul(op.CastLike(w_outlier, x), op.Sub(op.CastLike(act_scale, x), const(1.0, x)))
         y = op.Add(y, op.MatMul(op.Gather(x, outlier_idx, axis=-1), op.Transpose(corr_w, perm=[1, 0])))
         if bias is not None:
             y = op.Add(y, op.CastLike(bias, x))

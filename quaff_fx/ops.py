@@ -2,13 +2,15 @@
 autograd formula, so ``torch.export`` and ``torch.compile`` see one op per layer and no graph break.
 
 quaff::linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, exact_grad, inv_smooth,
-              w_int8_t) -> y
+              w_int8_t, act_group) -> y
     y = deq(Q_token(X̂) · W_intᵀ) + X̂_o · ((S_o − 1) · W_o)ᵀ + b,   X̂ = X · inv_smooth / S
     (S = S_o on the outlier channels, 1 elsewhere; ``inv_smooth`` = 1/s of SmoothQuant-style smoothing, whose
     s the int8 weight holds, or None; ``prescaled``: x arrives as X̂ already, a norm before the layer having
     absorbed 1/S and 1/s). ``w_int8_t``: an optional transposed int8 copy of the weight [K, N] that the CUDA
     backward multiplies in int8 (the int8 tensor cores take K-major operands only; without it the CUDA backward
-    makes a transient one per call); the forward does not read it.
+    makes a transient one per call); the forward does not read it. ``act_group`` G > 0: X̂ is quantized per
+    (token, group of G consecutive input channels) instead of per token, deq(·) = w_scale · Σ_g s_g · (Q_g · W_gᵀ)
+    (see kernels.reference); the backward does not depend on it.
     Every tensor argument is a module buffer, so graph passes can treat them as constants.
 quaff::linear_grad_input(grad, w_int8, w_scale, exact, inv_smooth, w_int8_t) -> grad_x
     grad_x = (grad · W) · inv_smooth, W the dequantized int8 weight (int8 GEMM on a per-row quantized
@@ -48,19 +50,21 @@ def _(x):
 @torch.library.custom_op("quaff::linear", mutates_args=())
 def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_scale: Tensor, w_outlier: Tensor,
            bias: Optional[Tensor] = None, prescaled: bool = False, exact_grad: bool = False,
-           inv_smooth: Optional[Tensor] = None, w_int8_t: Optional[Tensor] = None) -> Tensor:
+           inv_smooth: Optional[Tensor] = None, w_int8_t: Optional[Tensor] = None, act_group: int = 0) -> Tensor:
+    torch._check(act_group >= 0, lambda: f"quaff::linear: act_group must be >= 0, got {act_group}")
     act_div = torch.ones_like(act_scale) if prescaled else act_scale
     w_corr = reference.correction_weight(w_outlier, act_scale)
     x2 = _flat(x) if inv_smooth is None or prescaled else _flat(x) * inv_smooth.to(x.dtype)
-    out = cpu.quaff_linear(x2, w_int8, w_scale, outlier_idx, act_div, w_corr, bias)
+    out = cpu.quaff_linear(x2, w_int8, w_scale, outlier_idx, act_div, w_corr, bias, act_group)
     return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
 
 
 @linear.register_fake
 def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False,
-      inv_smooth=None, w_int8_t=None):
+      inv_smooth=None, w_int8_t=None, act_group=0):
     torch._check(x.shape[-1] == w_int8.shape[1],
                  lambda: f"quaff::linear: x has {x.shape[-1]} features, the weight {w_int8.shape[1]}")
+    torch._check(act_group >= 0, lambda: f"quaff::linear: act_group must be >= 0, got {act_group}")
     return x.new_empty(*x.shape[:-1], w_int8.shape[0])
 
 
@@ -79,7 +83,7 @@ def _(grad, w_int8, w_scale, exact=False, inv_smooth=None, w_int8_t=None):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_int8, w_scale, _idx, _scale, _w_o, bias, prescaled, exact_grad, inv_smooth, w_int8_t = inputs
+    x, w_int8, w_scale, _idx, _scale, _w_o, bias, prescaled, exact_grad, inv_smooth, w_int8_t, _act_group = inputs
     ctx.save_for_backward(w_int8, w_scale, None if prescaled else inv_smooth, w_int8_t)
     ctx.exact_grad = exact_grad
     ctx.has_bias = bias is not None
@@ -91,7 +95,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad, inv_smooth, w_int8_t)
     grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
-    return grad_x, None, None, None, None, None, grad_b, None, None, None, None
+    return grad_x, None, None, None, None, None, grad_b, None, None, None, None, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
@@ -108,8 +112,9 @@ def _register_cuda() -> bool:
 
     @torch.library.register_kernel("quaff::linear", "cuda")
     def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False, exact_grad=False,
-          inv_smooth=None, w_int8_t=None):
-        out = tk.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, inv_smooth)
+          inv_smooth=None, w_int8_t=None, act_group=0):
+        out = tk.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, inv_smooth,
+                              act_group)
         return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
     @torch.library.register_kernel("quaff::linear_grad_input", "cuda")

@@ -32,6 +32,8 @@ class QuaffLinear(nn.Linear):
     ``smoothed``: SmoothQuant-style smoothing of the other channels: x is multiplied by ``inv_smooth`` = 1/s
     (inside the op, with 1/S) and the int8 weight holds W·s (s = 1 on the outlier channels, which Quaff's
     scaling handles).
+    ``act_group``: 0 quantizes X̂ per token; G > 0 per (token, group of G consecutive input channels), each group's
+    int8 products scaled by its own activation scale (a plain int attribute: the scales are computed per call).
     On CUDA, grad_X is computed in int8 on a transient transposed copy of W by default (made per backward call);
     ``int8_backward_()`` keeps that copy as ``w_int8_t`` [in, out] instead (not saved; one more byte per weight),
     and ``ops.set_grad_x_mode("dequantize")`` computes grad_X on the dequantized W.
@@ -39,9 +41,12 @@ class QuaffLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, n_outliers: int = 0, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device=None, momentum: float = MOMENTUM, exact_grad: bool = False,
-                 smoothed: bool = False, weight_granularity: str = "channel"):
+                 smoothed: bool = False, weight_granularity: str = "channel", act_group: int = 0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the FP weight
+        if isinstance(act_group, bool) or not isinstance(act_group, int) or act_group < 0:
+            raise QuaffError(f"act_group must be an integer >= 0 (0: per token), got {act_group!r}")
         self.in_features, self.out_features = in_features, out_features
+        self.act_group = act_group  # activation group size (0: per token); recorded in artifacts
         self.weight_granularity = weight_granularity  # 'channel' | 'tensor': kept by add_delta_, recorded in artifacts
         self.momentum, self.exact_grad, self.prescaled = momentum, exact_grad, False
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -58,24 +63,26 @@ class QuaffLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, outlier_channels: Sequence[int] | torch.Tensor = (),
                     act_max: torch.Tensor | None = None, weight_granularity: str = "channel",
-                    momentum: float = MOMENTUM, exact_grad: bool = False) -> "QuaffLinear":
+                    momentum: float = MOMENTUM, exact_grad: bool = False, act_group: int = 0) -> "QuaffLinear":
         """Quantize ``linear``. ``act_max`` (max|x| per input channel from calibration) sets the initial
         scales; without it they start at 1 and are learned from the first training batches."""
         return cls.from_weight(linear.weight, linear.bias, outlier_channels, act_max, weight_granularity, momentum,
-                               exact_grad)
+                               exact_grad, act_group=act_group)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, outlier_channels=(), act_max=None,
                     weight_granularity: str = "channel", momentum: float = MOMENTUM, exact_grad: bool = False,
-                    smooth_alpha: float | None = None, smooth_w_max: torch.Tensor | None = None) -> "QuaffLinear":
+                    smooth_alpha: float | None = None, smooth_w_max: torch.Tensor | None = None,
+                    act_group: int = 0) -> "QuaffLinear":
         """``smooth_alpha`` (needs the full per-channel ``act_max``): also smooth the non-outlier channels,
         s = max|X|^α / max|W|^(1−α) (SmoothQuant), folded into the int8 weight. ``smooth_w_max``: max|W|
-        per input column over all layers reading this input (default: this weight's), so siblings agree on s."""
+        per input column over all layers reading this input (default: this weight's), so siblings agree on s.
+        ``act_group``: the activation group size (0: per token)."""
         weight = weight.detach()
         idx = torch.as_tensor(outlier_channels, dtype=torch.long, device=weight.device).flatten()
         out_f, in_f = weight.shape
         mod = cls(in_f, out_f, idx.numel(), bias is not None, weight.dtype, weight.device, momentum, exact_grad,
-                  smoothed=smooth_alpha is not None, weight_granularity=weight_granularity)
+                  smoothed=smooth_alpha is not None, weight_granularity=weight_granularity, act_group=act_group)
         if smooth_alpha is not None:
             if act_max is None:
                 raise QuaffError("smoothing needs the calibrated max|x| of every input channel: pass act_max, "
@@ -100,15 +107,17 @@ class QuaffLinear(nn.Linear):
     def from_annotation(cls, weight: torch.Tensor, bias: torch.Tensor | None, annotation: "QuaffAnnotation",
                         config: "QuaffConfig") -> "QuaffLinear":
         """The QuaffLinear an annotated layer gets (the int8 weight rounded to nearest; GPTQ rounding, where the
-        annotation asks for it, is a later step): outliers, scales and smoothing as the annotation says."""
+        annotation asks for it, is a later step): outliers, scales and smoothing as the annotation says, the
+        activation group size as the config gives it for this layer."""
         smooth = annotation.smooth
         return cls.from_weight(weight, bias, annotation.outliers, annotation.act_max, config.weight_granularity,
                                config.momentum, config.exact_grad, None if smooth is None else smooth.alpha,
-                               None if smooth is None else smooth.w_max)
+                               None if smooth is None else smooth.w_max, config.act_group_of(annotation.module))
 
     @classmethod
     def from_parts(cls, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
-                   exact_grad=False, inv_smooth=None, w_int8_t=None, momentum: float = MOMENTUM) -> "QuaffLinear":
+                   exact_grad=False, inv_smooth=None, w_int8_t=None, act_group: int = 0,
+                   momentum: float = MOMENTUM) -> "QuaffLinear":
         """A QuaffLinear around existing tensors (shared, not copied): the arguments of a quaff::linear call."""
         mod = cls(0, 0, 0, bias=False)
         mod.in_features, mod.out_features = int(w_int8.shape[1]), int(w_int8.shape[0])
@@ -119,7 +128,7 @@ class QuaffLinear(nn.Linear):
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias, requires_grad=False)
         mod.bias = bias
-        mod.prescaled, mod.exact_grad, mod.momentum = prescaled, exact_grad, momentum
+        mod.prescaled, mod.exact_grad, mod.momentum, mod.act_group = prescaled, exact_grad, momentum, int(act_group)
         return mod.eval()
 
     @property
@@ -164,7 +173,8 @@ class QuaffLinear(nn.Linear):
         if self.training and self.outlier_idx.numel():
             self._update_scales(x)  # the smoothing leaves the outlier channels alone (s = 1 there)
         return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.act_scale, self.w_outlier,
-                                      self.bias, self.prescaled, self.exact_grad, self.inv_smooth, self.w_int8_t)
+                                      self.bias, self.prescaled, self.exact_grad, self.inv_smooth, self.w_int8_t,
+                                      self.act_group)
 
     @torch.no_grad()
     def _update_scales(self, x: torch.Tensor) -> None:
@@ -182,6 +192,7 @@ class QuaffLinear(nn.Linear):
                 f"outliers={self.outlier_idx.numel()}, "
                 + ("prescaled, " if self.prescaled else "") + ("smoothed, " if self.inv_smooth is not None else "") +
                 ("int8 backward, " if self.w_int8_t is not None else "") +
+                (f"act_group={self.act_group}, " if self.act_group else "") +
                 f"bias={self.bias is not None}, weight=int8[{self.w_scale.numel()} scales], "
                 f"w_outlier={self.w_outlier.dtype}")
 

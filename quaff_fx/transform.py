@@ -140,4 +140,4 @@ def layer_spec(module: QuaffLinear, annotation: QuaffAnnotation | None = None) -
             "outliers": module.outlier_idx.tolist(),
             "max_mean_ratio": None if annotation is None else annotation.max_mean_ratio, "momentum": module.momentum,
             "exact_grad": module.exact_grad, "smoothed": module.inv_smooth is not None,
-            "weight_granularity": module.weight_granularity}
+            "weight_granularity": module.weight_granularity, "act_group": module.act_group}

@@ -75,6 +75,10 @@ def test_the_artifact_loads_to_the_logits_of_the_same_quantize_in_process(artifa
     ids = torch.randint(0, 256, (2, 30))
     assert torch.equal(back.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
     assert manifest["version"] == 1 and len(manifest["layers"]) == 14
+    # the default preset's per-group activation scales on down_proj, recorded per layer and restored
+    assert {n: s["act_group"] for n, s in manifest["layers"].items()} == {
+        n: 128 if n.endswith("down_proj") else 0 for n in manifest["layers"]}
+    assert manifest["config"]["act_group"] == 128 and back.model.model.layers[1].mlp.down_proj.act_group == 128
 
 
 def test_transform_is_deterministic(artifact, tiny_model_dir, tmp_path, capsys):
@@ -111,6 +115,7 @@ def test_inspect_artifact(artifact, capsys):
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--threshold", "0"], "threshold must be > 0"),
     (["calibrate", "{model}", "--out", "{tmp}/s.st", "--seq-len", "0"], "--seq-len must be >= 1"),
     (["calibrate", "{model}", "--out", "{tmp}/missing/s.st"], "does not exist"),
+    (["transform", "{model}", "--out", "{tmp}/a", "--act-group", "-1"], "--act-group must be >= 0"),
     pytest.param(["transform", "{model}", "--out", "{tmp}/a", "--exclude", "*", *FAST], "no eligible Linear",
                  marks=pytest.mark.slow),  # a capture to fail: test_passes' fast test raises the same error
     (["inspect", "{tmp}/nothing"], "does not exist"),

@@ -102,12 +102,13 @@ def test_presets_by_name_unchanged():
     assert set(PRESETS) == {"default", "accurate", "fast", "paper"}
     assert QuaffConfig.preset("accurate") == QuaffConfig.preset("default") == QuaffConfig()
     fast, paper = QuaffConfig.preset("fast"), QuaffConfig.preset("paper")
-    assert (fast.smooth_alpha, fast.weight_rounding) == (None, "nearest")
+    assert (fast.smooth_alpha, fast.weight_rounding, fast.act_group) == (None, "nearest", 0)
     assert fast.outliers == OutlierConfig("top_abs", 100.0, 0.01)
-    assert (paper.smooth_alpha, paper.weight_rounding) == (None, "nearest")
+    assert (paper.smooth_alpha, paper.weight_rounding, paper.act_group) == (None, "nearest", 0)
     assert paper.outliers == OutlierConfig("mean_times", 100.0, 0.01)
     default = QuaffConfig()
     assert default.weight_rounding == "gptq" and default.smooth_shared and default.outliers.strategy == "top_abs"
+    assert default.act_group == 128 and default.act_group_layers == ("down_proj", "fc2", "dense_4h_to_h", "w2")
 
 
 def test_summarize_reports_mean_and_worst_text():

@@ -130,7 +130,7 @@ def down_proj_act_patched():
 
 
 def candidates(labels: list[str]) -> dict[str, DownProjActConfig]:
-    base = QuaffConfig.preset("default")
+    base = QuaffConfig.preset("default", act_group=0)  # per token in the library: the probe's patch does the rest
     same = {f.name: getattr(base, f.name) for f in fields(QuaffConfig)}
     return {label: DownProjActConfig(**same, down_proj_act=MODES[label]) for label in labels}
 

@@ -38,6 +38,10 @@ def add_outlier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smooth-per-layer", action="store_true", default=None,
                    help="with smoothing: each layer its own factor instead of one per input "
                         "(siblings then cannot be fused)")
+    g.add_argument("--act-group", type=int, default=None, metavar="N",
+                   help="activation scales of the MLP output projections (down_proj, fc2, dense_4h_to_h, w2): one per "
+                        "(token, group of N input channels); 0 = per token (the default preset's 128; fast and "
+                        "paper: 0)")
     g.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
                    help="int8 weight rounding: nearest | gptq (error-compensated with XᵀX of the calibration "
                         "batches; the default preset's)")
@@ -151,7 +155,9 @@ def quaff_config(args: argparse.Namespace):
     outliers = OutlierConfig(args.strategy or base.strategy,
                              base.threshold if args.threshold is None else args.threshold,
                              base.max_ratio if args.max_ratio is None else args.max_ratio, channels)
-    given = {k: v for k, v in (("weight_rounding", args.weight_rounding),
+    if args.act_group is not None and args.act_group < 0:
+        raise QuaffError(f"--act-group must be >= 0 (0: per token), got {args.act_group}")
+    given = {k: v for k, v in (("weight_rounding", args.weight_rounding), ("act_group", args.act_group),
                                ("smooth_shared", None if args.smooth_per_layer is None else False)) if v is not None}
     return QuaffConfig.preset(args.preset, outliers=outliers, include=tuple(args.include or ("*",)),
                               exclude=tuple(args.exclude or DEFAULT_EXCLUDE), **given, **_smoothing(args.smooth_alpha))

@@ -3,7 +3,9 @@
 Fast kernels are tested against these functions. Shapes: x [M, K], w_int8 [N, K] (row-major, one row
 per output channel), w_scale [N], outlier_idx [k], act_div [k] (what the outlier channels are divided
 by: S_o, or 1 where a norm already did it), w_corr [N, k] = (S_o − 1) · W_o (W_o: the FP weight columns of
-the outlier input channels; the paper's W_o rows in its [in, out] layout).
+the outlier input channels; the paper's W_o rows in its [in, out] layout). ``act_group`` G > 0: X̂ is quantized
+per (row, group of G consecutive columns; the last group may be shorter) instead of per row, and each group's
+integer products are scaled by its own activation scale: y = w_scale · Σ_g s[:, g] · (q_g · w_int8_gᵀ).
 """
 from __future__ import annotations
 
@@ -19,6 +21,25 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
     q = torch.round(x / scale.unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
+
+
+def n_groups(k: int, group: int) -> int:
+    """How many activation groups ``k`` input channels form with group size ``group`` (0: one, per row)."""
+    return 1 if group <= 0 or group >= k else -(-k // group)
+
+
+def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per (row, group of ``group`` consecutive columns) of 2-D x: q [M, K] int8 and the scales
+    [M, ceil(K/group)] (max|x| of the group / 127; all-zero groups get 1). ``group`` 0 (or >= K): one group,
+    quantize_rows's numbers with the scale shaped [M, 1]."""
+    m, k = x.shape
+    if n_groups(k, group) == 1:
+        q, scale = quantize_rows(x)
+        return q, scale[:, None]
+    n = n_groups(k, group)
+    padded = torch.nn.functional.pad(x.float(), (0, n * group - k))  # zeros change no group's max
+    q, scale = quantize_rows(padded.reshape(m, n, group))
+    return q.reshape(m, n * group)[:, :k].contiguous(), scale
 
 
 def quantize_weight(w: torch.Tensor, granularity: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +85,19 @@ def correction_weight(w_outlier: torch.Tensor, act_scale: torch.Tensor) -> torch
     return w_outlier * (act_scale.to(w_outlier.dtype) - 1.0)
 
 
-def quaff_linear(x, w_int8, w_scale, outlier_idx, act_div, w_corr, bias=None) -> torch.Tensor:
-    """Y = deq(Q(X̂) W_intᵀ) + X̂_o w_corrᵀ + b, in fp32, for 2-D x."""
+def quaff_linear(x, w_int8, w_scale, outlier_idx, act_div, w_corr, bias=None, act_group: int = 0) -> torch.Tensor:
+    """Y = deq(Q(X̂) W_intᵀ) + X̂_o w_corrᵀ + b, in fp32, for 2-D x; Q per row, or per (row, group of
+    ``act_group`` columns) with each group's exact integer products scaled by its own scale."""
     x_hat, x_hat_o = scale_activations(x, outlier_idx, act_div)
-    q, sx = quantize_rows(x_hat)
-    acc = q.double() @ w_int8.double().t()
-    out = (acc * sx.double()[:, None] * w_scale.double()[None, :]).float()
+    if n_groups(x_hat.shape[1], act_group) == 1:
+        q, sx = quantize_rows(x_hat)
+        acc = q.double() @ w_int8.double().t()
+        out = (acc * sx.double()[:, None] * w_scale.double()[None, :]).float()
+    else:
+        q, sx = quantize_groups(x_hat, act_group)
+        acc = sum((q[:, s:s + act_group].double() @ w_int8[:, s:s + act_group].double().t()) * sx[:, g, None].double()
+                  for g, s in enumerate(range(0, x_hat.shape[1], act_group)))
+        out = (acc * w_scale.double()[None, :]).float()
     if outlier_idx.numel():
         out = out + x_hat_o @ w_corr.float().t()
     return out if bias is None else out + bias.float()
