@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 
 from .calibration import CalibrationStats
 from .config import QuaffConfig
+from .corpus import DEFAULT_BATCHES
 from .errors import QuaffError
 from .report import PassReport
 
@@ -29,12 +30,12 @@ PHASE_NAMES = {"xtx": "XᵀX", "gptq": "GPTQ"}
 class CalibrationConfig:
     """What the calibration runs: ``token_batches`` (ready [batch, seq] LongTensors) or token windows of ``texts``
     (text files, datasets or 'bundled' for the calibration corpus, see ``quaff_fx.corpus``; empty: the
-    bundled Apache-2.0 text), at most
+    bundled corpus), at most
     ``num_batches`` batches of ``batch_size`` x ``seq_len``. ``device``: where the model runs (None: where it is)."""
 
     texts: tuple[str, ...] = ()
     token_batches: tuple[torch.Tensor, ...] | None = None
-    num_batches: int | None = 4  # of texts; () = the bundled Apache-2.0 text ('bundled' = the corpus; README)
+    num_batches: int | None = DEFAULT_BATCHES  # of texts; () = the bundled corpus (README, Accuracy)
     batch_size: int = 2
     seq_len: int = 256
     device: str | torch.device | None = None
@@ -144,7 +145,7 @@ def quantize_(model: nn.Module, config: Any = None, calibration: CalibrationConf
               stats: CalibrationStats | None = None, progress: bool | Callable = False) -> QuantizeResult:
     """Quantize ``model`` in place as ``config`` says (default ``QuaffConfig()``) and return what was done.
 
-    ``calibration``: the data (default ``CalibrationConfig()``: the bundled Apache-2.0 text, which needs ``tokenizer``);
+    ``calibration``: the data (default ``CalibrationConfig()``: the bundled corpus, which needs ``tokenizer``);
     ``stats``: reuse saved calibration stats instead of calibrating (GPTQ rounding still reads the batches of
     ``calibration`` for XᵀX). ``progress``: True prints phase lines on stderr; a callable wraps the batch iterable.
     """

@@ -9,6 +9,7 @@ import torch
 from quaff_fx.config import PRESETS, OutlierConfig, QuaffConfig
 from quaff_fx.corpus import (
     BUNDLED,
+    DEFAULT_BATCHES,
     DEFAULT_TEXT,
     calibration_batches,
     calibration_windows,
@@ -62,12 +63,15 @@ def test_bundled_corpus_mixes_every_source_deterministically(tiny_tokenizer):
         assert torch.equal(batch[0], tokenize(tiny_tokenizer, read_text(source.path))[:64]), source.name
 
 
-def test_the_default_is_the_apache_text_in_consecutive_windows(tiny_tokenizer):
-    ids = tokenize(tiny_tokenizer, read_text(None, "calibration"))
-    got = calibration_batches(tiny_tokenizer, (), num_batches=2, batch_size=2, seq_len=64)
-    assert [b.shape for b in got] == [(2, 64), (2, 64)]
-    assert torch.equal(torch.cat(got).flatten(), ids[: 4 * 64])
-    assert describe(()) == DEFAULT_TEXT and describe((BUNDLED,)) == "bundled corpus"
+def test_the_default_is_the_bundled_corpus(tiny_tokenizer):
+    """An empty spec calibrates on the corpus (every source in turn), as 'bundled' does, DEFAULT_BATCHES by default."""
+    from quaff_fx import CalibrationConfig
+
+    got = calibration_batches(tiny_tokenizer, (), num_batches=4, batch_size=2, seq_len=64)
+    want = calibration_batches(tiny_tokenizer, (BUNDLED,), num_batches=4, batch_size=2, seq_len=64)
+    assert [b.shape for b in got] == [(2, 64)] * 4 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert describe(()) == DEFAULT_TEXT == describe((BUNDLED,)) == "bundled corpus"
+    assert CalibrationConfig().num_batches == DEFAULT_BATCHES == 4 and CalibrationConfig().describe() == DEFAULT_TEXT
 
 
 def test_user_text_and_bundled_corpus_share_half_and_half(tiny_tokenizer, tmp_path):

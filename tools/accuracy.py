@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from quaff_fx import QuaffConfig
 from quaff_fx.baselines import NaiveW8A8Config, SmoothQuantConfig
-from quaff_fx.corpus import BUNDLED, calibration_batches
+from quaff_fx.corpus import BUNDLED, DEFAULT_BATCHES, calibration_batches
 from quaff_fx.data import batches, bundled_text_path, read_text, tokenize
 from quaff_fx.evaluate import perplexity
 from quaff_fx.model_loading import load_model
@@ -32,7 +32,6 @@ DATA = bundled_text_path().parent
 # changelog (bash)
 REPORTED = ("gpl-3.0.txt", "gfdl-1.3.txt", "python-reference.txt", "vim-user-manual.txt", "python-faq.txt",
             "python-stdlib-code.txt", "bash-changes.txt")
-DEFAULT_BATCHES = 16  # = CalibrationConfig.num_batches
 
 
 def quantized(model, config, calib: list | None = None, stats=None):

@@ -36,6 +36,7 @@ import torch
 
 from quaff_fx import CalibrationConfig, QuaffConfig, quantize_, rounding
 from quaff_fx import quantize as quantize_module
+from quaff_fx.corpus import DEFAULT_BATCHES
 from quaff_fx.io import build_manifest, save_quantized
 from quaff_fx.model_loading import load_model
 
@@ -50,7 +51,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--preset", default="default")
-    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batches", type=int, default=DEFAULT_BATCHES)
     p.add_argument("--json", default=None)
     p.add_argument("--snapshot", default=None, help="CUDA: write the allocator's memory snapshot here (.pickle)")
     p.add_argument("--cpu-peak", action="store_true", help="CPU proxy: peak of live tensor bytes vs the weights")

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..corpus import DEFAULT_BATCHES
 from ..errors import QuaffError
 
 MODEL_HELP = "'smollm2' (default, the embedded SmolLM2-135M-Instruct), a .gguf file or a Hugging Face model folder"
@@ -52,9 +53,9 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", dest="calib", action="append", default=None, metavar="TEXT",
                    help="calibration text file or dataset (.jsonl/.json/.csv/.parquet, a saved datasets folder) or "
                         "'bundled'; repeatable, each an equal share of the windows"
-                        " (default: the bundled apache-2.0.txt; 'bundled' = the calibration corpus)")
+                        " (default: the bundled calibration corpus, 'bundled')")
     g.add_argument("--data", dest="calib", action="append", help=argparse.SUPPRESS)  # calibrate's old name
-    g.add_argument("--batches", type=int, default=4, help="calibration batches")
+    g.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="calibration batches")
     g.add_argument("--batch-size", type=int, default=2, help="windows per batch")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per window")
 

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..corpus import DEFAULT_BATCHES
 from ..distributed import SCALE_SYNCS
 from ..errors import QuaffError
 from ..io import is_artifact
@@ -352,7 +353,7 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="calibration text or dataset, repeatable (default: the bundled apache-2.0.txt; 'bundled' = the corpus)",
     )
-    g.add_argument("--calib-batches", type=int, default=4, help="calibration batches")
+    g.add_argument("--calib-batches", type=int, default=DEFAULT_BATCHES, help="calibration batches")
     g.add_argument("--calib-batch-size", type=int, default=2, help="windows per calibration batch")
     g.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
 
