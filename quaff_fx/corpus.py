@@ -15,6 +15,7 @@ so ``("mine.txt", "bundled")`` is half the user's text and half the corpus. Ever
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -87,7 +88,22 @@ def corpus_windows(tokenizer, seq_len: int, exclude: Sequence[str] = (),
     if unknown:
         raise QuaffError(f"unknown corpus source(s) {', '.join(unknown)}; the corpus has {', '.join(sorted(names))}")
     kept = [s for s in sources if s.name not in exclude and (only is None or s.name in only)]
-    return interleave([source_windows(tokenize(tokenizer, read_text(s.path)), seq_len) for s in kept])
+    return interleave([source_windows(source_ids(tokenizer, s.path), seq_len) for s in kept])
+
+
+_SOURCE_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {corpus file: token ids}
+
+
+def source_ids(tokenizer, path: Path) -> torch.Tensor:
+    """The token ids of a bundled corpus file, tokenized once per tokenizer (the files never change; every default
+    calibration reads all of them)."""
+    try:
+        cache = _SOURCE_IDS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: no cache
+        return tokenize(tokenizer, read_text(path))
+    if path not in cache:
+        cache[path] = tokenize(tokenizer, read_text(path))
+    return cache[path]
 
 
 def read_dataset(path: Path) -> str:

@@ -136,3 +136,18 @@ def test_leave_one_source_out_on_a_tiny_model():
         assert run["summary"][label] == summarize(deltas)
     assert run["chosen"] == min(candidates, key=lambda c: run["summary"][c]["mean"])
     assert any(d != 0 for d in fold["delta"].values())  # quantization changed the model
+
+
+def test_corpus_tokenized_once_per_tokenizer_and_batches_are_copies(tiny_tokenizer):
+    """The default calibration tokenizes the corpus files once per tokenizer; the batches it returns share no memory
+    with that cache (writing into one does not change the next call's)."""
+    from quaff_fx import corpus
+
+    first = calibration_batches(tiny_tokenizer, (), num_batches=2, batch_size=2, seq_len=64)
+    cached = dict(corpus._SOURCE_IDS[tiny_tokenizer])
+    assert {s.path for s in corpus_sources()} <= set(cached)
+    assert all(torch.equal(ids, tokenize(tiny_tokenizer, read_text(p))) for p, ids in cached.items())
+    want = [b.clone() for b in first]
+    first[0].fill_(0)
+    again = calibration_batches(tiny_tokenizer, (), num_batches=2, batch_size=2, seq_len=64)
+    assert all(torch.equal(a, w) for a, w in zip(again, want))
