@@ -33,6 +33,14 @@ ACCURATE = {"smooth_alpha": 0.6, "smooth_shared": True, "weight_rounding": "gptq
 PRESET_QUANT = {"default": ACCURATE, "accurate": ACCURATE, "fast": PLAIN, "paper": PLAIN}
 
 
+def check_act_group(value: object) -> int:
+    """``value`` as an activation group size: an integer >= 0 (0: per token), else a QuaffError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise QuaffError(f"act_group must be an integer >= 0 (0: per token; G: per group of G input channels), "
+                         f"got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class OutlierConfig:
     """How outlier input channels are picked from calibration statistics.
@@ -127,10 +135,7 @@ class QuaffConfig:
         a = self.smooth_alpha
         if a is not None and a != "auto" and (isinstance(a, (str, bool)) or not 0.0 < a < 1.0):
             raise QuaffError(f"smooth_alpha must be 'auto', None (off) or a number in (0, 1), got {a!r}")
-        g = self.act_group
-        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-            raise QuaffError(f"act_group must be an integer >= 0 (0: per token; G: per group of G input channels), "
-                             f"got {g!r}")
+        check_act_group(self.act_group)
         names = self.act_group_layers
         if not isinstance(names, tuple) or not all(isinstance(n, str) and n.strip(".") for n in names):
             raise QuaffError(f"act_group_layers must be a tuple of module-name suffixes such as 'down_proj', "

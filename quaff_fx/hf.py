@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .annotation import QuaffAnnotation
-from .config import MOMENTUM, QuaffConfig
+from .config import MOMENTUM, QuaffConfig, check_act_group
 from .errors import QuaffError
 from .quaff_linear import QuaffLinear
 
@@ -85,9 +85,11 @@ def quaff_skeleton_(model: nn.Module, layers: dict[str, dict[str, Any]], granula
                              f"match the model's {linear}")
         weight, bias = wb
         act_group = spec.get("act_group", 0)
-        if isinstance(act_group, bool) or not isinstance(act_group, int) or act_group < 0:
+        try:
+            check_act_group(act_group)
+        except QuaffError:
             raise QuaffError(f"artifact layer {name!r} has act_group {act_group!r}; an integer >= 0 was expected "
-                             "(the manifest is damaged or was edited)")
+                             "(the manifest is damaged or was edited)") from None
         set_submodule(model, name, QuaffLinear(spec["in_features"], spec["out_features"], len(spec["outliers"]),
                                                bias is not None, weight.dtype, weight.device,
                                                spec.get("momentum", MOMENTUM), spec.get("exact_grad", False),

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.quaff)
-from .config import MOMENTUM
+from .config import MOMENTUM, check_act_group
 from .distributed import global_max
 from .errors import QuaffError
 from .kernels.reference import outlier_scale, quantize_weight, smooth_factors
@@ -43,8 +43,7 @@ class QuaffLinear(nn.Linear):
                  dtype: torch.dtype = torch.float32, device=None, momentum: float = MOMENTUM, exact_grad: bool = False,
                  smoothed: bool = False, weight_granularity: str = "channel", act_group: int = 0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the FP weight
-        if isinstance(act_group, bool) or not isinstance(act_group, int) or act_group < 0:
-            raise QuaffError(f"act_group must be an integer >= 0 (0: per token), got {act_group!r}")
+        check_act_group(act_group)
         self.in_features, self.out_features = in_features, out_features
         self.act_group = act_group  # activation group size (0: per token); recorded in artifacts
         self.weight_granularity = weight_granularity  # 'channel' | 'tensor': kept by add_delta_, recorded in artifacts
