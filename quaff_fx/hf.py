@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .annotation import QuaffAnnotation
 from .config import MOMENTUM, QuaffConfig, check_act_group
@@ -105,11 +106,45 @@ def register_peft(peft_config):
     return peft_config
 
 
+_FUSED_LORA = {"enabled": True}
+
+
+def fused_lora(enabled: bool = True) -> None:
+    """Whether PEFT's LoRA layers on QuaffLinears compute their adapter inside the base op (the default; on CUDA
+    h · Bᵀ is added in the int8 GEMM's epilogue, with A and B cast to the activations' dtype: mixed precision,
+    the adapter weights and their optimizer state keep their own dtype) or as PEFT does (an [M, N] LoRA output
+    added to the base output, the adapter run in its weights' dtype)."""
+    _FUSED_LORA["enabled"] = bool(enabled)
+
+
 def _quaff_lora_class():
     from peft.tuners import lora
 
     class QuaffLoraLinear(lora.Linear):
-        """LoRA on a QuaffLinear: merging adds B·A·scaling to the weight and re-quantizes it."""
+        """LoRA on a QuaffLinear: the adapter fused into the base op (``fused_lora``) where the layer is a plain
+        LoRA (one active adapter, no DoRA or other variant, no bias on B, not merged); merging adds B·A·scaling
+        to the weight and re-quantizes it."""
+
+        def _fusable_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+            if not _FUSED_LORA["enabled"] or args or kwargs or self.disable_adapters or self.merged:
+                return None
+            active = [a for a in self.active_adapters if a in self.lora_A]
+            if len(active) != 1 or not x.is_floating_point():
+                return None
+            name = active[0]
+            if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
+                return None
+            a, b = self.lora_A[name], self.lora_B[name]
+            if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)) or b.bias is not None:
+                return None
+            return name
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            name = self._fusable_adapter(x, args, kwargs)
+            if name is None:
+                return super().forward(x, *args, **kwargs)
+            h = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype)) * self.scaling[name]
+            return self.get_base_layer()(x, lora=(h, self.lora_B[name].weight.to(x.dtype)))
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             from peft.tuners.tuners_utils import check_adapters_to_merge

@@ -12,6 +12,12 @@ quaff::linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, presc
     (token, group of G consecutive input channels) instead of per token, deq(·) = w_scale · Σ_g s_g · (Q_g · W_gᵀ)
     (see kernels.reference); the backward does not depend on it.
     Every tensor argument is a module buffer, so graph passes can treat them as constants.
+quaff::lora_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, lora_h, lora_b, bias, prescaled, exact_grad,
+                   inv_smooth, w_int8_t, act_group) -> y
+    quaff::linear's y + lora_h · lora_bᵀ: a LoRA adapter on the layer, lora_h = dropout(x) · Aᵀ · scaling [.., r]
+    computed outside (its graph reaches A), lora_b = B [N, r]; on CUDA the term is added in the int8 GEMM's
+    epilogue, so the [M, N] LoRA output and the sum never go through memory. Differentiable in x, lora_h, lora_b
+    (and bias); the term is computed in x's dtype.
 quaff::linear_grad_input(grad, w_int8, w_scale, exact, inv_smooth, w_int8_t) -> grad_x
     grad_x = (grad · W) · inv_smooth, W the dequantized int8 weight (int8 GEMM on a per-row quantized
     gradient unless exact; on CUDA on ``w_int8_t`` or a transient transposed W, see
@@ -47,15 +53,22 @@ def _(x):
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
 
 
-@torch.library.custom_op("quaff::linear", mutates_args=())
-def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_scale: Tensor, w_outlier: Tensor,
-           bias: Optional[Tensor] = None, prescaled: bool = False, exact_grad: bool = False,
-           inv_smooth: Optional[Tensor] = None, w_int8_t: Optional[Tensor] = None, act_group: int = 0) -> Tensor:
+def _forward_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_scale: Tensor,
+                 w_outlier: Tensor, bias: Optional[Tensor], prescaled: bool, inv_smooth: Optional[Tensor],
+                 act_group: int) -> Tensor:
+    """quaff::linear on the CPU kernels: the fp32 [M, N] output for x flattened to 2-D."""
     torch._check(act_group >= 0, lambda: f"quaff::linear: act_group must be >= 0, got {act_group}")
     act_div = torch.ones_like(act_scale) if prescaled else act_scale
     w_corr = reference.correction_weight(w_outlier, act_scale)
     x2 = _flat(x) if inv_smooth is None or prescaled else _flat(x) * inv_smooth.to(x.dtype)
-    out = cpu.quaff_linear(x2, w_int8, w_scale, outlier_idx, act_div, w_corr, bias, act_group)
+    return cpu.quaff_linear(x2, w_int8, w_scale, outlier_idx, act_div, w_corr, bias, act_group)
+
+
+@torch.library.custom_op("quaff::linear", mutates_args=())
+def linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_scale: Tensor, w_outlier: Tensor,
+           bias: Optional[Tensor] = None, prescaled: bool = False, exact_grad: bool = False,
+           inv_smooth: Optional[Tensor] = None, w_int8_t: Optional[Tensor] = None, act_group: int = 0) -> Tensor:
+    out = _forward_cpu(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, inv_smooth, act_group)
     return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
 
 
@@ -89,16 +102,75 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _grad_x(ctx, grad: Tensor, saved: tuple) -> Optional[Tensor]:
+    """grad_X from the saved (w_int8, w_scale, inv_smooth, w_int8_t, ...): ``saved`` is ``ctx.saved_tensors``, read
+    once by the caller (activation checkpointing allows one unpack)."""
+    w_int8, w_scale, inv_smooth, w_int8_t = saved[:4]
+    if not ctx.needs_input_grad[0]:
+        return None
+    return linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad, inv_smooth, w_int8_t)
+
+
+def _grad_bias(ctx, grad: Tensor, index: int) -> Optional[Tensor]:
+    """The bias's gradient if it has one and asks (``needs_input_grad`` stops short where the call's trailing
+    arguments were their defaults: no bias then)."""
+    return _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[index] else None
+
+
 def _backward(ctx, grad):
-    w_int8, w_scale, inv_smooth, w_int8_t = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = linear_grad_input(grad, w_int8, w_scale, ctx.exact_grad, inv_smooth, w_int8_t)
-    grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
+    grad_b = _grad_bias(ctx, grad, 6)
+    grad_x = _grad_x(ctx, grad, ctx.saved_tensors)
     return grad_x, None, None, None, None, None, grad_b, None, None, None, None, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("quaff::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, outlier_idx: Tensor, act_scale: Tensor, w_outlier: Tensor,
+                lora_h: Tensor, lora_b: Tensor, bias: Optional[Tensor] = None, prescaled: bool = False,
+                exact_grad: bool = False, inv_smooth: Optional[Tensor] = None, w_int8_t: Optional[Tensor] = None,
+                act_group: int = 0) -> Tensor:
+    out = _forward_cpu(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, inv_smooth, act_group)
+    out.addmm_(_flat(lora_h.to(x.dtype)).float(), lora_b.to(x.dtype).float().t())
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
+
+
+@lora_linear.register_fake
+def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, lora_h, lora_b, bias=None, prescaled=False,
+      exact_grad=False, inv_smooth=None, w_int8_t=None, act_group=0):
+    torch._check(x.shape[-1] == w_int8.shape[1],
+                 lambda: f"quaff::lora_linear: x has {x.shape[-1]} features, the weight {w_int8.shape[1]}")
+    torch._check(lora_h.shape[:-1] == x.shape[:-1], lambda: "quaff::lora_linear: lora_h's tokens are not x's")
+    torch._check(lora_b.shape[0] == w_int8.shape[0] and lora_b.shape[1] == lora_h.shape[-1],
+                 lambda: f"quaff::lora_linear: lora_b {tuple(lora_b.shape)} does not fit the layer's "
+                         f"{w_int8.shape[0]} outputs and rank {lora_h.shape[-1]}")
+    torch._check(act_group >= 0, lambda: f"quaff::lora_linear: act_group must be >= 0, got {act_group}")
+    return x.new_empty(*x.shape[:-1], w_int8.shape[0])
+
+
+def _lora_setup_context(ctx, inputs, output):
+    w_int8, w_scale, lora_h, lora_b, bias, prescaled, exact_grad, inv_smooth, w_int8_t = inputs[1:3] + inputs[6:13]
+    ctx.save_for_backward(w_int8, w_scale, None if prescaled else inv_smooth, w_int8_t, lora_h, lora_b)
+    ctx.exact_grad = exact_grad
+    ctx.has_bias = bias is not None
+
+
+def _lora_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    lora_h, lora_b = saved[4:]
+    g2 = _flat(grad)
+    grad_h = grad_lb = None
+    if ctx.needs_input_grad[6]:  # ∂/∂h = grad · B
+        grad_h = (g2 @ lora_b.to(g2.dtype)).reshape(lora_h.shape).to(lora_h.dtype)
+    if ctx.needs_input_grad[7]:  # ∂/∂B = gradᵀ · h
+        grad_lb = (g2.t() @ _flat(lora_h).to(g2.dtype)).to(lora_b.dtype)
+    grad_bias = _grad_bias(ctx, grad, 8)
+    return (_grad_x(ctx, grad, saved), None, None, None, None, None, grad_h, grad_lb, grad_bias,
+            None, None, None, None, None)
+
+
+lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup_context)
 
 
 def _register_cuda() -> bool:
@@ -115,6 +187,13 @@ def _register_cuda() -> bool:
           inv_smooth=None, w_int8_t=None, act_group=0):
         out = tk.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, inv_smooth,
                               act_group)
+        return out.reshape(*x.shape[:-1], w_int8.shape[0])
+
+    @torch.library.register_kernel("quaff::lora_linear", "cuda")
+    def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, lora_h, lora_b, bias=None, prescaled=False,
+          exact_grad=False, inv_smooth=None, w_int8_t=None, act_group=0):
+        out = tk.quaff_linear(_flat(x), w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, inv_smooth,
+                              act_group, _flat(lora_h), lora_b)
         return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
     @torch.library.register_kernel("quaff::linear_grad_input", "cuda")

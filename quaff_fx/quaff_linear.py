@@ -168,9 +168,15 @@ class QuaffLinear(nn.Linear):
         self.w_int8_t = self.w_int8.t().contiguous() if enable else None
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``lora`` = (h, B), h = dropout(x) · Aᵀ · scaling: the output gains h · Bᵀ inside the op (quaff::lora_linear;
+        on CUDA in the GEMM's epilogue). PEFT's LoRA layer on a QuaffLinear passes it."""
         if self.training and self.outlier_idx.numel():
             self._update_scales(x)  # the smoothing leaves the outlier channels alone (s = 1 there)
+        if lora is not None:
+            return torch.ops.quaff.lora_linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.act_scale,
+                                               self.w_outlier, lora[0], lora[1], self.bias, self.prescaled,
+                                               self.exact_grad, self.inv_smooth, self.w_int8_t, self.act_group)
         return torch.ops.quaff.linear(x, self.w_int8, self.w_scale, self.outlier_idx, self.act_scale, self.w_outlier,
                                       self.bias, self.prescaled, self.exact_grad, self.inv_smooth, self.w_int8_t,
                                       self.act_group)

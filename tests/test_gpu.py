@@ -226,3 +226,35 @@ def test_grouped_layer_forward_and_backward_match_cpu(m, k, n, group, dtype):
     grouped = gpu(x.cuda().to(dtype))
     gpu.act_group = 0
     assert not torch.equal(grouped, gpu(x.cuda().to(dtype)))  # the group path ran, not the per-token one
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,n,r,group", [(1, 96, 40, 4, 0), (17, 4096, 1000, 16, 0), (333, 14336, 512, 20, 128),
+                                           (64, 1000, 300, 8, 64), (257, 2048, 4096, 16, 128)])
+def test_lora_in_the_epilogue_matches_cpu(m, k, n, r, group, dtype):
+    """quaff::lora_linear on CUDA (h · Bᵀ in the GEMM's epilogue, per token and per group, ranks below, at and above
+    one 16-wide block) against the CPU op: output and the gradients of x, h and B."""
+    g = torch.Generator().manual_seed(8)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 3
+    idx = torch.randperm(k, generator=g)[:5]
+    x[:, idx] *= 40
+    cpu = QuaffLinear.from_weight(w, torch.randn(n, generator=g), idx, x.abs().amax(0), smooth_alpha=0.5,
+                                  act_group=group).eval()
+    gpu = QuaffLinear.from_weight(w, cpu.bias.detach(), idx, x.abs().amax(0), smooth_alpha=0.5,
+                                  act_group=group).eval().cuda()
+    gpu.w_outlier.data, gpu.bias.data = gpu.w_outlier.to(dtype), gpu.bias.to(dtype)
+    h, b = torch.randn(m, r, generator=g) * 2, torch.randn(n, r, generator=g)
+    grad = torch.randn(m, n, generator=g)
+    ins_c = [t.to(dtype).float().clone().requires_grad_() for t in (x, h, b)]
+    ins_g = [t.cuda().to(dtype).requires_grad_() for t in (x, h, b)]
+    yc, yg = cpu(ins_c[0], lora=tuple(ins_c[1:])), gpu(ins_g[0], lora=tuple(ins_g[1:]))
+    yc.backward(grad)
+    yg.backward(grad.cuda().to(dtype))
+    tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
+    for got, want in [(yg, yc)] + [(a.grad, c.grad) for a, c in zip(ins_g, ins_c)]:
+        got = got.detach().float().cpu()
+        assert torch.allclose(got, want.detach(), atol=tol * want.abs().max().item(), rtol=tol)
+    with torch.no_grad():  # the term is there: without it the output differs by h · Bᵀ
+        plain = gpu(ins_g[0]).float()
+        assert torch.allclose(yg.float() - plain, (ins_g[1].float() @ ins_g[2].float().t()),
+                              atol=tol * yc.abs().max().item())

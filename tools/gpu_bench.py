@@ -127,6 +127,36 @@ def act_group_rows(timer, groups=(64, 128)) -> list[dict]:
     return rows
 
 
+def lora_rows(timer, m: int = 4096, r: int = 16) -> list[dict]:
+    """A LoRA layer's forward at Llama-3-8B's shapes: bf16 base + PEFT-style adapter (x·Aᵀ, ·Bᵀ, scaled, added),
+    the Quaff op + the same adapter, and quaff::lora_linear (h · Bᵀ in the int8 GEMM's epilogue); down_proj with
+    its default activation groups of 128."""
+    rows = []
+    for k, n, group in [(4096, 4096, 0), (4096, 14336, 0), (14336, 4096, 128)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        idx = torch.randperm(k, device="cuda")[: k // 100]
+        quaff = QuaffLinear.from_weight(w, None, idx, act_max=torch.full((k,), 300.0, device="cuda"),
+                                        act_group=group).eval()
+        quaff.w_outlier.data = quaff.w_outlier.to(torch.bfloat16)
+        a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 0.01
+        b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) * 0.01
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+        def adapter(base):
+            return base + F.linear(F.linear(x, a), b) * 2.0
+
+        with torch.no_grad():
+            row = {"K": k, "N": n, "M": m, "act_group": group,
+                   "bf16 + adapter": timer(lambda: adapter(F.linear(x, w))),
+                   "quaff op + adapter": timer(lambda: adapter(quaff(x))),
+                   "quaff::lora_linear": timer(lambda: quaff(x, lora=(F.linear(x, a) * 2.0, b)))}
+        print(f"\nLoRA layer forward K={k} N={n} M={m} group={group}:")
+        for name in ("bf16 + adapter", "quaff op + adapter", "quaff::lora_linear"):
+            print(f"  {name:24s} {row[name] * 1e3:.3f} ms  ({row['bf16 + adapter'] / row[name]:.2f}x)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def grad_x_modes(timer, m: int = 4096) -> list[dict]:
     """grad_X of a layer without the transposed copy, each mode of ``set_grad_x_mode`` (int8 on a transient
     transposed copy, dequantized W + cuBLAS), against the kept copy and bf16, at Llama-3-8B's shapes; the int8
@@ -169,10 +199,13 @@ def main() -> None:
     ap.add_argument("--grad-x-only", action="store_true", help="only the grad_X modes at Llama-3-8B's shapes")
     ap.add_argument("--act-group-only", action="store_true",
                     help="only down_proj's forward per token against per (token, group of 64 / 128 channels)")
+    ap.add_argument("--lora-only", action="store_true",
+                    help="only a LoRA layer's forward: adapter added after the op against in its epilogue")
     args = ap.parse_args()
     timer = cuda_time if args.eager_timing else graph_time
-    if args.grad_x_only or args.act_group_only:
-        rows = grad_x_modes(timer) if args.grad_x_only else act_group_rows(timer)
+    if args.grad_x_only or args.act_group_only or args.lora_only:
+        rows = (grad_x_modes(timer) if args.grad_x_only else act_group_rows(timer) if args.act_group_only
+                else lora_rows(timer))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)

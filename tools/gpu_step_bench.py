@@ -14,8 +14,10 @@ nearest: its kernels, without the GPTQ rounding that would not fit a device call
 transposed int8 copy kept), ``gx=dequantize`` (grad_X on the dequantized W instead of the default int8 GEMM on a
 transient transposed copy; quaff_fx.kernels.triton_kernels.set_grad_x_mode), ``lce`` (loss without full logits:
 quaff_fx.kernels.linear_ce, chunked), ``liger`` (the same with Liger Kernel's fused linear cross-entropy),
-``bf16a`` (bf16 adapters for this variant). ``--parallel N``: N variants build and compile at once (their
-GPU memory together must fit); their timed steps still run one at a time, the others waiting idle.
+``bf16a`` (bf16 adapters for this variant), ``peft-lora`` (Quaff: PEFT's own LoRA forward instead of the
+adapter in the int8 GEMM's epilogue, ``quaff_fx.hf.fused_lora(False)``). ``--parallel N``: N variants build and
+compile at once (their GPU memory together must fit); their timed steps still run one at a time, the others
+waiting idle.
 
 Quaff's model goes through quaff_fx.quantize_ (capture, calibration on random token ids, passes), then PEFT
 LoRA r=16 on every projection, AdamW on the adapters.
@@ -44,6 +46,7 @@ SIZES = {  # Llama-shaped configs; 1b is TinyLlama-1.1B's shape, 3b Llama-3.2-3B
 GEMM_KERNELS = ("gemm", "nvjet", "xmma", "cutlass", "int8_gemm", "sm90_", "ampere_")  # kernel names of matrix products
 VARIANTS = ["bf16 compiled", "qlora nf4 compiled", "quaff compiled", "quaff[int8-bwd] compiled"]
 LOSS_OPTIONS = {"lce", "liger"}
+SHARED_OPTIONS = LOSS_OPTIONS | {"bf16a"}  # options a bf16 row can share: the fair reference has the same ones
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -144,8 +147,13 @@ def _prepare(variant: str, model, adapter_dtype: str, checkpointing: bool):
     # adapter dtype fp32: PEFT's default (autocast_adapter_dtype: adapters of a bf16 model in fp32, x cast up for
     # them); bf16 (--adapter-dtype bf16 or the option bf16a): the adapters in the model's dtype
     fp32_adapters = adapter_dtype == "fp32" and "bf16a" not in opts
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0),
-                                autocast_adapter_dtype=fp32_adapters)
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
+    if base == "quaff":  # LoRA layers of quaff_fx on the QuaffLinears (as quaff-fx finetune has them)
+        from quaff_fx.hf import fused_lora, register_peft
+
+        register_peft(config)
+        fused_lora("peft-lora" not in opts)
+    model = peft.get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
     if not fp32_adapters:
         for p in model.parameters():
             if p.requires_grad:
@@ -307,10 +315,10 @@ def ratios(rows: list[dict]) -> None:
             if ref:
                 r[f"speed_vs_{key}"] = ref["seconds"] / r["seconds"]
                 r[f"reserved_vs_{key}"] = r["peak_reserved_bytes"] / ref["peak_reserved_bytes"]
-        loss = parse(r["variant"])[1] & LOSS_OPTIONS
-        same = next((x for x in rows if parse(x["variant"])[0] == "bf16" and parse(x["variant"])[1] == loss
+        shared = parse(r["variant"])[1] & SHARED_OPTIONS
+        same = next((x for x in rows if parse(x["variant"])[0] == "bf16" and parse(x["variant"])[1] == shared
                      and parse(x["variant"])[2] == comp), None)
-        if loss and same:  # fair both ways: bf16 with the same loss computation
+        if shared and same:  # fair both ways: bf16 with the same loss computation and adapter dtype
             r["speed_vs_bf16_same_loss"] = same["seconds"] / r["seconds"]
             r["reserved_vs_bf16_same_loss"] = r["peak_reserved_bytes"] / same["peak_reserved_bytes"]
 
@@ -355,7 +363,8 @@ def report(rows: list[dict], args) -> str:
                      f"{r['loss']:.3f}"]
                     for r in rows],
                    headers=["variant", "ms/step", "speed vs bf16", "speed vs QLoRA", "reserved GiB", "reserved vs bf16",
-                            "speed vs bf16 same loss", "reserved vs bf16 same loss", "allocated GiB", "loss"]))
+                            "speed vs bf16 same settings",
+                            "reserved vs bf16 same settings", "allocated GiB", "loss"]))
     for r in rows:
         if r.get("profile"):
             print(f"\nprofile of one {r['variant']} step:\n{r['profile']}")

@@ -157,6 +157,58 @@ def quantize_groups(x: torch.Tensor, inv: torch.Tensor | None, group: int) -> tu
     return q, scale
 
 
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The rows and columns of this program's output tile; tiles are visited GROUP_M row tiles at a time, so the
+    programs that run together share B's column tiles in L2."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _low_rank_dot(out, offs_m, offs_n, M, N, x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, KS, HAS_S: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr):
+    """out + X[offs_m, :KS] · (W[offs_n, :KS] · (s − 1))ᵀ, or · W[offs_n, :KS]ᵀ without s: a thin product added in a
+    GEMM's epilogue, KS in blocks of BLOCK, on the tensor cores in X's dtype. The outlier correction (X̂_o, W_o,
+    S_o) and the LoRA term (x·Aᵀ·scaling, B) are both of this form."""
+    for j0 in range(0, KS, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        jm = j < KS
+        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + j[None, :], mask=(offs_m[:, None] < M) & jm[None, :],
+                     other=0.0)
+        ws = tl.load(w_ptr + offs_n[None, :] * stride_wn + j[:, None], mask=jm[:, None] & (offs_n[None, :] < N),
+                     other=0.0)
+        if HAS_S:
+            ws = ws.to(tl.float32) * (tl.load(s_ptr + j, mask=jm, other=1.0).to(tl.float32) - 1.0)[:, None]
+        out = tl.dot(xs, ws.to(xs.dtype), out, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _epilogue(out, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, xo_ptr, wo_ptr, so_ptr, KO, stride_om,
+              stride_wn, h_ptr, lb_ptr, R, stride_hm, stride_ln, HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr,
+              HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Bias, outlier correction X̂_o · ((S_o − 1) · W_o)ᵀ and LoRA term h · Bᵀ added to the fp32 tile; stored in C's
+    dtype: no [M, N] residual goes through memory."""
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_OUT:
+        out = _low_rank_dot(out, offs_m, offs_n, M, N, xo_ptr, stride_om, wo_ptr, stride_wn, so_ptr, KO, True,
+                            DOT_PRECISION, BLOCK_O)
+    if HAS_LORA:
+        out = _low_rank_dot(out, offs_m, offs_n, M, N, h_ptr, stride_hm, lb_ptr, stride_ln, so_ptr, R, False,
+                            DOT_PRECISION, 16)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty),
+             mask=mask)
+
+
 def _gemm_configs():
     out = []
     for bm, bn, bk, stages, warps in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
@@ -168,20 +220,13 @@ def _gemm_configs():
 
 @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "B_KMAJOR"])
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, so_ptr, M, N, K, KO,
-                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_om, stride_wn,
-                      HAS_SB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, B_KMAJOR: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, BLOCK_O: tl.constexpr = 32):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, so_ptr, h_ptr, lb_ptr, M, N, K, KO,
+                      R, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_om, stride_wn,
+                      stride_hm, stride_ln, HAS_SB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr,
+                      HAS_LORA: tl.constexpr, B_KMAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      BLOCK_O: tl.constexpr = 32):
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
@@ -196,51 +241,56 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_
     out = acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if HAS_SB:
         out = out * tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if HAS_OUT:  # X̂_o [BM, k] · ((S_o - 1) · W_o)ᵀ [k, BN], k in blocks of BLOCK_O, on the tensor cores in x's dtype
-        for j0 in range(0, KO, BLOCK_O):
-            j = j0 + tl.arange(0, BLOCK_O)
-            jm = j < KO
-            xo = tl.load(xo_ptr + offs_m[:, None] * stride_om + j[None, :], mask=(offs_m[:, None] < M) & jm[None, :],
-                         other=0.0)
-            wo = tl.load(wo_ptr + offs_n[None, :] * stride_wn + j[:, None], mask=jm[:, None] & (offs_n[None, :] < N),
-                         other=0.0)
-            so = tl.load(so_ptr + j, mask=jm, other=1.0).to(tl.float32)
-            wc = (wo.to(tl.float32) * (so - 1.0)[:, None]).to(xo.dtype)
-            out = tl.dot(xo, wc, out, input_precision=DOT_PRECISION)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty),
-             mask=mask)
+    _epilogue(out, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, xo_ptr, wo_ptr, so_ptr, KO, stride_om,
+              stride_wn, h_ptr, lb_ptr, R, stride_hm, stride_ln, HAS_BIAS, HAS_OUT, HAS_LORA, DOT_PRECISION, BLOCK_O)
+
+
+def _thin(x_o, w_outlier, lora_h, lora_b, dummy):
+    """The epilogue's two thin products, as (pointers..., sizes, strides, flags): the outlier correction when
+    x_o has columns, the LoRA term when lora_h is given (both made contiguous in their last dim)."""
+    has_out = x_o is not None and x_o.shape[1] > 0
+    has_lora = lora_h is not None
+    if has_out and w_outlier.stride(1) != 1:
+        w_outlier = w_outlier.contiguous()
+    if has_lora:
+        lora_h, lora_b = (t if t.stride(1) == 1 else t.contiguous() for t in (lora_h, lora_b))
+    return dict(xo=x_o if has_out else dummy, wo=w_outlier if has_out else dummy, h=lora_h if has_lora else dummy,
+                lb=lora_b if has_lora else dummy, KO=x_o.shape[1] if has_out else 0,
+                R=lora_h.shape[1] if has_lora else 0, stride_om=x_o.stride(0) if has_out else 0,
+                stride_wn=w_outlier.stride(0) if has_out else 0, stride_hm=lora_h.stride(0) if has_lora else 0,
+                stride_ln=lora_b.stride(0) if has_lora else 0, HAS_OUT=has_out, HAS_LORA=has_lora)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # fp32 thin products to fp32 accuracy; 16-bit ones exact
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor | None, out_dtype: torch.dtype,
               bias: torch.Tensor | None = None, x_o: torch.Tensor | None = None, w_outlier: torch.Tensor | None = None,
-              act_scale: torch.Tensor | None = None, b_is_nk: bool = True) -> torch.Tensor:
-    """C = (A · B) · sa[:, None] (· sb[None, :]) (+ bias) (+ x_o · ((act_scale − 1) · w_outlier)ᵀ).
+              act_scale: torch.Tensor | None = None, b_is_nk: bool = True, lora_h: torch.Tensor | None = None,
+              lora_b: torch.Tensor | None = None) -> torch.Tensor:
+    """C = (A · B) · sa[:, None] (· sb[None, :]) (+ bias) (+ x_o · ((act_scale − 1) · w_outlier)ᵀ) (+ lora_h · lora_bᵀ).
 
     a: int8 [M, K]; b: int8 weight, [N, K] when ``b_is_nk`` (C = A Bᵀ, the forward) or [K, N] (C = A B);
-    x_o [M, k] (x's dtype), w_outlier [N, k], act_scale [k]: the outlier correction, made in the epilogue.
+    x_o [M, k] (x's dtype), w_outlier [N, k], act_scale [k]: the outlier correction, made in the epilogue;
+    lora_h [M, r], lora_b [N, r] (x's dtype): a LoRA term, also in the epilogue.
     B [K, N] row-major (N-major tiles) is correct but slow: about 300 TOPS on an H100 against 1000 K-major."""
     m, k = a.shape
     n = b.shape[0] if b_is_nk else b.shape[1]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if b_is_nk else (b.stride(0), b.stride(1))
-    dummy = sa
-    has_out = x_o is not None and x_o.shape[1] > 0
-    if has_out and w_outlier.stride(1) != 1:
-        w_outlier = w_outlier.contiguous()
+    t = _thin(x_o, w_outlier, lora_h, lora_b, sa)
+    thin_dtype = x_o.dtype if t["HAS_OUT"] else lora_h.dtype if t["HAS_LORA"] else out_dtype
 
     def grid(meta):  # one program per output tile (the tile size is the autotuner's choice)
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _int8_gemm_kernel[grid](a, b, c, sa, sb if sb is not None else dummy, bias if bias is not None else dummy,
-                            x_o if has_out else dummy, w_outlier if has_out else dummy, act_scale if has_out else dummy,
-                            m, n, k, x_o.shape[1] if has_out else 0,
-                            a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1),
-                            x_o.stride(0) if has_out else 0, w_outlier.stride(0) if has_out else 0,
-                            HAS_SB=sb is not None, HAS_BIAS=bias is not None, HAS_OUT=has_out, B_KMAJOR=b_is_nk,
-                            DOT_PRECISION="tf32x3" if has_out and x_o.dtype == torch.float32 else "tf32")
+    _int8_gemm_kernel[grid](a, b, c, sa, sb if sb is not None else sa, bias if bias is not None else sa, t["xo"],
+                            t["wo"], act_scale if t["HAS_OUT"] else sa, t["h"], t["lb"], m, n, k, t["KO"], t["R"],
+                            a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1), t["stride_om"],
+                            t["stride_wn"], t["stride_hm"], t["stride_ln"], HAS_SB=sb is not None,
+                            HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"], HAS_LORA=t["HAS_LORA"], B_KMAJOR=b_is_nk,
+                            DOT_PRECISION=_dot_precision(thin_dtype))
     return c
 
 
@@ -252,20 +302,16 @@ def _grouped_configs():
 
 @triton.autotune(configs=_grouped_configs(), key=["M", "N", "K", "G"])
 @triton.jit
-def _int8_gemm_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-                              stride_sam, G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = Σ_g (A_g · B_gᵀ) · sa[:, g] · sb: the K loop steps one activation group (G columns) at a time; each
-    group's int32 tile is scaled by its rows' scales and summed in fp32. A [M, K], B [N, K] int8, K contiguous."""
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _int8_gemm_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, so_ptr, h_ptr, lb_ptr, M,
+                              N, K, KO, R, stride_am, stride_bn, stride_cm, stride_sam, stride_om, stride_wn, stride_hm,
+                              stride_ln, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr,
+                              HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                              BLOCK_O: tl.constexpr = 32):
+    """C = Σ_g (A_g · B_gᵀ) · sa[:, g] · sb (+ the epilogue's terms): the K loop steps one activation group (G
+    columns) at a time; each group's int32 tile is scaled by its rows' scales and summed in fp32. A [M, K], B [N, K]
+    int8, K contiguous."""
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, G)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn
@@ -274,16 +320,14 @@ def _int8_gemm_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
         k_left = K - g * G
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0)
-        part = tl.dot(a, b, out_dtype=tl.int32)
+        part = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
         sa = tl.load(sa_ptr + offs_m * stride_sam + g, mask=offs_m < M, other=0.0)
-        acc += part.to(tl.float32) * sa[:, None]
+        acc += part * sa[:, None]
         a_ptrs += G
         b_ptrs += G
     out = acc * tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+    _epilogue(out, offs_m, offs_n, M, N, c_ptr, stride_cm, 1, bias_ptr, xo_ptr, wo_ptr, so_ptr, KO, stride_om,
+              stride_wn, h_ptr, lb_ptr, R, stride_hm, stride_ln, HAS_BIAS, HAS_OUT, HAS_LORA, DOT_PRECISION, BLOCK_O)
 
 
 def grouped_kernel_takes(group: int) -> bool:
@@ -292,10 +336,13 @@ def grouped_kernel_takes(group: int) -> bool:
 
 
 def int8_gemm_grouped(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, group: int,
-                      out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """C = Σ_g (A_g · B_gᵀ) · sa[:, g] · sb (+ bias): a [M, K] int8 codes quantized per (row, group of ``group``
-    columns) with scales sa [M, ceil(K / group)], b the int8 weight [N, K] with row scales sb [N]. Groups that
-    the kernel does not take (``grouped_kernel_takes``) go through exact fp32 matmuls, one per group."""
+                      out_dtype: torch.dtype, bias: torch.Tensor | None = None, x_o: torch.Tensor | None = None,
+                      w_outlier: torch.Tensor | None = None, act_scale: torch.Tensor | None = None,
+                      lora_h: torch.Tensor | None = None, lora_b: torch.Tensor | None = None) -> torch.Tensor:
+    """C = Σ_g (A_g · B_gᵀ) · sa[:, g] · sb (+ bias) (+ x_o · ((act_scale − 1) · w_outlier)ᵀ) (+ lora_h · lora_bᵀ):
+    a [M, K] int8 codes quantized per (row, group of ``group`` columns) with scales sa [M, ceil(K / group)], b the
+    int8 weight [N, K] with row scales sb [N]; the thin terms as in ``int8_gemm``, in the epilogue. Groups that the
+    kernel does not take (``grouped_kernel_takes``) go through exact fp32 matmuls, one per group."""
     m, k = a.shape
     n = b.shape[0]
     if not grouped_kernel_takes(group):
@@ -303,36 +350,51 @@ def int8_gemm_grouped(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: to
         for i, k0 in enumerate(range(0, k, group)):  # |sum| <= group * 127² < 2²⁴: exact in fp32 for group < 1040
             out += (a[:, k0:k0 + group].float() @ b[:, k0:k0 + group].float().t()) * sa[:, i:i + 1]
         out *= sb[None, :]
-        return (out if bias is None else out + bias.float()).to(out_dtype)
+        out = out if bias is None else out + bias.float()
+        if x_o is not None and x_o.shape[1]:
+            out += x_o.float() @ (w_outlier.float() * (act_scale.float() - 1.0)).t()
+        if lora_h is not None:
+            out += lora_h.float() @ lora_b.float().t()
+        return out.to(out_dtype)
     a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    t = _thin(x_o, w_outlier, lora_h, lora_b, sb)
+    thin_dtype = x_o.dtype if t["HAS_OUT"] else lora_h.dtype if t["HAS_LORA"] else out_dtype
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _int8_gemm_grouped_kernel[grid](a, b, c, sa, sb, bias if bias is not None else sb, m, n, k, a.stride(0),
-                                    b.stride(0), c.stride(0), sa.stride(0), G=group, HAS_BIAS=bias is not None)
+    _int8_gemm_grouped_kernel[grid](a, b, c, sa, sb, bias if bias is not None else sb, t["xo"], t["wo"],
+                                    act_scale if t["HAS_OUT"] else sb, t["h"], t["lb"], m, n, k, t["KO"], t["R"],
+                                    a.stride(0), b.stride(0), c.stride(0), sa.stride(0), t["stride_om"],
+                                    t["stride_wn"], t["stride_hm"], t["stride_ln"], G=group,
+                                    HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"], HAS_LORA=t["HAS_LORA"],
+                                    DOT_PRECISION=_dot_precision(thin_dtype))
     return c
 
 
 def quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias=None, prescaled=False,
-                 inv_smooth=None, act_group: int = 0) -> torch.Tensor:
+                 inv_smooth=None, act_group: int = 0, lora_h: torch.Tensor | None = None,
+                 lora_b: torch.Tensor | None = None) -> torch.Tensor:
     """The forward of quaff::linear on CUDA; x is [M, K] (any float dtype), the output is in x's dtype.
-    ``act_group`` > 0: X̂ quantized per (token, group of that many channels), the grouped GEMM, and the outlier
-    correction added after it."""
+    ``act_group`` > 0: X̂ quantized per (token, group of that many channels) and the grouped GEMM. ``lora_h`` [M, r]
+    and ``lora_b`` [N, r] (quaff::lora_linear): + lora_h · lora_bᵀ, in the GEMM's epilogue."""
     has_outliers = outlier_idx.numel() > 0
     scaled = not prescaled and (has_outliers or inv_smooth is not None)
     inv = outlier_inv(x.shape[1], outlier_idx, act_scale, inv_smooth) if scaled else None
+    if lora_h is not None:
+        lora_h, lora_b = lora_h.to(x.dtype), lora_b.to(x.dtype)
+    w_o = w_outlier.to(x.dtype)
     if act_group and act_group < x.shape[1]:
         q, sx = quantize_groups(x, inv, act_group)
-        out = int8_gemm_grouped(q, w_int8, sx, w_scale, act_group, x.dtype, bias)
+        x_o = None
         if has_outliers:
             x_o = x.index_select(1, outlier_idx)
             x_o = x_o if inv is None else x_o * inv.index_select(0, outlier_idx).to(x.dtype)
-            out = torch.addmm(out, x_o, (w_outlier.to(x.dtype) * (act_scale.to(x.dtype) - 1.0)).t())
-        return out
+        return int8_gemm_grouped(q, w_int8, sx, w_scale, act_group, x.dtype, bias, x_o, w_o, act_scale, lora_h, lora_b)
     q, sx, x_o = quantize_rows(x, inv, outlier_idx if has_outliers else None)
-    return int8_gemm(q, w_int8, sx, w_scale, x.dtype, bias, x_o, w_outlier.to(x.dtype), act_scale, b_is_nk=True)
+    return int8_gemm(q, w_int8, sx, w_scale, x.dtype, bias, x_o, w_o, act_scale, b_is_nk=True, lora_h=lora_h,
+                     lora_b=lora_b)
 
 
 @triton.jit
