@@ -15,7 +15,8 @@ transposed int8 copy kept), ``gx=dequantize`` (grad_X on the dequantized W inste
 transient transposed copy; quaff_fx.kernels.triton_kernels.set_grad_x_mode), ``lce`` (loss without full logits:
 quaff_fx.kernels.linear_ce, chunked), ``liger`` (the same with Liger Kernel's fused linear cross-entropy),
 ``bf16a`` (bf16 adapters for this variant), ``peft-lora`` (Quaff: PEFT's own LoRA forward instead of the
-adapter in the int8 GEMM's epilogue, ``quaff_fx.hf.fused_lora(False)``). ``--parallel N``: N variants build and
+adapter in the int8 GEMM's epilogue, ``quaff_fx.hf.fused_lora(False)``), ``xseg`` (the variant's process runs
+with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). ``--parallel N``: N variants build and
 compile at once (their GPU memory together must fit); their timed steps still run one at a time, the others
 waiting idle.
 
@@ -46,7 +47,7 @@ SIZES = {  # Llama-shaped configs; 1b is TinyLlama-1.1B's shape, 3b Llama-3.2-3B
 GEMM_KERNELS = ("gemm", "nvjet", "xmma", "cutlass", "int8_gemm", "sm90_", "ampere_")  # kernel names of matrix products
 VARIANTS = ["bf16 compiled", "qlora nf4 compiled", "quaff compiled", "quaff[int8-bwd] compiled"]
 LOSS_OPTIONS = {"lce", "liger"}
-SHARED_OPTIONS = LOSS_OPTIONS | {"bf16a"}  # options a bf16 row can share: the fair reference has the same ones
+SHARED_OPTIONS = LOSS_OPTIONS | {"bf16a", "xseg"}  # options a bf16 row can share: the fair reference has the same ones
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -264,6 +265,13 @@ def _finish(v: str, code: int, stdout: str, stderr: str, rows: list[dict]) -> No
           f"loss {r['loss']:.3f}, warm-up {r['warmup_s']:.0f} s", flush=True)
 
 
+def _variant_env(variant: str, env: dict) -> dict:
+    """The child's environment: ``xseg`` sets PyTorch's expandable_segments allocator (less fragmentation)."""
+    if "xseg" in modifiers(variant):
+        return {**env, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    return env
+
+
 def run_all(args) -> list[dict]:
     """Every variant in its own process, ``args.parallel`` at a time: they build and compile together, then each
     runs its timed steps alone (READY / GO over its pipes) while the others wait."""
@@ -278,7 +286,7 @@ def run_all(args) -> list[dict]:
         for v in wave:
             err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a child's long stderr cannot block it
             procs.append((v, err, subprocess.Popen(_child_cmd(v, args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                   stderr=err, text=True, env=env)))
+                                                   stderr=err, text=True, env=_variant_env(v, env))))
         heads = []
         for _, _, p in procs:  # wait until each is READY (or has ended)
             head = []
