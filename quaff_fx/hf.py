@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -113,8 +114,21 @@ def fused_lora(enabled: bool = True) -> None:
     """Whether PEFT's LoRA layers on QuaffLinears compute their adapter inside the base op (the default; on CUDA
     h · Bᵀ is added in the int8 GEMM's epilogue, with A and B cast to the activations' dtype: mixed precision,
     the adapter weights and their optimizer state keep their own dtype) or as PEFT does (an [M, N] LoRA output
-    added to the base output, the adapter run in its weights' dtype)."""
+    added to the base output, the adapter run in its weights' dtype). On an H100 the fused op's kernels are
+    faster, but its host time per call is larger: it pays off where CUDA graphs take the launches off the CPU
+    (torch.compile mode "reduce-overhead"); under plain torch.compile the 8B step was slower (README)."""
     _FUSED_LORA["enabled"] = bool(enabled)
+
+
+@contextmanager
+def lora_fusion(enabled: bool) -> Iterator[None]:
+    """``fused_lora(enabled)`` for the block, the previous choice restored after it."""
+    before = _FUSED_LORA["enabled"]
+    fused_lora(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_LORA["enabled"] = before
 
 
 def _quaff_lora_class():

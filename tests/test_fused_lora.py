@@ -100,6 +100,7 @@ def test_what_is_not_a_plain_lora_goes_through_peft(case):
     assert "quaff::lora_linear" not in lora_ops(pm, x)
 
 
+@pytest.mark.slow
 def test_compiles_without_graph_break_and_matches_eager():
     pm, x = lora_model().eval(), torch.randn(2, 5, 96)
     want = pm(x)
@@ -117,3 +118,22 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.quaff.lora_linear.default,
                           (x, q.w_int8, q.w_scale, q.outlier_idx, q.act_scale, q.w_outlier, h, b, q.bias, False, False,
                            q.inv_smooth, None, 0))
+
+
+def test_the_trainer_fuses_on_the_cpu_and_under_cuda_graphs_only(tmp_path):
+    from quaff_fx.errors import QuaffError
+    from quaff_fx.hf import _FUSED_LORA, lora_fusion
+    from quaff_fx.training.trainer import TrainConfig, fuse_lora, training_arguments
+
+    assert fuse_lora(TrainConfig(device="cpu"))
+    assert not fuse_lora(TrainConfig(device="cuda", compile=True))  # plain compile: PEFT's forward, less host time
+    assert not fuse_lora(TrainConfig(device="cuda"))
+    graphs = TrainConfig(device="cpu", compile=True, compile_mode="reduce-overhead")
+    assert fuse_lora(TrainConfig(device="cuda", compile=True, compile_mode="reduce-overhead"))
+    assert training_arguments(graphs, tmp_path, False).torch_compile_mode == "reduce-overhead"
+    assert training_arguments(TrainConfig(compile=True), tmp_path, False).torch_compile_mode is None
+    with pytest.raises(QuaffError, match="--compile-mode 'fastest'"):
+        TrainConfig(compile=True, compile_mode="fastest")
+    with lora_fusion(False):
+        assert not _FUSED_LORA["enabled"]
+    assert _FUSED_LORA["enabled"]

@@ -57,7 +57,8 @@ def _check_finetune_args(args: argparse.Namespace):
         seed=args.seed,
         device=device.type,
         bf16=bf16,
-        compile=args.compile,
+        compile=args.compile or args.compile_mode != "default",
+        compile_mode=args.compile_mode,
         gradient_checkpointing=args.gradient_checkpointing,
         report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync,
     )
@@ -332,6 +333,8 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
         help="bf16 mixed precision (default: on with CUDA, off on the CPU)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile-mode", default="default", help="torch.compile's mode (implies --compile); "
+                   "reduce-overhead (CUDA graphs) is the fast one on GPUs")
     g.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )
