@@ -1,4 +1,5 @@
-"""ONNX export of a Quaff model: ``quaff::linear`` lowered to standard ONNX ops.
+"""ONNX export of a Quaff model: ``quaff::linear`` (and ``quaff::lora_linear``, an unmerged LoRA adapter on it)
+lowered to standard ONNX ops.
 
 Per layer: X̂ = X · 1/s / S (the smoothing's 1/s where the layer has one; S scattered over the input channels),
 per-token symmetric int8 quantization
@@ -82,7 +83,14 @@ def _translation(opset: int):
             y = op.Add(y, op.CastLike(bias, x))
         return y
 
-    return {torch.ops.quaff.linear.default: quaff_linear}
+    def lora_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, lora_h, lora_b, bias=None,
+                    prescaled=False, exact_grad=False, inv_smooth=None, w_int8_t=None, act_group=0):
+        """quaff::lora_linear (an unmerged LoRA adapter on the layer): the layer's output + h · Bᵀ."""
+        y = quaff_linear(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, bias, prescaled, exact_grad,
+                         inv_smooth, w_int8_t, act_group)
+        return op.Add(y, op.MatMul(op.CastLike(lora_h, x), op.Transpose(op.CastLike(lora_b, x), perm=[1, 0])))
+
+    return {torch.ops.quaff.linear.default: quaff_linear, torch.ops.quaff.lora_linear.default: lora_linear}
 
 
 def check_opset(opset: int) -> None:

@@ -95,3 +95,29 @@ def test_cli_export_is_quiet_names_its_phases_and_judges(artifact, exported):
         "quaff-fx: exporting to ONNX opset 18 and checking the file (minutes for SmolLM2)",
         "quaff-fx: running the export in onnxruntime beside PyTorch"]
     assert "the top-1 token agrees at 100.0%" in proc.stdout and "the export matches PyTorch" in proc.stdout
+
+
+@pytest.mark.slow  # one more export
+def test_an_unmerged_lora_adapter_exports_and_matches_pytorch(artifact, tmp_path):
+    """PEFT's LoRA on the QuaffLinears runs as quaff::lora_linear; its lowering adds h · Bᵀ to the layer's output."""
+    import peft
+
+    from quaff_fx.hf import register_peft
+
+    loaded, _ = load_quantized(artifact)
+    config = register_peft(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    model = peft.get_peft_model(loaded.model, config).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at 0: the term would vanish
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    assert (ref - plain).abs().max() > 1e-2  # the adapter changes the logits
+    path = export_onnx(model, tmp_path / "lora.onnx")
+    graph = onnx.load(str(path)).graph
+    assert sum(n.op_type == "MatMulInteger" for n in graph.node) >= 14
+    got = onnx_logits(path, ids)
+    assert (got - ref).abs().max() <= 1e-3 * max(1.0, ref.abs().max().item())
