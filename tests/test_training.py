@@ -275,3 +275,22 @@ def test_throughput_reports_the_mean_and_the_median_step_after_the_warm_up():
     assert t.step_seconds() == [1.0, 1.0, 1.0, 6.0, 1.0]  # after the third step's end
     assert t.rate() == pytest.approx(500 / 10.0)  # the hiccup counts in the mean
     assert t.median_rate() == pytest.approx(100.0)  # not at the median step
+
+
+@pytest.mark.slow  # two Trainer runs, one compiled
+def test_compiled_training_with_the_fused_lora_gives_the_eager_losses(tiny_tokenizer, tmp_path, quantized_tiny):
+    """--compile-mode reduce-overhead through the Trainer (on the CPU inductor compiles without CUDA graphs): the
+    LoRA runs inside quaff::lora_linear there, and the losses are the eager run's."""
+    from torch.profiler import profile
+
+    examples = build_examples(read_rows(write_jsonl(tmp_path / "d.jsonl", prompt_rows())), tiny_tokenizer, 64, False,
+                              "d")[:8]
+    losses = {}
+    for mode in ("eager", "reduce-overhead"):
+        model = make_peft_model(quantized_tiny(), FinetuneConfig(seq_len=32))
+        cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, progress=False, compile=mode != "eager",
+                          compile_mode="reduce-overhead" if mode != "eager" else "default")
+        with profile() as prof:
+            losses[mode] = fit(model, examples, [], cfg, tmp_path / mode, pad_id=0)["losses"]
+        assert any(e.key == "quaff::lora_linear" for e in prof.key_averages())
+    assert losses["reduce-overhead"] == pytest.approx(losses["eager"], rel=1e-3)
