@@ -149,7 +149,7 @@ def _quaff_lora_class():
             if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
                 return None
             a, b = self.lora_A[name], self.lora_B[name]
-            if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)) or b.bias is not None:
+            if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or b.bias is not None:
                 return None
             return name
 

@@ -354,7 +354,7 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="TEXT",
-        help="calibration text or dataset, repeatable (default: the bundled apache-2.0.txt; 'bundled' = the corpus)",
+        help="calibration text or dataset, repeatable (default: the bundled calibration corpus, 'bundled')",
     )
     g.add_argument("--calib-batches", type=int, default=DEFAULT_BATCHES, help="calibration batches")
     g.add_argument("--calib-batch-size", type=int, default=2, help="windows per calibration batch")

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
+
 
 @triton.jit
 def _inv_kernel(idx_ptr, s_ptr, smooth_ptr, inv_ptr, K, KO, HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
@@ -245,24 +247,29 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_
               stride_wn, h_ptr, lb_ptr, R, stride_hm, stride_ln, HAS_BIAS, HAS_OUT, HAS_LORA, DOT_PRECISION, BLOCK_O)
 
 
-def _thin(x_o, w_outlier, lora_h, lora_b, dummy):
-    """The epilogue's two thin products, as (pointers..., sizes, strides, flags): the outlier correction when
-    x_o has columns, the LoRA term when lora_h is given (both made contiguous in their last dim)."""
+def _thin(x_o, w_outlier, lora_h, lora_b, dummy, out_dtype: torch.dtype) -> dict:
+    """The epilogue's two thin products as kernel arguments (pointers, sizes, strides, flags, the dot precision of
+    their dtype): the outlier correction when x_o has columns, the LoRA term when lora_h is given (both made
+    contiguous in their last dim); ``dummy`` stands for the pointers of a term that is absent."""
     has_out = x_o is not None and x_o.shape[1] > 0
     has_lora = lora_h is not None
     if has_out and w_outlier.stride(1) != 1:
         w_outlier = w_outlier.contiguous()
     if has_lora:
         lora_h, lora_b = (t if t.stride(1) == 1 else t.contiguous() for t in (lora_h, lora_b))
+    thin_dtype = x_o.dtype if has_out else lora_h.dtype if has_lora else out_dtype
     return dict(xo=x_o if has_out else dummy, wo=w_outlier if has_out else dummy, h=lora_h if has_lora else dummy,
                 lb=lora_b if has_lora else dummy, KO=x_o.shape[1] if has_out else 0,
                 R=lora_h.shape[1] if has_lora else 0, stride_om=x_o.stride(0) if has_out else 0,
                 stride_wn=w_outlier.stride(0) if has_out else 0, stride_hm=lora_h.stride(0) if has_lora else 0,
-                stride_ln=lora_b.stride(0) if has_lora else 0, HAS_OUT=has_out, HAS_LORA=has_lora)
+                stride_ln=lora_b.stride(0) if has_lora else 0, HAS_OUT=has_out, HAS_LORA=has_lora,
+                # fp32 thin products to fp32 accuracy; 16-bit ones are exact on the tensor cores
+                DOT_PRECISION="tf32x3" if thin_dtype == torch.float32 else "tf32")
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"  # fp32 thin products to fp32 accuracy; 16-bit ones exact
+def _tile_grid(m: int, n: int):
+    """The launch grid of a GEMM kernel: one program per output tile (the tile size is the autotuner's choice)."""
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor | None, out_dtype: torch.dtype,
@@ -279,18 +286,13 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     n = b.shape[0] if b_is_nk else b.shape[1]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if b_is_nk else (b.stride(0), b.stride(1))
-    t = _thin(x_o, w_outlier, lora_h, lora_b, sa)
-    thin_dtype = x_o.dtype if t["HAS_OUT"] else lora_h.dtype if t["HAS_LORA"] else out_dtype
-
-    def grid(meta):  # one program per output tile (the tile size is the autotuner's choice)
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _int8_gemm_kernel[grid](a, b, c, sa, sb if sb is not None else sa, bias if bias is not None else sa, t["xo"],
-                            t["wo"], act_scale if t["HAS_OUT"] else sa, t["h"], t["lb"], m, n, k, t["KO"], t["R"],
-                            a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1), t["stride_om"],
-                            t["stride_wn"], t["stride_hm"], t["stride_ln"], HAS_SB=sb is not None,
-                            HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"], HAS_LORA=t["HAS_LORA"], B_KMAJOR=b_is_nk,
-                            DOT_PRECISION=_dot_precision(thin_dtype))
+    t = _thin(x_o, w_outlier, lora_h, lora_b, sa, out_dtype)
+    _int8_gemm_kernel[_tile_grid(m, n)](
+        a, b, c, sa, sb if sb is not None else sa, bias if bias is not None else sa, t["xo"], t["wo"],
+        act_scale if t["HAS_OUT"] else sa, t["h"], t["lb"], m, n, k, t["KO"], t["R"], a.stride(0), a.stride(1),
+        stride_bk, stride_bn, c.stride(0), c.stride(1), t["stride_om"], t["stride_wn"], t["stride_hm"],
+        t["stride_ln"], HAS_SB=sb is not None, HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"],
+        HAS_LORA=t["HAS_LORA"], B_KMAJOR=b_is_nk, DOT_PRECISION=t["DOT_PRECISION"])
     return c
 
 
@@ -352,24 +354,18 @@ def int8_gemm_grouped(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: to
         out *= sb[None, :]
         out = out if bias is None else out + bias.float()
         if x_o is not None and x_o.shape[1]:
-            out += x_o.float() @ (w_outlier.float() * (act_scale.float() - 1.0)).t()
+            out += x_o.float() @ reference.correction_weight(w_outlier.float(), act_scale).t()
         if lora_h is not None:
             out += lora_h.float() @ lora_b.float().t()
         return out.to(out_dtype)
     a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    t = _thin(x_o, w_outlier, lora_h, lora_b, sb)
-    thin_dtype = x_o.dtype if t["HAS_OUT"] else lora_h.dtype if t["HAS_LORA"] else out_dtype
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _int8_gemm_grouped_kernel[grid](a, b, c, sa, sb, bias if bias is not None else sb, t["xo"], t["wo"],
-                                    act_scale if t["HAS_OUT"] else sb, t["h"], t["lb"], m, n, k, t["KO"], t["R"],
-                                    a.stride(0), b.stride(0), c.stride(0), sa.stride(0), t["stride_om"],
-                                    t["stride_wn"], t["stride_hm"], t["stride_ln"], G=group,
-                                    HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"], HAS_LORA=t["HAS_LORA"],
-                                    DOT_PRECISION=_dot_precision(thin_dtype))
+    t = _thin(x_o, w_outlier, lora_h, lora_b, sb, out_dtype)
+    _int8_gemm_grouped_kernel[_tile_grid(m, n)](
+        a, b, c, sa, sb, bias if bias is not None else sb, t["xo"], t["wo"], act_scale if t["HAS_OUT"] else sb, t["h"],
+        t["lb"], m, n, k, t["KO"], t["R"], a.stride(0), b.stride(0), c.stride(0), sa.stride(0), t["stride_om"],
+        t["stride_wn"], t["stride_hm"], t["stride_ln"], G=group, HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"],
+        HAS_LORA=t["HAS_LORA"], DOT_PRECISION=t["DOT_PRECISION"])
     return c
 
 
