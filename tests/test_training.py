@@ -105,13 +105,18 @@ def test_bad_csv_and_bad_data_in_the_cli_write_nothing(tiny_model_dir, tmp_path,
 
 
 def test_options_checked_before_any_work(artifact, tmp_path, capsys):
-    """--peft ia3 --merge is refused at once; too long a --seq-len fails without leaving an empty folder (23.4)."""
+    """--peft ia3 --merge and an unknown --compile-mode are refused at once; too long a --seq-len fails without
+    leaving an empty folder (23.4)."""
     out = tmp_path / "x"
     assert main(["finetune", str(artifact), "--peft", "ia3", "--merge", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--merge works with --peft lora only" in err and "loading" not in err and not out.exists()
     assert main(["finetune", str(artifact), "--seq-len", "100000", "--out", str(out)]) == 2
     assert "too few tokens" in capsys.readouterr().err and not out.exists()
+    assert main(["finetune", str(artifact), "--compile-mode", "fastest", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--compile-mode 'fastest': choose one of default, reduce-overhead" in err and "loading" not in err
+    assert not out.exists()
 
 
 class StopAt(TrainerCallback):
