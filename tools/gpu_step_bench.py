@@ -313,20 +313,27 @@ def run_all(args) -> list[dict]:
     return rows
 
 
+ENV_OPTIONS = {"xseg"}  # process settings, not model changes: a reference row is looked up with the same ones
+
+
+def _reference(rows: list[dict], base: str, opts: set[str], comp: str) -> dict | None:
+    return next((x for x in rows if parse(x["variant"])[0] == base and parse(x["variant"])[1] == opts
+                 and parse(x["variant"])[2] == comp), None)
+
+
 def ratios(rows: list[dict]) -> None:
-    """speed and reserved memory relative to bf16 (no options) and to QLoRA of the same compilation."""
+    """speed and reserved memory relative to bf16 and to QLoRA of the same compilation, with no options but the
+    row's process settings (``xseg``), and to bf16 with every option the row shares with it (same settings)."""
     for r in rows:
-        comp = parse(r["variant"])[2]
-        for ref_base, key in (("bf16", "bf16"), ("qlora", "qlora")):
-            ref = next((x for x in rows if parse(x["variant"])[0] == ref_base and not parse(x["variant"])[1]
-                        and parse(x["variant"])[2] == comp), None)
+        _, opts, comp = parse(r["variant"])
+        for key in ("bf16", "qlora"):
+            ref = _reference(rows, key, opts & ENV_OPTIONS, comp)
             if ref:
                 r[f"speed_vs_{key}"] = ref["seconds"] / r["seconds"]
                 r[f"reserved_vs_{key}"] = r["peak_reserved_bytes"] / ref["peak_reserved_bytes"]
-        shared = parse(r["variant"])[1] & SHARED_OPTIONS
-        same = next((x for x in rows if parse(x["variant"])[0] == "bf16" and parse(x["variant"])[1] == shared
-                     and parse(x["variant"])[2] == comp), None)
-        if shared and same:  # fair both ways: bf16 with the same loss computation and adapter dtype
+        shared = opts & SHARED_OPTIONS
+        same = _reference(rows, "bf16", shared, comp)
+        if shared and same:  # fair both ways: bf16 with the same loss computation, adapter dtype and allocator
             r["speed_vs_bf16_same_loss"] = same["seconds"] / r["seconds"]
             r["reserved_vs_bf16_same_loss"] = r["peak_reserved_bytes"] / same["peak_reserved_bytes"]
 
@@ -356,23 +363,27 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     print(f"plot: {path}")
 
 
-def report(rows: list[dict], args) -> str:
+def _table(rows: list[dict]) -> None:
     from tabulate import tabulate
 
-    title = (f"LoRA step, Llama-shaped {args.size} ({rows[0]['params'] / 1e9:.2f}B params), batch {args.batch} x "
-             f"{args.seq_len}, {'gradient checkpointing, ' if args.gradient_checkpointing else ''}{args.adapter_dtype} "
-             f"adapters, median of {args.steps} steps, {rows[0]['device']}")
     nan = float("nan")
-    print("\n" + title)
     print(tabulate([[r["variant"], f"{r['seconds'] * 1e3:.1f}", f"{r.get('speed_vs_bf16', nan):.2f}x",
                      f"{r.get('speed_vs_qlora', nan):.2f}x", f"{r['peak_reserved_bytes'] / 2**30:.2f}",
-                     f"{r.get('reserved_vs_bf16', nan):.2f}x", f"{r.get('speed_vs_bf16_same_loss', nan):.2f}x",
-                     f"{r.get('reserved_vs_bf16_same_loss', nan):.2f}x", f"{r['peak_bytes'] / 2**30:.2f}",
+                     f"{r.get('reserved_vs_bf16', nan):.3f}x", f"{r.get('speed_vs_bf16_same_loss', nan):.2f}x",
+                     f"{r.get('reserved_vs_bf16_same_loss', nan):.3f}x", f"{r['peak_bytes'] / 2**30:.2f}",
                      f"{r['loss']:.3f}"]
                     for r in rows],
                    headers=["variant", "ms/step", "speed vs bf16", "speed vs QLoRA", "reserved GiB", "reserved vs bf16",
                             "speed vs bf16 same settings",
                             "reserved vs bf16 same settings", "allocated GiB", "loss"]))
+
+
+def report(rows: list[dict], args) -> str:
+    title = (f"LoRA step, Llama-shaped {args.size} ({rows[0]['params'] / 1e9:.2f}B params), batch {args.batch} x "
+             f"{args.seq_len}, {'gradient checkpointing, ' if args.gradient_checkpointing else ''}{args.adapter_dtype} "
+             f"adapters, median of {args.steps} steps, {rows[0]['device']}")
+    print("\n" + title)
+    _table(rows)
     for r in rows:
         if r.get("profile"):
             print(f"\nprofile of one {r['variant']} step:\n{r['profile']}")
@@ -391,6 +402,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON of every row")
     ap.add_argument("--plot", default=None, help="PNG: ms/step against reserved GiB of every variant")
     ap.add_argument("--plot-from", default=None, help="make --plot from an earlier --out JSON and exit")
+    ap.add_argument("--report-from", default=None, help="print the table (ratios recomputed) of an earlier --out JSON")
     ap.add_argument("--profile", action="store_true", help="print the CUDA-time profile of one step of each variant")
     ap.add_argument("--adapter-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="LoRA adapters of the bf16 models: fp32 (PEFT's default) or bf16")
@@ -400,6 +412,13 @@ def main() -> None:
         with open(args.plot_from) as f:
             data = json.load(f)
         plot(data["rows"], args.plot or args.plot_from.replace(".json", ".png"), data["title"])
+        return
+    if args.report_from:
+        with open(args.report_from) as f:
+            data = json.load(f)
+        ratios(data["rows"])
+        print("\n" + data["title"])
+        _table(data["rows"])
         return
     if args.one:
         r = run_variant(args.one, args.size, args.batch, args.seq_len, args.steps, args.profile, args.adapter_dtype,
