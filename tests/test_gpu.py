@@ -258,3 +258,43 @@ def test_lora_in_the_epilogue_matches_cpu(m, k, n, r, group, dtype):
         plain = gpu(ins_g[0]).float()
         assert torch.allclose(yg.float() - plain, (ins_g[1].float() @ ins_g[2].float().t()),
                               atol=tol * yc.abs().max().item())
+
+
+@pytest.mark.parametrize("group,lora", [(0, False), (0, True), (128, True)])
+def test_compile_inlines_the_triton_kernels(group, lora):
+    """With ops.inline_kernels(True), torch.compile traces the quaff ops' Triton kernels into the graph: inductor's
+    code launches them and names no quaff op; forward and backward equal the eager layer's; opaque (the default),
+    the code calls the ops."""
+    from torch._inductor.utils import run_and_get_code
+
+    from quaff_fx import ops
+
+    g = torch.Generator().manual_seed(9)
+    w, x = torch.randn(384, 512, generator=g), torch.randn(2, 64, 512, generator=g)
+    layer = QuaffLinear.from_weight(w, None, [3, 70], x.abs().amax((0, 1)), act_group=group).eval().cuda()
+    layer.w_outlier.data = layer.w_outlier.bfloat16()
+    h, b = torch.randn(2, 64, 8, generator=g), torch.randn(384, 8, generator=g)
+
+    def step(xx, hh, bb):
+        y = layer(xx, lora=(hh, bb)) if lora else layer(xx)
+        (y.float() ** 2).mean().backward()
+        return y
+
+    def run(fn):
+        ins = [t.cuda().bfloat16().requires_grad_() for t in (x, h, b)]
+        return [fn(*ins)] + [t.grad for t in ins[:1 + 2 * lora]]
+
+    want = run(step)
+    default = ops.kernels_inlined()
+    for inline in (True, False):
+        ops.inline_kernels(inline)
+        torch._dynamo.reset()
+        try:
+            got, codes = run_and_get_code(lambda: run(torch.compile(step)))
+        finally:
+            ops.inline_kernels(default)
+        code = "\n".join(codes)
+        assert ("quaff.linear" in code or "quaff.lora_linear" in code) != inline
+        assert ("int8_gemm" in code) == inline
+        for a, e in zip(got, want):
+            assert torch.allclose(a.float(), e.float(), atol=2e-2 * e.abs().max().item(), rtol=2e-2)

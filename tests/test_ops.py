@@ -229,3 +229,24 @@ def test_input_scale_is_what_the_op_multiplies_x_by():
     ref = reference.quaff_linear(x2 * d, s.w_int8, s.w_scale, s.outlier_idx, torch.ones(3),
                                  reference.correction_weight(s.w_outlier, s.act_scale))
     assert torch.allclose(s(x).reshape(-1, 40), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_inline_kernels_switch_turns_the_compile_caches_off_and_back():
+    """ops.inline_kernels(True) changes what a compiled graph is, which the compile caches' keys do not see: they are
+    off while it is on, and back as they were after; off is the default."""
+    from torch._functorch import config as aot_config
+    from torch._inductor import config as inductor_config
+
+    from quaff_fx import ops
+
+    assert not ops.kernels_inlined()
+    before = (aot_config.enable_autograd_cache, inductor_config.fx_graph_cache)
+    ops.inline_kernels(True)
+    try:
+        assert ops.kernels_inlined()
+        assert (aot_config.enable_autograd_cache, inductor_config.fx_graph_cache) == (False, False)
+        ops.inline_kernels(True)  # twice: the saved settings stay the first ones
+    finally:
+        ops.inline_kernels(False)
+    assert (aot_config.enable_autograd_cache, inductor_config.fx_graph_cache) == before
+    assert not ops.kernels_inlined()

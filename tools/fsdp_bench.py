@@ -18,6 +18,9 @@ peak per GPU / peak of the 1-GPU run of the same model (the issue's targets: ≥
 instead of in every QuaffLinear forward. ``--profile`` records 2 more steps after the timed ones with torch.profiler
 on rank 0 (the timed numbers are unchanged) and adds to the row, under "profile", the top ops by self CUDA time (CPU
 time on the CPU), the CUDA time of NCCL kernels and the all-reduce calls: what the scale all-reduces cost.
+``--inline-kernels``: the compiled layers launch the quaff ops' Triton kernels from inductor's code instead of
+calling each op through Python (``quaff_fx.ops.inline_kernels``): the lever for a host-bound step; per-layer
+compilation keeps its extra compile time to one layer's.
 """
 from __future__ import annotations
 
@@ -68,10 +71,14 @@ def build(args, device):
     return model
 
 
-def compile_layers(model, backend: str) -> None:
+def compile_layers(model, backend: str, inline: bool = False) -> None:
     """``torch.compile`` each decoder layer in place (``Module.compile``): the layers share one compiled graph, so
-    an 8B compiles in the time of one layer, and the wrappers (DDP, FSDP2) stay outside the compiled regions."""
+    an 8B compiles in the time of one layer, and the wrappers (DDP, FSDP2) stay outside the compiled regions.
+    ``inline``: the quaff ops' kernels traced into that graph (``quaff_fx.ops.inline_kernels``)."""
     from quaff_fx.distributed import decoder_layers
+    from quaff_fx.ops import inline_kernels
+
+    inline_kernels(inline)
 
     for layer in decoder_layers(model):
         layer.compile(backend=backend)
@@ -99,8 +106,11 @@ def worker(args) -> None:
     model = build(args, device)
     net = model if size == 1 else shard_model(model) if args.mode == "fsdp" else wrap(model, "ddp")
     if args.compile_backend != "none" and args.compile_scope == "layers":
-        compile_layers(model, args.compile_backend)
+        compile_layers(model, args.compile_backend, args.inline_kernels)
     elif args.compile_backend != "none":
+        from quaff_fx.ops import inline_kernels
+
+        inline_kernels(args.inline_kernels)
         net = torch.compile(net, backend=args.compile_backend)
     with scale_sync(args.scale_sync):
         _emit(args, rank, _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode))
@@ -167,7 +177,8 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
             "resident_bytes": resident, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend,
-            "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync}
+            "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync,
+            "inline_kernels": args.inline_kernels}
     if args.profile:  # after the row is made: its peak memory and step times are the timed steps'
         row["profile"] = profile_steps(step, PROFILE_STEPS, cuda, rank)
     return row
@@ -229,7 +240,7 @@ def worker_sequence(args) -> None:
     device = _device(args)
     model = build(args, device)
     if args.compile_backend != "none":
-        compile_layers(model, args.compile_backend)
+        compile_layers(model, args.compile_backend, args.inline_kernels)
     with local_scales():
         _emit(args, rank, {**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
     dist.barrier()
@@ -291,6 +302,8 @@ def main() -> int:
                    help="the outlier scales' all-reduce in every QuaffLinear forward, or one per step after backward")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, profile 2 more on rank 0 (top CUDA ops, NCCL and all-reduce time)")
+    p.add_argument("--inline-kernels", action="store_true",
+                   help="compiled code launches the quaff ops' Triton kernels itself (quaff_fx.ops.inline_kernels)")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -157,6 +157,59 @@ def lora_rows(timer, m: int = 4096, r: int = 16) -> list[dict]:
     return rows
 
 
+def host_rows(layers: int = 8, k: int = 4096, r: int = 16, tokens=(512, 4096)) -> list[dict]:
+    """A stack of ``layers`` LoRA layers (K × K, Llama-3-8B's q_proj) compiled by torch.compile, forward and backward
+    of x, h and B: the Quaff ops' Triton kernels inlined into inductor's code (``ops.inline_kernels(True)``) against
+    each op called as one Python function (the default), and bf16 + adapter compiled alike. Per step: the host's time to
+    launch it (no sync) and the wall time with the sync; at 512 tokens the GPU work is small, so the step is as
+    long as its launches."""
+    import time
+
+    from quaff_fx import ops
+
+    torch.manual_seed(0)
+    ws = [torch.randn(k, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+    idx = torch.randperm(k, device="cuda")[: k // 100]
+    quaffs = [QuaffLinear.from_weight(w, None, idx, act_max=torch.full((k,), 300.0, device="cuda")).eval() for w in ws]
+    for q in quaffs:
+        q.w_outlier.data = q.w_outlier.to(torch.bfloat16)
+    a_s = [(torch.randn(r, k, device="cuda") * 0.01).requires_grad_() for _ in ws]
+    b_s = [(torch.randn(k, r, device="cuda") * 0.01).requires_grad_() for _ in ws]
+
+    def stack(x, quaff: bool):
+        for i, (w, a, b) in enumerate(zip(ws, a_s, b_s)):
+            h = F.linear(x, a.to(x.dtype)) * 2.0
+            x = quaffs[i](x, lora=(h, b)) if quaff else F.linear(x, w) + F.linear(h, b.to(x.dtype))
+        return x.float().pow(2).mean()
+
+    rows, default = [], ops.kernels_inlined()
+    for m in tokens:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        row = {"layers": layers, "K": k, "M": m, "rank": r}
+        for name, quaff, inline in [("bf16 + adapter", False, True), ("quaff inlined", True, True),
+                                    ("quaff opaque", True, False)]:
+            ops.inline_kernels(inline)
+            torch._dynamo.reset()
+            fn = torch.compile(lambda: stack(x, quaff).backward(), dynamic=False)
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            host, wall = [], []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                fn()
+                host.append(time.perf_counter() - t0)
+                torch.cuda.synchronize()
+                wall.append(time.perf_counter() - t0)
+            row[f"{name} host ms"] = statistics.median(host) * 1e3
+            row[f"{name} wall ms"] = statistics.median(wall) * 1e3
+            print(f"{layers} compiled LoRA layers K={k} M={m} {name:16s} host {row[f'{name} host ms']:.2f} ms, "
+                  f"wall {row[f'{name} wall ms']:.2f} ms", flush=True)
+        ops.inline_kernels(default)
+        rows.append(row)
+    return rows
+
+
 def grad_x_modes(timer, m: int = 4096) -> list[dict]:
     """grad_X of a layer without the transposed copy, each mode of ``set_grad_x_mode`` (int8 on a transient
     transposed copy, dequantized W + cuBLAS), against the kept copy and bf16, at Llama-3-8B's shapes; the int8
@@ -201,11 +254,13 @@ def main() -> None:
                     help="only down_proj's forward per token against per (token, group of 64 / 128 channels)")
     ap.add_argument("--lora-only", action="store_true",
                     help="only a LoRA layer's forward: adapter added after the op against in its epilogue")
+    ap.add_argument("--host-only", action="store_true",
+                    help="only compiled LoRA layer stacks: the ops' kernels inlined into inductor's code or opaque")
     args = ap.parse_args()
     timer = cuda_time if args.eager_timing else graph_time
-    if args.grad_x_only or args.act_group_only or args.lora_only:
+    if args.grad_x_only or args.act_group_only or args.lora_only or args.host_only:
         rows = (grad_x_modes(timer) if args.grad_x_only else act_group_rows(timer) if args.act_group_only
-                else lora_rows(timer))
+                else lora_rows(timer) if args.lora_only else host_rows())
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)

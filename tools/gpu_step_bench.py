@@ -15,7 +15,9 @@ transposed int8 copy kept), ``gx=dequantize`` (grad_X on the dequantized W inste
 transient transposed copy; quaff_fx.kernels.triton_kernels.set_grad_x_mode), ``lce`` (loss without full logits:
 quaff_fx.kernels.linear_ce, chunked), ``liger`` (the same with Liger Kernel's fused linear cross-entropy),
 ``bf16a`` (bf16 adapters for this variant), ``peft-lora`` (Quaff: PEFT's own LoRA forward instead of the
-adapter in the int8 GEMM's epilogue, ``quaff_fx.hf.fused_lora(False)``), ``xseg`` (the variant's process runs
+adapter in the int8 GEMM's epilogue, ``quaff_fx.hf.fused_lora(False)``), ``inline`` (Quaff: torch.compile launches the
+quaff ops' Triton kernels from inductor's code instead of calling each op as one Python function,
+``quaff_fx.ops.inline_kernels(True)``), ``xseg`` (the variant's process runs
 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). ``--parallel N``: N variants build and
 compile at once (their GPU memory together must fit); their timed steps still run one at a time, the others
 waiting idle.
@@ -154,6 +156,9 @@ def _prepare(variant: str, model, adapter_dtype: str, checkpointing: bool):
 
         register_peft(config)
         fused_lora("peft-lora" not in opts)
+        from quaff_fx.ops import inline_kernels
+
+        inline_kernels("inline" in opts)
     model = peft.get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
     if not fp32_adapters:
         for p in model.parameters():

@@ -27,11 +27,35 @@ is the layer's kept copy where ``int8_backward_`` made one (one more byte per we
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import reference
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traced():
+    """Launches inside are recorded as ``wrap_triton`` calls (the triton-kernel higher-order op) instead of run: the
+    ops' decomposition (``quaff_fx.ops``) runs the launchers below this way inside torch.compile's trace, so inductor
+    calls the kernels from its generated code, with no Python dispatch of the op at run time."""
+    before = getattr(_tracing, "on", False)
+    _tracing.on = True
+    try:
+        yield
+    finally:
+        _tracing.on = before
+
+
+def _k(kernel):
+    """The kernel, launched as it is (eager), or wrapped for the compiler's trace (``traced``)."""
+    return wrap_triton(kernel) if getattr(_tracing, "on", False) else kernel
 
 
 @triton.jit
@@ -52,8 +76,9 @@ def outlier_inv(k: int, outlier_idx: torch.Tensor, act_scale: torch.Tensor, inv_
     elsewhere ``inv_smooth`` (the smoothing's 1/s; its s is 1 on the outliers) or 1."""
     inv = torch.empty(k, dtype=torch.float32, device=act_scale.device)
     block = 1024
-    _inv_kernel[(triton.cdiv(k, block),)](outlier_idx, act_scale, inv_smooth if inv_smooth is not None else inv, inv, k,
-                                          outlier_idx.numel(), HAS_SMOOTH=inv_smooth is not None, BLOCK=block)
+    _k(_inv_kernel)[(triton.cdiv(k, block),)](outlier_idx, act_scale, inv_smooth if inv_smooth is not None else inv,
+                                              inv, k, outlier_idx.numel(), HAS_SMOOTH=inv_smooth is not None,
+                                              BLOCK=block)
     return inv
 
 
@@ -117,7 +142,7 @@ def quantize_rows(x: torch.Tensor, inv: torch.Tensor | None, outlier_idx: torch.
     xo = torch.empty((m, ko), dtype=x.dtype, device=x.device) if ko else None
     one_pass = triton.next_power_of_2(k) <= ONE_PASS_MAX
     block = triton.next_power_of_2(k) if one_pass else 4096
-    _quantize_rows_kernel[(m,)](x, inv if inv is not None else scale, q, scale, outlier_idx if ko else scale,
+    _k(_quantize_rows_kernel)[(m,)](x, inv if inv is not None else scale, q, scale, outlier_idx if ko else scale,
                                 xo if ko else q, k, ko, x.stride(0), q.stride(0), xo.stride(0) if ko else 0,
                                 HAS_INV=inv is not None, HAS_OUT=ko > 0, ONE_PASS=one_pass, BLOCK_K=block,
                                 BLOCK_O=min(triton.next_power_of_2(max(ko, 1)), 256),
@@ -153,7 +178,7 @@ def quantize_groups(x: torch.Tensor, inv: torch.Tensor | None, group: int) -> tu
     scale = torch.empty((m, ng), dtype=torch.float32, device=x.device)
     block_g = triton.next_power_of_2(group)
     groups = max(1, min(triton.next_power_of_2(ng), 4096 // block_g))
-    _quantize_groups_kernel[(m, triton.cdiv(ng, groups))](
+    _k(_quantize_groups_kernel)[(m, triton.cdiv(ng, groups))](
         x, inv if inv is not None else scale, q, scale, k, ng, x.stride(0), q.stride(0), scale.stride(0), G=group,
         HAS_INV=inv is not None, BLOCK_G=block_g, GROUPS=groups, num_warps=4)
     return q, scale
@@ -227,7 +252,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_
                       stride_hm, stride_ln, HAS_SB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr,
                       HAS_LORA: tl.constexpr, B_KMAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      BLOCK_O: tl.constexpr = 32):
+                      BLOCK_O: tl.constexpr):
     offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -287,12 +312,12 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if b_is_nk else (b.stride(0), b.stride(1))
     t = _thin(x_o, w_outlier, lora_h, lora_b, sa, out_dtype)
-    _int8_gemm_kernel[_tile_grid(m, n)](
+    _k(_int8_gemm_kernel)[_tile_grid(m, n)](
         a, b, c, sa, sb if sb is not None else sa, bias if bias is not None else sa, t["xo"], t["wo"],
         act_scale if t["HAS_OUT"] else sa, t["h"], t["lb"], m, n, k, t["KO"], t["R"], a.stride(0), a.stride(1),
         stride_bk, stride_bn, c.stride(0), c.stride(1), t["stride_om"], t["stride_wn"], t["stride_hm"],
         t["stride_ln"], HAS_SB=sb is not None, HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"],
-        HAS_LORA=t["HAS_LORA"], B_KMAJOR=b_is_nk, DOT_PRECISION=t["DOT_PRECISION"])
+        HAS_LORA=t["HAS_LORA"], B_KMAJOR=b_is_nk, DOT_PRECISION=t["DOT_PRECISION"], BLOCK_O=32)
     return c
 
 
@@ -309,7 +334,7 @@ def _int8_gemm_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, xo_
                               stride_ln, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr,
                               HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                              BLOCK_O: tl.constexpr = 32):
+                              BLOCK_O: tl.constexpr):
     """C = Σ_g (A_g · B_gᵀ) · sa[:, g] · sb (+ the epilogue's terms): the K loop steps one activation group (G
     columns) at a time; each group's int32 tile is scaled by its rows' scales and summed in fp32. A [M, K], B [N, K]
     int8, K contiguous."""
@@ -361,11 +386,11 @@ def int8_gemm_grouped(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: to
     a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     t = _thin(x_o, w_outlier, lora_h, lora_b, sb, out_dtype)
-    _int8_gemm_grouped_kernel[_tile_grid(m, n)](
+    _k(_int8_gemm_grouped_kernel)[_tile_grid(m, n)](
         a, b, c, sa, sb, bias if bias is not None else sb, t["xo"], t["wo"], act_scale if t["HAS_OUT"] else sb, t["h"],
         t["lb"], m, n, k, t["KO"], t["R"], a.stride(0), b.stride(0), c.stride(0), sa.stride(0), t["stride_om"],
         t["stride_wn"], t["stride_hm"], t["stride_ln"], G=group, HAS_BIAS=bias is not None, HAS_OUT=t["HAS_OUT"],
-        HAS_LORA=t["HAS_LORA"], DOT_PRECISION=t["DOT_PRECISION"])
+        HAS_LORA=t["HAS_LORA"], DOT_PRECISION=t["DOT_PRECISION"], BLOCK_O=32)
     return c
 
 
@@ -411,8 +436,9 @@ def dequantize(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, 
     w_int8 = w_int8.contiguous()
     out = torch.empty((n, k), dtype=dtype, device=w_int8.device)
     block = 1024
-    _dequant_kernel[(n, triton.cdiv(k, block))](w_int8, w_scale, col_scale if col_scale is not None else w_scale, out,
-                                                k, HAS_COL=col_scale is not None, BLOCK=block)
+    _k(_dequant_kernel)[(n, triton.cdiv(k, block))](w_int8, w_scale,
+                                                    col_scale if col_scale is not None else w_scale, out, k,
+                                                    HAS_COL=col_scale is not None, BLOCK=block)
     return out
 
 
@@ -433,7 +459,7 @@ def transpose(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty((c, r), dtype=x.dtype, device=x.device)
     block = 128
     grid = (triton.cdiv(r, block), triton.cdiv(c, block))
-    _transpose_kernel[grid](x, y, r, c, BLOCK_R=block, BLOCK_C=block, num_warps=8)
+    _k(_transpose_kernel)[grid](x, y, r, c, BLOCK_R=block, BLOCK_C=block, num_warps=8)
     return y
 
 
