@@ -210,13 +210,16 @@ def _inline_rule(body):
     """A FunctionalTensorMode rule (the mode AOTAutograd traces under) that runs ``body``, the op's CUDA launchers, in
     the trace instead of recording the op; as ``torch.library.triton_op`` does, for ops that also have a CPU kernel."""
     def rule(mode, op, types, args, kwargs):
+        if not _INLINE:
+            return mode.__torch_dispatch__(op, types, args, kwargs)
         from torch._subclasses.fake_tensor import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor
         from torch.export._trace import custom_triton_ops_decomposition_disabled
 
         from .kernels import triton_kernels as tk
 
-        if (not _INLINE or custom_triton_ops_decomposition_disabled() or args[0].device.type != "cuda"
+        first = args[0] if args else next(iter(kwargs.values()))  # x (or grad): where the op runs
+        if (custom_triton_ops_decomposition_disabled() or first.device.type != "cuda"
                 or any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not Tensor for t in types)):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode, tk.traced():
