@@ -190,6 +190,7 @@ def test_bad_artifacts(artifact, tmp_path, capsys):
             assert code == 2 and expected in err, (command, expected, err)
 
 
+@pytest.mark.slow  # seconds of the fast tier's 2-minute budget
 def test_inspect_graph_marks_quaff_nodes_and_draws(artifact, tmp_path, capsys):
     code, out, _ = run(capsys, "inspect", artifact, "--graph")
     marked = [line for line in out.splitlines() if line.startswith("◆")]

@@ -110,6 +110,7 @@ def _peak_live_bytes(prof) -> int:
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
+@pytest.mark.slow  # seconds of the fast tier's 2-minute budget
 def test_quantize_holds_the_weights_and_one_layers_working_set(monkeypatch):
     """The default transform of a Llama whose down_proj XᵀX (1024², float32) dwarfs the rest: at its peak it holds
     the FP weights, the int8 layers built so far and GPTQ's working set of one layer (its XᵀX turned into H of X̂ in
@@ -162,6 +163,7 @@ def test_cpu_factorisations_in_float64_up_to_the_width_limit(monkeypatch, max_wi
     assert seen == [expected] and codes.dtype == torch.int8 and codes.shape == (16, 48)
 
 
+@pytest.mark.slow  # seconds of the fast tier's 2-minute budget
 def test_the_swap_frees_each_fp_weight_as_it_replaces_it(monkeypatch):
     """With the cyclic GC off, as when it has not run for a while: each FP weight is freed by the swap that replaces
     its layer, before the next layer comes in (torch.export leaves a garbage cycle holding every parameter; the

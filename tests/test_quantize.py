@@ -42,6 +42,7 @@ def test_quantize_default_preset_swaps_layers_and_reports_phases(llama):
     assert (llama(input_ids=ids).logits - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
+@pytest.mark.slow  # seconds of the fast tier's 2-minute budget
 def test_saved_stats_give_the_same_model_as_calibrating(llama):
     cfg = QuaffConfig.preset("default", outliers=OUTLIERS)
     first, second = copy.deepcopy(llama), copy.deepcopy(llama)

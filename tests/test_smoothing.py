@@ -150,6 +150,7 @@ def test_xtx_is_gathered_once_per_input_from_the_fp_graph(captured_llama):
     assert chunks(nodes, widths, budget=1) == [[n] for n in nodes]
 
 
+@pytest.mark.slow  # seconds of the fast tier's 2-minute budget
 def test_transform_with_gptq_rounding_is_independent_of_the_chunking(captured_llama):
     from quaff_fx import default_passes, transform
 
