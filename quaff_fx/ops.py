@@ -29,6 +29,7 @@ The weight is frozen: no gradient reaches w_int8, scales or W_o. Bias gets its g
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -204,6 +205,17 @@ def inline_kernels(enabled: bool) -> None:
 def kernels_inlined() -> bool:
     """The current ``inline_kernels`` setting."""
     return _INLINE
+
+
+@contextlib.contextmanager
+def kernel_inlining(enabled: bool):
+    """``inline_kernels(enabled)`` for the compilations inside, the setting before restored after."""
+    before = _INLINE
+    inline_kernels(enabled)
+    try:
+        yield
+    finally:
+        inline_kernels(before)
 
 
 def _inline_rule(body):

@@ -134,6 +134,24 @@ def test_the_trainer_fuses_on_the_cpu_and_under_cuda_graphs_only(tmp_path):
     assert training_arguments(TrainConfig(compile=True), tmp_path, False).torch_compile_mode is None
     with pytest.raises(QuaffError, match="--compile-mode 'fastest'"):
         TrainConfig(compile=True, compile_mode="fastest")
+    assert fuse_lora(TrainConfig(device="cuda", compile=True, inline_kernels=True))  # no host cost per op call
     with lora_fusion(False):
         assert not _FUSED_LORA["enabled"]
     assert _FUSED_LORA["enabled"]
+
+
+def test_compile_scope_layers_is_checked_and_compiles_no_whole_model(tmp_path):
+    from torch import nn
+
+    from quaff_fx.errors import QuaffError
+    from quaff_fx.training.trainer import TrainConfig, compile_layers_, training_arguments
+
+    layers = TrainConfig(compile=True, compile_scope="layers")
+    assert not training_arguments(layers, tmp_path, False).torch_compile  # the layers are compiled, not the model
+    assert training_arguments(TrainConfig(compile=True), tmp_path, False).torch_compile
+    with pytest.raises(QuaffError, match="--compile-scope 'graph': choose one of model, layers"):
+        TrainConfig(compile=True, compile_scope="graph")
+    with pytest.raises(QuaffError, match="CUDA graphs per layer"):
+        TrainConfig(compile=True, compile_scope="layers", compile_mode="reduce-overhead")
+    with pytest.raises(QuaffError, match="found no decoder layers .* in Linear"):
+        compile_layers_(nn.Linear(4, 4), "default")

@@ -105,8 +105,8 @@ def test_bad_csv_and_bad_data_in_the_cli_write_nothing(tiny_model_dir, tmp_path,
 
 
 def test_options_checked_before_any_work(artifact, tmp_path, capsys):
-    """--peft ia3 --merge and an unknown --compile-mode are refused at once; too long a --seq-len fails without
-    leaving an empty folder (23.4)."""
+    """--peft ia3 --merge, an unknown --compile-mode and per-layer CUDA graphs are refused at once; too long a
+    --seq-len fails without leaving an empty folder (23.4)."""
     out = tmp_path / "x"
     assert main(["finetune", str(artifact), "--peft", "ia3", "--merge", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -116,6 +116,10 @@ def test_options_checked_before_any_work(artifact, tmp_path, capsys):
     assert main(["finetune", str(artifact), "--compile-mode", "fastest", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--compile-mode 'fastest': choose one of default, reduce-overhead" in err and "loading" not in err
+    assert main(["finetune", str(artifact), "--compile-scope", "layers", "--compile-mode", "reduce-overhead",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA graphs per layer" in err and "loading" not in err
     assert not out.exists()
 
 
@@ -284,18 +288,24 @@ def test_throughput_reports_the_mean_and_the_median_step_after_the_warm_up():
 
 @pytest.mark.slow  # two Trainer runs, one compiled
 def test_compiled_training_with_the_fused_lora_gives_the_eager_losses(tiny_tokenizer, tmp_path, quantized_tiny):
-    """--compile-mode reduce-overhead through the Trainer (on the CPU inductor compiles without CUDA graphs): the
-    LoRA runs inside quaff::lora_linear there, and the losses are the eager run's."""
+    """--compile-mode reduce-overhead through the Trainer (on the CPU inductor compiles without CUDA graphs), and
+    --compile-scope layers (each decoder layer compiled, the Trainer compiling nothing): the LoRA runs inside
+    quaff::lora_linear there, and the losses are the eager run's."""
     from torch.profiler import profile
+
+    from quaff_fx.distributed import decoder_layers
 
     examples = build_examples(read_rows(write_jsonl(tmp_path / "d.jsonl", prompt_rows())), tiny_tokenizer, 64, False,
                               "d")[:8]
     losses = {}
-    for mode in ("eager", "reduce-overhead"):
+    for mode in ("eager", "reduce-overhead", "layers"):
         model = make_peft_model(quantized_tiny(), FinetuneConfig(seq_len=32))
         cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, progress=False, compile=mode != "eager",
-                          compile_mode="reduce-overhead" if mode != "eager" else "default")
+                          compile_mode="reduce-overhead" if mode == "reduce-overhead" else "default",
+                          compile_scope="layers" if mode == "layers" else "model")
         with profile() as prof:
             losses[mode] = fit(model, examples, [], cfg, tmp_path / mode, pad_id=0)["losses"]
         assert any(e.key == "quaff::lora_linear" for e in prof.key_averages())
+        assert all((layer._compiled_call_impl is not None) == (mode == "layers") for layer in decoder_layers(model))
     assert losses["reduce-overhead"] == pytest.approx(losses["eager"], rel=1e-3)
+    assert losses["layers"] == pytest.approx(losses["eager"], rel=1e-3)

@@ -57,8 +57,8 @@ def _check_finetune_args(args: argparse.Namespace):
         seed=args.seed,
         device=device.type,
         bf16=bf16,
-        compile=args.compile or args.compile_mode != "default",
-        compile_mode=args.compile_mode,
+        compile=args.compile or args.compile_mode != "default" or args.compile_scope != "model",
+        compile_mode=args.compile_mode, compile_scope=args.compile_scope, inline_kernels=args.inline_kernels,
         gradient_checkpointing=args.gradient_checkpointing,
         report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync,
     )
@@ -335,6 +335,10 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", default="default", help="torch.compile's mode (implies --compile); "
                    "reduce-overhead (CUDA graphs) is the fast one on GPUs")
+    g.add_argument("--compile-scope", default="model", help="model: one graph (the Trainer compiles it); layers: each "
+                   "decoder layer, one shared graph compiled in the time of one (implies --compile)")
+    g.add_argument("--inline-kernels", action="store_true", help="GPU: compiled code launches the quaff ops' Triton "
+                   "kernels itself, no Python per op call (compiles longer: pair with --compile-scope layers)")
     g.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )

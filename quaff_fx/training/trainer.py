@@ -16,10 +16,11 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..distributed import SCALE_SYNCS, scale_sync, sync_scales_
+from ..distributed import SCALE_SYNCS, decoder_layers, scale_sync, sync_scales_
 from ..errors import QuaffError
 from ..hf import lora_fusion
 from ..io import write_json
+from ..ops import kernel_inlining
 from .adapter import SCALES, load_scales_, read_scales, write_scales
 from .data import Collator
 
@@ -29,6 +30,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 LOSSES = ("auto", "chunked", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+COMPILE_SCOPES = ("model", "layers")  # one graph of the whole model (the Trainer's torch_compile), or per decoder layer
 
 
 @dataclass
@@ -49,6 +51,8 @@ class TrainConfig:
     bf16: bool = False
     compile: bool = False
     compile_mode: str = "default"  # COMPILE_MODES; "reduce-overhead" runs the step in CUDA graphs
+    compile_scope: str = "model"  # COMPILE_SCOPES
+    inline_kernels: bool = False  # compiled code launches the quaff ops' Triton kernels itself (ops.inline_kernels)
     gradient_checkpointing: bool = False
     report_to: str = "none"
     progress: bool = True
@@ -69,6 +73,11 @@ class TrainConfig:
             raise QuaffError("--warmup and --eval-every must be >= 0")
         if self.compile_mode not in COMPILE_MODES:
             raise QuaffError(f"--compile-mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise QuaffError(f"--compile-scope {self.compile_scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
+        if self.compile_scope == "layers" and self.compile_mode in CUDA_GRAPH_MODES:
+            raise QuaffError(f"--compile-scope layers with --compile-mode {self.compile_mode} (CUDA graphs per layer) "
+                             "is not supported: use --compile-scope model for CUDA graphs, or another mode")
         if self.loss not in LOSSES:
             raise QuaffError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.scale_sync not in SCALE_SYNCS:
@@ -214,7 +223,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
         data_seed=cfg.seed,
         bf16=cfg.bf16,
         use_cpu=cfg.device == "cpu",
-        torch_compile=cfg.compile,
+        torch_compile=cfg.compile and cfg.compile_scope == "model",
         torch_compile_mode=cfg.compile_mode if cfg.compile and cfg.compile_mode != "default" else None,
         **checkpointing_arguments(cfg.gradient_checkpointing),
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
@@ -228,9 +237,22 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
 
 
 def fuse_lora(cfg: TrainConfig) -> bool:
-    """LoRA in the base op's epilogue (``hf.fused_lora``) on the CPU and under CUDA graphs; on CUDA otherwise PEFT's
-    own forward, whose op costs the host less (measured at 8B on an H100: README)."""
-    return cfg.device != "cuda" or (cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES)
+    """LoRA in the base op's epilogue (``hf.fused_lora``) on the CPU, under CUDA graphs and with the kernels inlined
+    into the compiled code; on CUDA otherwise PEFT's own forward, whose op costs the host less (measured at 8B on an
+    H100: README)."""
+    return cfg.device != "cuda" or (cfg.compile and (cfg.compile_mode in CUDA_GRAPH_MODES or cfg.inline_kernels))
+
+
+def compile_layers_(model: nn.Module, mode: str) -> int:
+    """``Module.compile`` on every decoder layer (regional compilation): the layers share one graph, so the model
+    compiles in about the time of one layer, and what wraps the layers (DDP, the Trainer) stays outside."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise QuaffError(f"--compile-scope layers: found no decoder layers (an nn.ModuleList of blocks) in "
+                         f"{type(model).__name__}; use --compile-scope model")
+    for layer in layers:
+        layer.compile(mode=None if mode == "default" else mode)
+    return len(layers)
 
 
 def fit(
@@ -277,10 +299,12 @@ def fit(
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LossBar())
+    if cfg.compile and cfg.compile_scope == "layers":
+        compile_layers_(model, cfg.compile_mode)
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with scale_sync(cfg.scale_sync), lora_fusion(fuse_lora(cfg)):
+    with scale_sync(cfg.scale_sync), lora_fusion(fuse_lora(cfg)), kernel_inlining(cfg.inline_kernels):
         result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
     history = trainer.state.log_history
