@@ -55,7 +55,9 @@ def run_ranks(body, *args, size: int = 2) -> dict:
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
     """`quaff-fx finetune` takes the launcher's environment as it is: torchrun's and accelerate's. Under torchrun
-    the scales sync once per step (--scale-sync step: the Trainer's callback, one all-reduce each micro-batch)."""
+    the scales sync once per step (--scale-sync step: the Trainer's callback, one all-reduce each micro-batch);
+    under accelerate in every forward, with each decoder layer compiled (--compile-scope layers: the scales'
+    all-reduce traced into the compiled layer, DDP around it)."""
     import json
     import subprocess
     import sys
@@ -72,10 +74,12 @@ def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
     sync = "step" if launcher == "torchrun" else "forward"  # the same DDP under both launchers
     cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "2", "--seq-len", "32",
                     "--batch-size", "4", "--grad-accum", "2", "--scale-sync", sync, "--out", str(out), "--json"]
+    cmd += ["--compile-scope", "layers"] if launcher == "accelerate" else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["steps"] == 2
     log = json.loads((out / "loss.json").read_text())
     assert log["world_size"] == 2 and log["config"]["scale_sync"] == sync
+    assert log["config"]["compile_scope"] == ("layers" if launcher == "accelerate" else "model")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
