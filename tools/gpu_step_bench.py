@@ -1,6 +1,7 @@
 """GPU benchmark of one LoRA training step on a Llama-shaped model (random init), every variant in one run:
 bf16 LoRA, fp32 LoRA, Quaff (int8 base, bf16 compute), QLoRA nf4 and 8-bit LoRA (bitsandbytes, skipped with
-the reason when it does not import); each eager, ``compiled`` or ``compiled+cudagraphs``. Each variant runs in
+the reason when it does not import); each eager, ``compiled``, ``compiled+cudagraphs`` or ``compiled-layers`` (each
+decoder layer compiled, one shared graph). Each variant runs in
 its own process (clean peak memory); ratios to the bf16 variant of the same compilation (and to compiled
 QLoRA); a speed-versus-memory scatter plot (PNG) of every variant when matplotlib imports.
 
@@ -208,7 +209,12 @@ def run_variant(variant: str, size: str, batch: int, seq_len: int, steps: int, p
         return loss
 
     fn = step
-    if compilation != "eager":  # +cudagraphs: mode reduce-overhead (CUDA graphs take the kernel launches off the CPU)
+    if compilation == "compiled-layers":  # regional: each decoder layer compiled, one graph shared by all
+        from quaff_fx.distributed import decoder_layers
+
+        for layer in decoder_layers(model):
+            layer.compile()
+    elif compilation != "eager":  # +cudagraphs: mode reduce-overhead (CUDA graphs take the kernel launches off the CPU)
         compiled = torch.compile(model, mode="reduce-overhead" if compilation == "compiled+cudagraphs" else None)
         fn = lambda _: step(compiled)  # noqa: E731
     t0 = time.perf_counter()
