@@ -143,10 +143,10 @@ def quantize_rows(x: torch.Tensor, inv: torch.Tensor | None, outlier_idx: torch.
     one_pass = triton.next_power_of_2(k) <= ONE_PASS_MAX
     block = triton.next_power_of_2(k) if one_pass else 4096
     _k(_quantize_rows_kernel)[(m,)](x, inv if inv is not None else scale, q, scale, outlier_idx if ko else scale,
-                                xo if ko else q, k, ko, x.stride(0), q.stride(0), xo.stride(0) if ko else 0,
-                                HAS_INV=inv is not None, HAS_OUT=ko > 0, ONE_PASS=one_pass, BLOCK_K=block,
-                                BLOCK_O=min(triton.next_power_of_2(max(ko, 1)), 256),
-                                num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+                                    xo if ko else q, k, ko, x.stride(0), q.stride(0), xo.stride(0) if ko else 0,
+                                    HAS_INV=inv is not None, HAS_OUT=ko > 0, ONE_PASS=one_pass, BLOCK_K=block,
+                                    BLOCK_O=min(triton.next_power_of_2(max(ko, 1)), 256),
+                                    num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return q, scale, xo
 
 
