@@ -183,9 +183,9 @@ def inline_kernels(enabled: bool) -> None:
     (the default). Inlined, AOTAutograd traces each op's launchers (``triton_kernels.traced``) into the graph as
     Triton-kernel calls that inductor launches from its generated code: the op costs no Python dispatch per call
     (8 compiled LoRA layers at 4096 tokens on an H100: 2.45x faster than opaque, where the launches bound the step).
-    The price is compile time, which grows with the number of call sites (inductor analyses and autotunes each
-    site's kernels): it suits a compiled decoder layer (regional compilation, ``Module.compile`` per layer) more
-    than a whole 8B model as one graph (that one did not finish compiling within a 395 s device call). The CPU
+    The price is compile time, likely growing with the call sites (inductor analyses and autotunes each site's
+    kernels): it suits a compiled decoder layer (regional compilation, ``Module.compile`` per layer) more than a
+    whole 8B model as one graph (that one did not finish compiling within a 395 s device call). The CPU
     kernels, eager calls and ``torch.export`` (ONNX) keep the op whole either way. Takes effect at the next
     compilation. The compile caches do not know this switch (a graph compiled one way would be served the other),
     so they are off while inlining is on and back as they were after."""
