@@ -96,11 +96,16 @@ def _(grad, w_int8, w_scale, exact=False, inv_smooth=None, w_int8_t=None):
     return grad.new_empty(*grad.shape[:-1], w_int8.shape[1])
 
 
-def _setup_context(ctx, inputs, output):
-    x, w_int8, w_scale, _idx, _scale, _w_o, bias, prescaled, exact_grad, inv_smooth, w_int8_t, _act_group = inputs
-    ctx.save_for_backward(w_int8, w_scale, None if prescaled else inv_smooth, w_int8_t)
+def _save_for_grad_x(ctx, w_int8, w_scale, bias, prescaled, exact_grad, inv_smooth, w_int8_t, *more) -> None:
+    """What ``_grad_x`` and ``_grad_bias`` read, saved (then ``more``: an op's own tensors for its other gradients)."""
+    ctx.save_for_backward(w_int8, w_scale, None if prescaled else inv_smooth, w_int8_t, *more)
     ctx.exact_grad = exact_grad
     ctx.has_bias = bias is not None
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_int8, w_scale, _idx, _scale, _w_o, bias, prescaled, exact_grad, inv_smooth, w_int8_t, _act_group = inputs
+    _save_for_grad_x(ctx, w_int8, w_scale, bias, prescaled, exact_grad, inv_smooth, w_int8_t)
 
 
 def _grad_x(ctx, grad: Tensor, saved: tuple) -> Optional[Tensor]:
@@ -152,9 +157,7 @@ def _(x, w_int8, w_scale, outlier_idx, act_scale, w_outlier, lora_h, lora_b, bia
 
 def _lora_setup_context(ctx, inputs, output):
     w_int8, w_scale, lora_h, lora_b, bias, prescaled, exact_grad, inv_smooth, w_int8_t = inputs[1:3] + inputs[6:13]
-    ctx.save_for_backward(w_int8, w_scale, None if prescaled else inv_smooth, w_int8_t, lora_h, lora_b)
-    ctx.exact_grad = exact_grad
-    ctx.has_bias = bias is not None
+    _save_for_grad_x(ctx, w_int8, w_scale, bias, prescaled, exact_grad, inv_smooth, w_int8_t, lora_h, lora_b)
 
 
 def _lora_backward(ctx, grad):

@@ -71,19 +71,6 @@ def build(args, device):
     return model
 
 
-def compile_layers(model, backend: str, inline: bool = False) -> None:
-    """``torch.compile`` each decoder layer in place (``Module.compile``): the layers share one compiled graph, so
-    an 8B compiles in the time of one layer, and the wrappers (DDP, FSDP2) stay outside the compiled regions.
-    ``inline``: the quaff ops' kernels traced into that graph (``quaff_fx.ops.inline_kernels``)."""
-    from quaff_fx.distributed import decoder_layers
-    from quaff_fx.ops import inline_kernels
-
-    inline_kernels(inline)
-
-    for layer in decoder_layers(model):
-        layer.compile(backend=backend)
-
-
 def quantize(model, vocab: int) -> None:
     """quaff-fx's pipeline on random token ids (a random-init model has no text to calibrate on)."""
     import torch
@@ -100,17 +87,17 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from quaff_fx.distributed import init_from_env, scale_sync, shard_model, wrap
+    from quaff_fx.ops import inline_kernels
+    from quaff_fx.training.trainer import compile_layers_
 
     rank, size = init_from_env()
     device = _device(args)
     model = build(args, device)
     net = model if size == 1 else shard_model(model) if args.mode == "fsdp" else wrap(model, "ddp")
+    inline_kernels(args.inline_kernels)
     if args.compile_backend != "none" and args.compile_scope == "layers":
-        compile_layers(model, args.compile_backend, args.inline_kernels)
+        compile_layers_(model, backend=args.compile_backend)  # each decoder layer: one shared graph, wrappers outside
     elif args.compile_backend != "none":
-        from quaff_fx.ops import inline_kernels
-
-        inline_kernels(args.inline_kernels)
         net = torch.compile(net, backend=args.compile_backend)
     with scale_sync(args.scale_sync):
         _emit(args, rank, _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode))
@@ -235,12 +222,15 @@ def worker_sequence(args) -> None:
     import torch.distributed as dist
 
     from quaff_fx.distributed import init_from_env, local_scales, scale_sync, shard_model, wrap
+    from quaff_fx.ops import inline_kernels
+    from quaff_fx.training.trainer import compile_layers_
 
     rank, size = init_from_env()
     device = _device(args)
     model = build(args, device)
+    inline_kernels(args.inline_kernels)
     if args.compile_backend != "none":
-        compile_layers(model, args.compile_backend, args.inline_kernels)
+        compile_layers_(model, backend=args.compile_backend)
     with local_scales():
         _emit(args, rank, {**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
     dist.barrier()

@@ -210,10 +210,9 @@ def run_variant(variant: str, size: str, batch: int, seq_len: int, steps: int, p
 
     fn = step
     if compilation == "compiled-layers":  # regional: each decoder layer compiled, one graph shared by all
-        from quaff_fx.distributed import decoder_layers
+        from quaff_fx.training.trainer import compile_layers_
 
-        for layer in decoder_layers(model):
-            layer.compile()
+        compile_layers_(model)
     elif compilation != "eager":  # +cudagraphs: mode reduce-overhead (CUDA graphs take the kernel launches off the CPU)
         compiled = torch.compile(model, mode="reduce-overhead" if compilation == "compiled+cudagraphs" else None)
         fn = lambda _: step(compiled)  # noqa: E731

@@ -243,15 +243,16 @@ def fuse_lora(cfg: TrainConfig) -> bool:
     return cfg.device != "cuda" or (cfg.compile and (cfg.compile_mode in CUDA_GRAPH_MODES or cfg.inline_kernels))
 
 
-def compile_layers_(model: nn.Module, mode: str) -> int:
+def compile_layers_(model: nn.Module, mode: str = "default", backend: str = "inductor") -> int:
     """``Module.compile`` on every decoder layer (regional compilation): the layers share one graph, so the model
-    compiles in about the time of one layer, and what wraps the layers (DDP, the Trainer) stays outside."""
+    compiles in about the time of one layer, and what wraps the layers (DDP, FSDP2, the Trainer) stays outside.
+    Also the benchmarks' per-layer compilation (tools/fsdp_bench.py, tools/gpu_step_bench.py)."""
     layers = decoder_layers(model)
     if not layers:
         raise QuaffError(f"--compile-scope layers: found no decoder layers (an nn.ModuleList of blocks) in "
                          f"{type(model).__name__}; use --compile-scope model")
     for layer in layers:
-        layer.compile(mode=None if mode == "default" else mode)
+        layer.compile(mode=None if mode == "default" else mode, backend=backend)
     return len(layers)
 
 
