@@ -134,11 +134,6 @@ def train(
     from .distributed import world
     from .training.trainer import StepHook, TrainConfig, fit
 
-    if distributed == "fsdp":
-        raise QuaffError(
-            "the Trainer does not shard Quaff's int8 base; use quaff_fx.distributed.shard_model in your own "
-            "loop, or DDP"
-        )
     _, size = world()
     if cfg.batch_size % size:
         raise QuaffError(f"batch size {cfg.batch_size} does not split over {size} processes")
@@ -157,6 +152,7 @@ def train(
         seed=cfg.seed,
         progress=progress,
         device=next(model.parameters()).device.type,
+        distributed=distributed or "ddp",
     )
     hooks = [StepHook(on_step)] if on_step is not None else []
     with tempfile.TemporaryDirectory(prefix="quaff-train-") as scratch:

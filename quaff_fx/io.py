@@ -158,11 +158,13 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def save_quantized(model: nn.Module, out: str | Path, manifest: dict[str, Any], stats: CalibrationStats | None = None,
-                   tokenizer=None, force: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
+                   tokenizer=None, force: bool = False, shard_bytes: int = SHARD_BYTES,
+                   state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a quantized HF model as an artifact folder; ``manifest`` holds source, config, layers, reports. The
     weights go to ``model.safetensors``, or, past ``shard_bytes``, to shards ``model-0000i-of-0000n.safetensors``
-    (tensors may stay on the GPU: each is copied to the host as its shard is written)."""
-    state, aliases = _dedupe(model.state_dict())
+    (tensors may stay on the GPU: each is copied to the host as its shard is written). ``state``: the model's
+    tensors by state_dict name, where ``model.state_dict()`` would not give them whole (an FSDP2 model)."""
+    state, aliases = _dedupe(model.state_dict() if state is None else state)
     full = {**manifest, "format": MODEL_FORMAT, "version": MODEL_VERSION, "aliases": aliases,
             "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for n, t in state.items()},

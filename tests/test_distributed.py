@@ -83,3 +83,54 @@ def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
     assert log["world_size"] == 2 and log["config"]["scale_sync"] == sync
     assert log["config"]["compile_scope"] == ("layers" if launcher == "accelerate" else "model")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_finetune_fsdp_matches_ddp_merges_and_resumes(tiny_model_dir, tmp_path):
+    """`quaff-fx finetune --distributed fsdp` under torchrun: the Trainer over the FSDP2-sharded model (the int8
+    base split between the two processes) trains as DDP does on the same global batch (losses, adapter, scales,
+    merged artifact); its checkpoint of whole tensors resumes in one process to the same adapter; a DDP resume of
+    it is refused before the model loads."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from quaff_fx.cli import main
+
+    def finetune(out, mode, procs=2, resume=False):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+                  str(_free_port())] if procs > 1 else [sys.executable]
+        cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "4", "--seq-len", "32",
+                        "--batch-size", "4", "--save-every", "2", "--distributed", mode, "--out", str(out), "--json"]
+        cmd += ["--resume"] if resume else ["--merge"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "loss.json").read_text())
+
+    fsdp, ddp = finetune(tmp_path / "fsdp", "fsdp"), finetune(tmp_path / "ddp", "ddp")
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5) and len(fsdp["losses"]) == 4
+    assert fsdp["int8_bytes_per_process"] == pytest.approx(ddp["int8_bytes_per_process"] / 2, rel=0.05)
+
+    def tensors(out, name):
+        return load_file(str(out / name))
+
+    for name in ("adapter/adapter_model.safetensors", "adapter/quaff_scales.safetensors", "merged/model.safetensors"):
+        a, b = tensors(tmp_path / "fsdp", name), tensors(tmp_path / "ddp", name)
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=f"{name}: {k}")
+    assert (tmp_path / "fsdp/checkpoints/checkpoint-2/quaff_fsdp.json").is_file()
+
+    resumed = tmp_path / "resumed"  # stopped after step 2: resume in one process
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    for gone in ("checkpoints/checkpoint-4", "adapter", "merged"):
+        shutil.rmtree(resumed / gone)
+    args = ["finetune", str(tiny_model_dir), "--out", str(resumed), "--resume", "--distributed", "ddp"]
+    assert main(args) == 2  # refused: the optimizer state of an FSDP checkpoint is by parameter name
+    finetune(resumed, "fsdp", procs=1, resume=True)
+    name = "adapter/adapter_model.safetensors"
+    a, b = tensors(tmp_path / "fsdp", name), tensors(resumed, name)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)

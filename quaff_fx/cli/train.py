@@ -11,6 +11,7 @@ from ..corpus import DEFAULT_BATCHES
 from ..distributed import SCALE_SYNCS
 from ..errors import QuaffError
 from ..io import is_artifact
+from ..training.trainer import DISTRIBUTED
 from .common import (
     MODEL_HELP,
     add_device_options,
@@ -60,12 +61,18 @@ def _check_finetune_args(args: argparse.Namespace):
         compile=args.compile or args.compile_mode != "default" or args.compile_scope != "model",
         compile_mode=args.compile_mode, compile_scope=args.compile_scope, inline_kernels=args.inline_kernels,
         gradient_checkpointing=args.gradient_checkpointing,
-        report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync,
+        report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync, distributed=args.distributed,
     )
     out = Path(args.out)
     if args.resume:
-        if not any((out / "checkpoints").glob("checkpoint-*")):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        from ..training.fsdp import check_resumable
+
+        last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+        if last is None:
             raise QuaffError(f"--resume: {args.out!r} has no checkpoint to continue from; start without --resume")
+        check_resumable(last, args.distributed)
     elif out.exists() and not args.force:
         raise QuaffError(f"{args.out!r} exists; pass --resume to continue its training or --force to start over")
     check_out(args.out, force=True)  # the folder it goes in must exist
@@ -77,6 +84,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..finetune import make_peft_model
     from ..training.adapter import save_adapter, save_merged
     from ..training.data import build_examples, pad_id, read_rows, split
+    from ..training.fsdp import adapter_state, is_sharded, unshard_
     from ..training.trainer import fit, write_log
 
     cfg, tcfg, out = _check_finetune_args(args)
@@ -84,6 +92,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if tcfg.batch_size % size:
         raise QuaffError(f"--batch-size {tcfg.batch_size} does not split over {size} processes")
     tcfg.batch_size //= size
+    if args.int8_backward and args.distributed == "fsdp" and size > 1:
+        raise QuaffError("--int8-backward keeps a transposed int8 copy of every weight, which FSDP2 would replicate "
+                         "in full; drop it, or train with --distributed ddp")
     train_rows = read_rows(args.data)  # a bad row fails here, before the model loads
     eval_rows = read_rows(args.eval_data) if args.eval_data else None
     calibration = (
@@ -133,10 +144,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "train_examples": len(train_set),
         }
     )
+    adapter = None
+    if is_sharded(peft_model):  # every rank takes part in gathering what rank 0 writes
+        adapter = adapter_state(peft_model)
+        if args.merge:
+            unshard_(peft_model)  # the whole model on every rank, for merge_and_unload
     if rank > 0:
         return 0  # rank 0 writes and reports
     base = source.get("artifact") or source.get("name") or source.get("path")
-    save_adapter(peft_model, out / "adapter", base)
+    save_adapter(peft_model, out / "adapter", base, state_dict=adapter)
     write_log(log, out)
     from ..io import write_json
 
@@ -352,6 +368,8 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
                    "cross-entropy without the whole logits (less memory); model: the model's own; auto: CUDA chunked")
     g.add_argument("--scale-sync", default="forward", choices=SCALE_SYNCS, help="several processes: the "
                    "outlier scales' all-reduce in every layer's forward, or one per micro-batch after its backward")
+    g.add_argument("--distributed", default="ddp", choices=DISTRIBUTED, help="several processes (torchrun, "
+                   "accelerate launch): ddp replicates the model; fsdp (FSDP2) shards it, the int8 base included")
     g = p.add_argument_group("calibration (a model quantized here)")
     g.add_argument(
         "--calib",

@@ -64,11 +64,14 @@ def read_scales(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in read_safetensors(path)[0].items() if k != "_none"}
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base: str | None, force: bool = True) -> Path:
+def save_adapter(
+    model: nn.Module, folder: str | Path, base: str | None, force: bool = True, state_dict: dict | None = None
+) -> Path:
     """Write the adapter of a PEFT ``model`` atomically: PEFT's files, ``quaff_scales.safetensors`` and an
-    adapter_config.json whose base model is ``base`` (the artifact or model trained on; None when unknown)."""
+    adapter_config.json whose base model is ``base`` (the artifact or model trained on; None when unknown).
+    ``state_dict``: the adapter's tensors whole where the model's are shards (``training.fsdp.adapter_state``)."""
     with atomic_dir(folder, force) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         write_scales(model, tmp / SCALES)
         config = read_json(tmp / "adapter_config.json")
         config["base_model_name_or_path"] = base
@@ -116,8 +119,11 @@ def save_merged(peft_model, folder: Path, source: dict, tokenizer, config: dict 
     from ..io import build_manifest, save_quantized
     from ..quaff_linear import QuaffLinear
     from ..transform import layer_spec
+    from .fsdp import held_state, is_sharded
 
+    sharded = is_sharded(peft_model)  # unshard_ made its tensors whole; its state_dict() would give the shards
     merged = peft_model.merge_and_unload()
     layers = {n: layer_spec(m) for n, m in merged.named_modules() if isinstance(m, QuaffLinear)}
     manifest = build_manifest(source, QuaffConfig.from_dict(config), layers)
-    save_quantized(merged, folder, manifest, tokenizer=tokenizer, force=True)
+    state = held_state(merged) if sharded else None
+    save_quantized(merged, folder, manifest, tokenizer=tokenizer, force=True, state=state)

@@ -16,13 +16,14 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..distributed import SCALE_SYNCS, decoder_layers, scale_sync, sync_scales_
+from ..distributed import SCALE_SYNCS, decoder_layers, local_bytes, scale_sync, sync_scales_, world
 from ..errors import QuaffError
 from ..hf import lora_fusion
 from ..io import write_json
 from ..ops import kernel_inlining
 from .adapter import SCALES, load_scales_, read_scales, write_scales
 from .data import Collator
+from .fsdp import ShardedTrainer, check_resumable
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
@@ -31,6 +32,7 @@ LOSSES = ("auto", "chunked", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "layers")  # one graph of the whole model (the Trainer's torch_compile), or per decoder layer
+DISTRIBUTED = ("ddp", "fsdp")  # several processes: DDP (the Trainer's own), or FSDP2 sharding the int8 base
 
 
 @dataclass
@@ -58,6 +60,7 @@ class TrainConfig:
     progress: bool = True
     loss: str = "auto"  # LOSSES: "chunked" (kernels.linear_ce), "model" (its own), "auto" (chunked on CUDA)
     scale_sync: str = "forward"  # SCALE_SYNCS: the outlier scales' all-reduce in every forward, or once per micro-batch
+    distributed: str = "ddp"  # DISTRIBUTED: how several processes train (one process: neither)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "save_every"):
@@ -82,6 +85,8 @@ class TrainConfig:
             raise QuaffError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.scale_sync not in SCALE_SYNCS:
             raise QuaffError(f"--scale-sync {self.scale_sync!r}: choose one of {', '.join(SCALE_SYNCS)}")
+        if self.distributed not in DISTRIBUTED:
+            raise QuaffError(f"--distributed {self.distributed!r}: choose one of {', '.join(DISTRIBUTED)}")
         if self.report_to not in ("none", "tensorboard"):
             raise QuaffError(f"--report-to {self.report_to!r}: choose none or tensorboard")
 
@@ -228,6 +233,8 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
         **checkpointing_arguments(cfg.gradient_checkpointing),
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         remove_unused_columns=False,
+        ddp_broadcast_buffers=False,  # the int8 base is buffers (the whole base, equal on every rank from the start)
+        ddp_find_unused_parameters=False,
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
         warmup_steps=int(cfg.warmup) if cfg.warmup >= 1 else cfg.warmup,
@@ -276,10 +283,19 @@ def fit(
     last = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
     if resume and last is None:
         raise QuaffError(f"--resume: no checkpoint in {str(output_dir)!r}; start without --resume")
+    if last is not None:
+        check_resumable(last, cfg.distributed)
     if cfg.loss == "chunked" or (cfg.loss == "auto" and cfg.device == "cuda"):
         from ..kernels.linear_ce import fused_causal_lm_loss_
 
         fused_causal_lm_loss_(model, "chunked")  # the vocabulary projection no longer sets the peak
+    trainer_class = Trainer
+    if cfg.distributed == "fsdp":  # its checkpoints in one process too: they resume on any number of processes
+        trainer_class = ShardedTrainer
+        if world()[1] > 1:
+            from ..distributed import shard_model
+
+            shard_model(model)  # before the Trainer makes the optimizer: it takes the shards
     throughput = Throughput()
     collator = Collator(pad_id)
 
@@ -288,7 +304,7 @@ def fit(
         throughput.tokens += int(out["attention_mask"].sum())
         return out
 
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=training_arguments(cfg, output_dir, bool(eval_set)),
         train_dataset=list(train),
@@ -319,6 +335,7 @@ def fit(
         "tokens_per_s_median_step": throughput.median_rate(),
         "step_seconds": [round(t, 4) for t in throughput.step_seconds()],
         "config": asdict(cfg),
+        "int8_bytes_per_process": local_bytes(model),  # the int8 base this process holds: 1/N of it under FSDP2
     }
     if eval_set:
         loss = trainer.evaluate()["eval_loss"]
