@@ -218,24 +218,34 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
         raise QuaffError(f"found no decoder layers (an nn.ModuleList of blocks) in {type(model).__name__} to shard")
     for layer in layers:
         fully_shard(layer, **options)
-    embedding = _untied_input_embeddings(model)
-    if embedding is not None:  # its own unit: gathered for its forward only, not for the whole step with the root's
+    # the input embedding and the head each their own unit where untied: gathered for their forward (and the
+    # head's backward) only, not for the whole step as the root's parameters are (the root keeps them unsharded
+    # from its forward to the end of backward: 2 GiB at Llama-3-8B's 128k vocabulary)
+    embedding = _untied(model, "get_input_embeddings")
+    if embedding is not None:
         fully_shard(embedding, **options)
+    head = _untied(model, "get_output_embeddings")
+    if head is not None:
+        fully_shard(head, **options)
+        if hasattr(head, "causal_lm_loss"):  # kernels.linear_ce's loss reads the weight outside head.forward
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(head, "causal_lm_loss")
     fully_shard(model, **options)
     return model
 
 
-def _untied_input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The input embedding module, where it shares no parameter with the rest (a tied lm_head would be a parameter
-    of two units)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    if embedding is None:
+def _untied(model: nn.Module, getter: str) -> nn.Module | None:
+    """The module ``model.<getter>()`` returns (the input embedding, the output head), where it shares no
+    parameter with the rest (a tied lm_head would be a parameter of two units)."""
+    get = getattr(model, getter, None)
+    module = get() if callable(get) else None
+    if module is None:
         return None
-    own = {id(p) for p in embedding.parameters()}
-    members = set(embedding.modules())
+    own = {id(p) for p in module.parameters()}
+    members = set(module.modules())
     others = {id(p) for m in model.modules() if m not in members for p in m.parameters(recurse=False)}
-    return embedding if own and not own & others else None
+    return module if own and not own & others else None
 
 
 def local_bytes(model: nn.Module, dtype: torch.dtype = torch.int8) -> int:

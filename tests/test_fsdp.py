@@ -297,15 +297,16 @@ def test_the_fsdp2_parameter_shim_keeps_integer_tensors_gradient_free():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_the_input_embedding_is_a_unit_of_its_own_only_when_untied(tied):
-    """shard_model gives the input embedding its own FSDP2 unit; a tied lm_head shares its weight, which would
-    then be a parameter of two units, so a tied embedding stays in the root's."""
+def test_the_embedding_and_head_are_units_of_their_own_only_when_untied(tied):
+    """shard_model gives the input embedding and the lm_head each their own FSDP2 unit; tied, they share one
+    weight, which would then be a parameter of two units, so both stay in the root's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quaff_fx.distributed import _untied_input_embeddings
+    from quaff_fx.distributed import _untied
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=64, tie_word_embeddings=tied)
     model = LlamaForCausalLM(cfg)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    assert _untied_input_embeddings(model) is (None if tied else model.model.embed_tokens)
+    assert _untied(model, "get_input_embeddings") is (None if tied else model.model.embed_tokens)
+    assert _untied(model, "get_output_embeddings") is (None if tied else model.lm_head)

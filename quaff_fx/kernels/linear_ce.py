@@ -19,14 +19,16 @@ from ..errors import QuaffError
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-    """mean over labelled tokens of CE(h · Wᵀ, labels); grad_h made chunk by chunk in the forward."""
+    """CE(h · Wᵀ, labels) summed over labelled tokens, divided by their count or by ``divisor`` (the Trainer's
+    ``num_items_in_batch``); grad_h made chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int, ignore_index: int):
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int, ignore_index: int,
+                divisor: torch.Tensor | None):
         valid_all = labels != ignore_index
-        count = valid_all.sum().clamp(min=1)
-        grad_h = torch.empty_like(h) if h.requires_grad else None
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 logits for bf16/fp16/fp32 inputs
+        count = valid_all.sum().clamp(min=1) if divisor is None else divisor.to(h.device, acc)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, h.shape[0], chunk):
             logits = (h[s:s + chunk] @ w.t()).to(acc)
@@ -47,17 +49,21 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, count = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * (grad_out / count).to(grad_h.dtype)
-        return gh, None, None, None, None
+        return gh, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = -100, num_items_in_batch=None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden`` [T, H] · ``weight`` [V, H]ᵀ against ``labels`` [T] (``ignore_index``
-    skipped), in chunks of ``chunk`` tokens; the weight gets no gradient."""
+    skipped), in chunks of ``chunk`` tokens; the weight gets no gradient. ``num_items_in_batch`` (the Trainer's
+    count of labelled tokens over the micro-batches of a step and over the processes): the sum is divided by it
+    instead of by this batch's count, as transformers' own causal-LM loss does; the Trainer relies on that for
+    gradient accumulation and for DDP (it multiplies the loss by the number of processes)."""
     if weight.requires_grad:
         raise QuaffError("linear_cross_entropy: the lm_head weight is trainable; freeze it (LoRA leaves it frozen) "
                          "or use the model's own loss")
-    return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, ignore_index)
+    divisor = None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+    return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, ignore_index, divisor)
 
 
 def _liger_loss():
@@ -82,7 +88,16 @@ def fused_causal_lm_loss_(model: nn.Module, impl: str = "chunked", chunk: int = 
     liger = _liger_loss() if impl == "liger" else None
     original = lm.forward
 
-    def forward(self, input_ids=None, labels=None, attention_mask=None, **kwargs):
+    def causal_lm_loss(head, h, target, num_items_in_batch=None):  # a method of lm_head: under FSDP2 it gathers
+        if liger is None:  # the weight (shard_model)
+            return linear_cross_entropy(h, head.weight, target, chunk, num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is None:
+            return liger(head.weight, h, target)
+        return liger(head.weight, h, target) * ((target != -100).sum() / num_items_in_batch)  # its mean, rescaled
+
+    lm.lm_head.causal_lm_loss = types.MethodType(causal_lm_loss, lm.lm_head)
+
+    def forward(self, input_ids=None, labels=None, attention_mask=None, num_items_in_batch=None, **kwargs):
         if labels is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -91,8 +106,7 @@ def fused_causal_lm_loss_(model: nn.Module, impl: str = "chunked", chunk: int = 
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         h = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         target = labels[:, 1:].reshape(-1)
-        weight = self.lm_head.weight
-        loss = liger(weight, h, target) if liger is not None else linear_cross_entropy(h, weight, target, chunk)
+        loss = self.lm_head.causal_lm_loss(h, target, num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     lm.forward = types.MethodType(forward, lm)
