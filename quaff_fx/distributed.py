@@ -201,10 +201,14 @@ def _fsdp2_integer_parameters() -> None:
         _fsdp_param.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in names}, Parameter=_Parameter)
 
 
-def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
+def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
+                prefetch: int = 1) -> nn.Module:
     """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
     per layer for compute) and on the root (embeddings, final norm, head). ``mesh``: a 1-D DeviceMesh (default:
-    all ranks on this device type). A ``MixedPrecisionPolicy`` never casts a non-float parameter: int8 stays int8."""
+    all ranks on this device type). A ``MixedPrecisionPolicy`` never casts a non-float parameter: int8 stays int8.
+    ``prefetch``: each layer starts the all-gathers of the next ``prefetch`` layers (the previous ones in backward)
+    when it starts, so they overlap its compute even when the host runs behind the GPU (FSDP2's own, implicit
+    prefetch issues a layer's all-gather only when the host reaches that layer); 0 leaves FSDP2's."""
     from torch.distributed.fsdp import fully_shard
 
     int8_parameters_(model)
@@ -231,8 +235,21 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
             from torch.distributed.fsdp import register_fsdp_forward_method
 
             register_fsdp_forward_method(head, "causal_lm_loss")
+            if hasattr(head, "set_unshard_in_backward"):  # that loss makes its gradient in forward: the backward
+                head.set_unshard_in_backward(False)  # needs no weight, and no 1 GiB all-gather at its start
     fully_shard(model, **options)
+    if prefetch > 0:  # an explicit prefetch is also freed at once after its copy-out, where FSDP2 keeps an implicit
+        # one's all-gather buffer until the next unit's (the head's, 1 GiB at 8B, to the start of backward)
+        _prefetch(layers + ([head] if head is not None else []), prefetch)
     return model
+
+
+def _prefetch(units: list[nn.Module], n: int) -> None:
+    """Each FSDP2 unit of ``units`` (in forward order) starts the all-gathers of the next ``n`` in forward and of
+    the ``n`` before it in backward."""
+    for i, unit in enumerate(units):
+        unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + n])
+        unit.set_modules_to_backward_prefetch(units[max(i - n, 0):i][::-1])
 
 
 def _untied(model: nn.Module, getter: str) -> nn.Module | None:

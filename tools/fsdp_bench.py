@@ -94,7 +94,10 @@ def worker(args) -> None:
     rank, size = init_from_env()
     device = _device(args)
     model = build(args, device)
-    net = model if size == 1 else shard_model(model) if args.mode == "fsdp" else wrap(model, "ddp")
+    if size == 1:
+        net = model
+    else:
+        net = shard_model(model, prefetch=args.prefetch) if args.mode == "fsdp" else wrap(model, "ddp")
     inline_kernels(args.inline_kernels)
     if args.compile_backend != "none" and args.compile_scope == "layers":
         compile_layers_(model, backend=args.compile_backend)  # each decoder layer: one shared graph, wrappers outside
@@ -175,7 +178,7 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
             "peak_reserved_bytes": max(r for _, r in peaks) if cuda else None,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend,
             "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync,
-            "inline_kernels": args.inline_kernels}
+            "inline_kernels": args.inline_kernels, "prefetch": args.prefetch if mode == "fsdp" else None}
     if args.profile:  # after the row is made: its peak memory and step times are the timed steps'
         row["profile"] = profile_steps(step, PROFILE_STEPS, cuda, rank)
     return row
@@ -245,7 +248,7 @@ def worker_sequence(args) -> None:
         _emit(args, rank, {**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
     dist.barrier()
     for mode in args.modes.split(","):
-        net = shard_model(model) if mode == "fsdp" else wrap(model, "ddp")
+        net = shard_model(model, prefetch=args.prefetch) if mode == "fsdp" else wrap(model, "ddp")
         with scale_sync(args.scale_sync):
             _emit(args, rank, _measure(args, net, model, device, rank, size, mode))
         del net
@@ -304,6 +307,8 @@ def main() -> int:
                    help="after the timed steps, profile 2 more on rank 0 (top CUDA ops, NCCL and all-reduce time)")
     p.add_argument("--inline-kernels", action="store_true",
                    help="compiled code launches the quaff ops' Triton kernels itself (quaff_fx.ops.inline_kernels)")
+    p.add_argument("--prefetch", type=int, default=1, help="FSDP2: layers whose all-gathers each layer starts "
+                   "(quaff_fx.distributed.shard_model); 0: FSDP2's implicit prefetch")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -30,7 +30,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         count = valid_all.sum().clamp(min=1) if divisor is None else divisor.to(h.device, acc)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         total = torch.zeros((), dtype=acc, device=h.device)
-        for s in range(0, h.shape[0], chunk):
+        for s in range(0, h.shape[0], chunk):  # in place where it can: one chunk's fp32 logits are the peak
             logits = (h[s:s + chunk] @ w.t()).to(acc)
             lab, valid = labels[s:s + chunk], valid_all[s:s + chunk]
             safe = torch.where(valid, lab, torch.zeros_like(lab))
@@ -38,10 +38,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
             target = logits.gather(1, safe[:, None]).squeeze(1)
             total = total + ((lse - target) * valid).sum()
             if grad_h is not None:  # d/dlogits = softmax - onehot, rows of unlabelled tokens zero
-                p = torch.exp(logits - lse[:, None])
+                p = logits.sub_(lse[:, None]).exp_()
                 p.scatter_add_(1, safe[:, None], -torch.ones_like(p[:, :1]))
-                p = p * valid[:, None]
+                p.mul_(valid[:, None])
                 grad_h[s:s + chunk] = (p.to(h.dtype) @ w).to(h.dtype)
+                del p  # the logits' storage: freed before the next chunk's
+            del logits
         ctx.save_for_backward(grad_h, count)
         return total / count
 
@@ -52,7 +54,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return gh, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 512,
                          ignore_index: int = -100, num_items_in_batch=None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden`` [T, H] · ``weight`` [V, H]ᵀ against ``labels`` [T] (``ignore_index``
     skipped), in chunks of ``chunk`` tokens; the weight gets no gradient. ``num_items_in_batch`` (the Trainer's
@@ -75,7 +77,7 @@ def _liger_loss():
     return LigerFusedLinearCrossEntropyLoss()
 
 
-def fused_causal_lm_loss_(model: nn.Module, impl: str = "chunked", chunk: int = 1024) -> nn.Module:
+def fused_causal_lm_loss_(model: nn.Module, impl: str = "chunked", chunk: int = 512) -> nn.Module:
     """Make the HF causal LM inside ``model`` (PEFT wrappers are looked through) compute its loss without the
     full logits; ``impl``: 'chunked' (this module) or 'liger'. Calls without ``labels`` keep the original
     forward. Returns the patched causal LM."""
