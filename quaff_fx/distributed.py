@@ -202,13 +202,17 @@ def _fsdp2_integer_parameters() -> None:
 
 
 def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
-                prefetch: int = 1) -> nn.Module:
+                prefetch: int = 1, shard_head: bool = False) -> nn.Module:
     """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
     per layer for compute) and on the root (embeddings, final norm, head). ``mesh``: a 1-D DeviceMesh (default:
     all ranks on this device type). A ``MixedPrecisionPolicy`` never casts a non-float parameter: int8 stays int8.
     ``prefetch``: each layer starts the all-gathers of the next ``prefetch`` layers (the previous ones in backward)
     when it starts, so they overlap its compute even when the host runs behind the GPU (FSDP2's own, implicit
-    prefetch issues a layer's all-gather only when the host reaches that layer); 0 leaves FSDP2's."""
+    prefetch issues a layer's all-gather only when the host reaches that layer); 0 leaves FSDP2's.
+    ``shard_head``: an untied, frozen lm_head is sharded as a unit of its own; by default it stays whole on every
+    rank (FSDP2 ignores it): sharded, it saves half its size at rest, but gathering it for the loss costs twice
+    its size at the step's peak (FSDP2's all-gather buffer next to the whole weight it copies into), and the loss
+    is where the peak is (measured at 8B on 2 H100s: README)."""
     from torch.distributed.fsdp import fully_shard
 
     int8_parameters_(model)
@@ -222,13 +226,15 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
         raise QuaffError(f"found no decoder layers (an nn.ModuleList of blocks) in {type(model).__name__} to shard")
     for layer in layers:
         fully_shard(layer, **options)
-    # the input embedding and the head each their own unit where untied: gathered for their forward (and the
-    # head's backward) only, not for the whole step as the root's parameters are (the root keeps them unsharded
-    # from its forward to the end of backward: 2 GiB at Llama-3-8B's 128k vocabulary)
+    # the input embedding its own unit where untied: gathered for its forward only, not for the whole step as the
+    # root's parameters are (the root keeps them whole from its forward to the end of backward)
     embedding = _untied(model, "get_input_embeddings")
     if embedding is not None:
         fully_shard(embedding, **options)
     head = _untied(model, "get_output_embeddings")
+    root = dict(options)
+    if head is not None and not (shard_head or any(p.requires_grad for p in head.parameters())):
+        root["ignored_params"], head = set(head.parameters()), None  # whole on every rank, outside FSDP2
     if head is not None:
         fully_shard(head, **options)
         if hasattr(head, "causal_lm_loss"):  # kernels.linear_ce's loss reads the weight outside head.forward
@@ -236,10 +242,10 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
 
             register_fsdp_forward_method(head, "causal_lm_loss")
             if hasattr(head, "set_unshard_in_backward"):  # that loss makes its gradient in forward: the backward
-                head.set_unshard_in_backward(False)  # needs no weight, and no 1 GiB all-gather at its start
-    fully_shard(model, **options)
+                head.set_unshard_in_backward(False)  # needs no weight, and no all-gather at its start
+    fully_shard(model, **root)
     if prefetch > 0:  # an explicit prefetch is also freed at once after its copy-out, where FSDP2 keeps an implicit
-        # one's all-gather buffer until the next unit's (the head's, 1 GiB at 8B, to the start of backward)
+        # one's all-gather buffer until the next unit's copy-out
         _prefetch(layers + ([head] if head is not None else []), prefetch)
     return model
 

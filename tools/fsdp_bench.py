@@ -87,17 +87,14 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from quaff_fx.distributed import init_from_env, scale_sync, shard_model, wrap
+    from quaff_fx.distributed import init_from_env, scale_sync
     from quaff_fx.ops import inline_kernels
     from quaff_fx.training.trainer import compile_layers_
 
     rank, size = init_from_env()
     device = _device(args)
     model = build(args, device)
-    if size == 1:
-        net = model
-    else:
-        net = shard_model(model, prefetch=args.prefetch) if args.mode == "fsdp" else wrap(model, "ddp")
+    net = model if size == 1 else _wrap(args, model, args.mode)
     inline_kernels(args.inline_kernels)
     if args.compile_backend != "none" and args.compile_scope == "layers":
         compile_layers_(model, backend=args.compile_backend)  # each decoder layer: one shared graph, wrappers outside
@@ -107,6 +104,15 @@ def worker(args) -> None:
         _emit(args, rank, _measure(args, net, model, device, rank, size, "single" if size == 1 else args.mode))
     if size > 1:
         dist.destroy_process_group()
+
+
+def _wrap(args, model, mode: str):
+    """DDP, or FSDP2 with the bench's sharding options."""
+    from quaff_fx.distributed import shard_model, wrap
+
+    if mode == "fsdp":
+        return shard_model(model, prefetch=args.prefetch, shard_head=args.shard_head)
+    return wrap(model, "ddp")
 
 
 def _device(args):
@@ -178,7 +184,8 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
             "peak_reserved_bytes": max(r for _, r in peaks) if cuda else None,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend,
             "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync,
-            "inline_kernels": args.inline_kernels, "prefetch": args.prefetch if mode == "fsdp" else None}
+            "inline_kernels": args.inline_kernels, "prefetch": args.prefetch if mode == "fsdp" else None,
+            "shard_head": args.shard_head if mode == "fsdp" else None}
     if args.profile:  # after the row is made: its peak memory and step times are the timed steps'
         row["profile"] = profile_steps(step, PROFILE_STEPS, cuda, rank)
     return row
@@ -234,7 +241,7 @@ def worker_sequence(args) -> None:
 
     import torch.distributed as dist
 
-    from quaff_fx.distributed import init_from_env, local_scales, scale_sync, shard_model, wrap
+    from quaff_fx.distributed import init_from_env, local_scales, scale_sync
     from quaff_fx.ops import inline_kernels
     from quaff_fx.training.trainer import compile_layers_
 
@@ -248,7 +255,7 @@ def worker_sequence(args) -> None:
         _emit(args, rank, {**_measure(args, model, model, device, rank, 1, "single"), "ranks_at_once": size})
     dist.barrier()
     for mode in args.modes.split(","):
-        net = shard_model(model, prefetch=args.prefetch) if mode == "fsdp" else wrap(model, "ddp")
+        net = _wrap(args, model, mode)
         with scale_sync(args.scale_sync):
             _emit(args, rank, _measure(args, net, model, device, rank, size, mode))
         del net
@@ -309,6 +316,8 @@ def main() -> int:
                    help="compiled code launches the quaff ops' Triton kernels itself (quaff_fx.ops.inline_kernels)")
     p.add_argument("--prefetch", type=int, default=1, help="FSDP2: layers whose all-gathers each layer starts "
                    "(quaff_fx.distributed.shard_model); 0: FSDP2's implicit prefetch")
+    p.add_argument("--shard-head", action="store_true", help="FSDP2: shard the lm_head too (default: whole on "
+                   "every rank; quaff_fx.distributed.shard_model)")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
