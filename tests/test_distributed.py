@@ -104,7 +104,7 @@ def test_cli_finetune_fsdp_matches_ddp_merges_and_resumes(tiny_model_dir, tmp_pa
                   str(_free_port())] if procs > 1 else [sys.executable]
         cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "4", "--seq-len", "32",
                         "--batch-size", "4", "--save-every", "2", "--distributed", mode, "--out", str(out), "--json",
-                        "--loss", "chunked"]  # its own FSDP2 unit, the head gathers its weight for the chunked loss
+                        "--loss", "chunked"]
         cmd += ["--resume"] if resume else ["--merge"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
