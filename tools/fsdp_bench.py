@@ -265,27 +265,30 @@ def worker_sequence(args) -> None:
 
 
 def report(rows: list[dict]) -> str:
-    """One line per configuration; scaling and memory against the 1-GPU run of the same model. A wrapper whose
-    scales synced once per step reads ddp/step, fsdp/step."""
-    one = {r["model"]: r for r in rows if r["gpus"] == 1}
-    lines = [f"{'model':6} {'gpus':>4} {'mode':10} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
+    """One line per configuration, in the order run; scaling and memory against the 1-GPU row of the same model,
+    batch and length that came last before it (a one-group run writes its 1-GPU row first). Mode suffixes: /step
+    (scales synced once per step), /p0 (FSDP2's implicit prefetch), /head (the lm_head sharded too)."""
+    key = lambda r: (r["model"], r["batch_per_gpu"], r["seq_len"])  # noqa: E731
+    ones = {key(r): r for r in reversed(rows) if r["gpus"] == 1}  # each key's first 1-GPU row, until one comes
+    lines = [f"{'model':6} {'b/GPU':>5} {'gpus':>4} {'mode':12} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
              f"{'mem vs 1 GPU':>13} {'int8 GiB/GPU':>13} {'loss':>7}"]
-    for r in sorted(rows, key=lambda r: (r["model"], r["gpus"], _mode(r))):
-        base = one.get(r["model"])
+    for r in rows:
+        if r["gpus"] == 1:
+            ones[key(r)] = r
+        base = ones.get(key(r))
         scaling = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "-"
         mem = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base and base["peak_bytes"] and r["peak_bytes"] else "-"
-        lines.append(f"{r['model']:6} {r['gpus']:>4} {_mode(r):10} {r['tokens_per_s']:>10.0f} {scaling:>8} {peak:>13} "
-                     f"{mem:>13} {r['int8_bytes_per_gpu'] / 2**30:>13.2f} {r['loss']:>7.3f}")
-    quaff, bf16 = one.get("quaff"), one.get("bf16")
-    if quaff and bf16:
-        memory = f", peak memory {quaff['peak_bytes'] / bf16['peak_bytes']:.2f}x" if quaff["peak_bytes"] else ""
-        lines.append(f"quaff / bf16 on 1 GPU: tokens/s {quaff['tokens_per_s'] / bf16['tokens_per_s']:.2f}x{memory}")
+        lines.append(f"{r['model']:6} {r['batch_per_gpu']:>5} {r['gpus']:>4} {_mode(r):12} {r['tokens_per_s']:>10.0f} "
+                     f"{scaling:>8} {peak:>13} {mem:>13} {r['int8_bytes_per_gpu'] / 2**30:>13.2f} {r['loss']:>7.3f}")
     return "\n".join(lines)
 
 
 def _mode(row: dict) -> str:
-    return row["mode"] + ("/step" if row.get("scale_sync") == "step" and row["gpus"] > 1 else "")
+    if row["gpus"] == 1:
+        return row["mode"]
+    return (row["mode"] + ("/step" if row.get("scale_sync") == "step" else "")
+            + ("/p0" if row.get("prefetch") == 0 else "") + ("/head" if row.get("shard_head") else ""))
 
 
 def main() -> int:
