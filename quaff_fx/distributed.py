@@ -64,6 +64,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 SCALE_SYNCS = ("forward", "step")  # when the ranks' outlier scales meet: scale_sync()
+DISTRIBUTED = ("ddp", "fsdp")  # how several processes train: DDP replicates the model, FSDP2 shards it (shard_model)
 _SCALE_SYNC = "forward"  # a SCALE_SYNCS mode, or "local" inside ``local_scales()``
 _SCALE_GROUP = None  # the process group of the scale all-reduces, made by scale_group()
 
@@ -204,7 +205,8 @@ def _fsdp2_integer_parameters() -> None:
 def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
                 prefetch: int = 1, shard_head: bool = False) -> nn.Module:
     """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
-    per layer for compute) and on the root (embeddings, final norm, head). ``mesh``: a 1-D DeviceMesh (default:
+    per layer for compute), on the untied input embedding, and on the root (the final norm, a tied embedding and
+    head; an untied frozen head stays whole, below). ``mesh``: a 1-D DeviceMesh (default:
     all ranks on this device type). A ``MixedPrecisionPolicy`` never casts a non-float parameter: int8 stays int8.
     ``prefetch``: each layer starts the all-gathers of the next ``prefetch`` layers (the previous ones in backward)
     when it starts, so they overlap its compute even when the host runs behind the GPU (FSDP2's own, implicit

@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 from ..corpus import DEFAULT_BATCHES
-from ..distributed import SCALE_SYNCS
+from ..distributed import DISTRIBUTED, SCALE_SYNCS
 from ..errors import QuaffError
 from ..io import is_artifact
-from ..training.trainer import DISTRIBUTED
 from .common import (
     MODEL_HELP,
     add_device_options,

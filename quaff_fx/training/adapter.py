@@ -18,7 +18,7 @@ from ..quaff_linear import QuaffLinear
 SCALES = "quaff_scales.safetensors"
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def whole(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor from a sharded one (FSDP2's DTensor), else the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -31,7 +31,7 @@ def base_of(model: nn.Module) -> nn.Module:
 def scale_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The momentum-updated outlier scales by base-model layer name (PEFT's prefixes and wrappers removed)."""
     return {
-        f"{_base_name(n)}.act_scale": _full(m.act_scale.detach()).float().cpu().clone()
+        f"{_base_name(n)}.act_scale": whole(m.act_scale.detach()).float().cpu().clone()
         for n, m in base_of(model).named_modules()
         if isinstance(m, QuaffLinear) and m.outlier_idx.numel()
     }

@@ -1,5 +1,5 @@
 """The Trainer over a model that FSDP2 shards (``quaff_fx.distributed.shard_model``: the int8 base, W_o, the
-embeddings and the adapters split across the ranks, one all-gather per decoder layer for compute).
+input embedding and the adapters split across the ranks, one all-gather per decoder layer for compute).
 
 The Hugging Face Trainer shards through accelerate's FSDP plugin, which exists for GPUs only and knows nothing of
 integer parameters; here the model comes sharded and the Trainer is kept from wrapping it again (accelerate would
@@ -37,11 +37,9 @@ def is_sharded(model: nn.Module) -> bool:
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters by state_dict name, whole and on the CPU. Under FSDP2 every rank must call it (one
     all-gather per parameter, in the same order everywhere); each gets the whole tensors."""
-    return {
-        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    from .adapter import whole
+
+    return {name: whole(p).detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def unshard_(model: nn.Module) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..distributed import SCALE_SYNCS, decoder_layers, local_bytes, scale_sync, sync_scales_, world
+from ..distributed import DISTRIBUTED, SCALE_SYNCS, decoder_layers, local_bytes, scale_sync, sync_scales_, world
 from ..errors import QuaffError
 from ..hf import lora_fusion
 from ..io import write_json
@@ -32,7 +32,6 @@ LOSSES = ("auto", "chunked", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "layers")  # one graph of the whole model (the Trainer's torch_compile), or per decoder layer
-DISTRIBUTED = ("ddp", "fsdp")  # several processes: DDP (the Trainer's own), or FSDP2 sharding the int8 base
 
 
 @dataclass
