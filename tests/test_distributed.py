@@ -52,12 +52,13 @@ def run_ranks(body, *args, size: int = 2) -> dict:
     return results
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "accelerate-fsdp"])
 def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
     """`quaff-fx finetune` takes the launcher's environment as it is: torchrun's and accelerate's. Under torchrun
     the scales sync once per step (--scale-sync step: the Trainer's callback, one all-reduce each micro-batch);
     under accelerate in every forward, with each decoder layer compiled (--compile-scope layers: the scales'
-    all-reduce traced into the compiled layer, DDP around it)."""
+    all-reduce traced into the compiled layer, DDP around it); accelerate-fsdp: --distributed fsdp under
+    accelerate's launcher (the Trainer over the sharded model, no DDP wrapper from accelerate)."""
     import json
     import subprocess
     import sys
@@ -75,6 +76,7 @@ def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
     cmd = launch + ["-m", "quaff_fx.cli", "finetune", str(tiny_model_dir), "--steps", "2", "--seq-len", "32",
                     "--batch-size", "4", "--grad-accum", "2", "--scale-sync", sync, "--out", str(out), "--json"]
     cmd += ["--compile-scope", "layers"] if launcher == "accelerate" else []
+    cmd += ["--distributed", "fsdp"] if launcher == "accelerate-fsdp" else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -82,6 +84,7 @@ def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
     log = json.loads((out / "loss.json").read_text())
     assert log["world_size"] == 2 and log["config"]["scale_sync"] == sync
     assert log["config"]["compile_scope"] == ("layers" if launcher == "accelerate" else "model")
+    assert log["config"]["distributed"] == ("fsdp" if launcher == "accelerate-fsdp" else "ddp")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # peft imports bitsandbytes where it is installed, which then warns of optional CPU kernels it could not
+        # load; quaff-fx does not use it (only tools/gpu_step_bench.py's QLoRA baseline does)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         code = args.func(args)
         sys.stdout.flush()  # a reader that went away is noticed here, inside the handler, not at exit
         return code
