@@ -41,8 +41,8 @@ def init_from_env() -> tuple[int, int]:
     return world()
 
 
-def wrap(model: nn.Module, mode: str) -> nn.Module:
-    """DDP, or FSDP2 with one shard group per decoder layer and one for the rest."""
+def wrap(model: nn.Module, mode: str, **sharding) -> nn.Module:
+    """DDP, or FSDP2 (``shard_model``, given ``sharding``: its ``prefetch``, ``shard_head``, ...)."""
     scale_group()
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -52,8 +52,8 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
         # rank from the start), and the outlier scales agree through global_max
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if mode == "fsdp":
-        return shard_model(model)
-    raise QuaffError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
+        return shard_model(model, **sharding)
+    raise QuaffError(f"unknown distributed mode {mode!r}; use one of {', '.join(DISTRIBUTED)}")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

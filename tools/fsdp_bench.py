@@ -108,11 +108,9 @@ def worker(args) -> None:
 
 def _wrap(args, model, mode: str):
     """DDP, or FSDP2 with the bench's sharding options."""
-    from quaff_fx.distributed import shard_model, wrap
+    from quaff_fx.distributed import wrap
 
-    if mode == "fsdp":
-        return shard_model(model, prefetch=args.prefetch, shard_head=args.shard_head)
-    return wrap(model, "ddp")
+    return wrap(model, mode, prefetch=args.prefetch, shard_head=args.shard_head)
 
 
 def _device(args):

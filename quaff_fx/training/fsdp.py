@@ -128,6 +128,8 @@ class ShardedTrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(paths[1], map_location="cpu", weights_only=True))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # every rank reads and checks it (only rank 0's is broadcast): a bad checkpoint fails every rank at once,
+        # where rank 0 failing alone would leave the others waiting in the broadcast
         state = read_adapter_state(self.model, resume_from_checkpoint)
         load_full_state_dict(self.model, state if world()[0] == 0 else {}, strict=False)
 

@@ -16,7 +16,16 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..distributed import DISTRIBUTED, SCALE_SYNCS, decoder_layers, local_bytes, scale_sync, sync_scales_, world
+from ..distributed import (
+    DISTRIBUTED,
+    SCALE_SYNCS,
+    decoder_layers,
+    local_bytes,
+    scale_sync,
+    shard_model,
+    sync_scales_,
+    world,
+)
 from ..errors import QuaffError
 from ..hf import lora_fusion
 from ..io import write_json
@@ -292,8 +301,6 @@ def fit(
     if cfg.distributed == "fsdp":  # its checkpoints in one process too: they resume on any number of processes
         trainer_class = ShardedTrainer
         if world()[1] > 1:
-            from ..distributed import shard_model
-
             shard_model(model)  # before the Trainer makes the optimizer: it takes the shards
     throughput = Throughput()
     collator = Collator(pad_id)
