@@ -87,6 +87,14 @@ def _run(rank: int, size: int, mode: str) -> dict:
         fused_causal_lm_loss_(model, "chunked")
     net = shard_model(model, shard_head=mode == "fsdp+head") if mode.startswith("fsdp") else wrap(model, "ddp")
     out["bytes_after"] = local_bytes(model)
+    if mode.startswith("fsdp"):  # the head: whole on every rank unless shard_head; each layer prefetches the next
+        from quaff_fx.distributed import decoder_layers
+
+        head = model.get_output_embeddings()
+        out["head_sharded"] = hasattr(head.weight, "full_tensor")
+        units = decoder_layers(model) + ([head] if out["head_sharded"] else [])
+        states = [u._get_fsdp_state() for u in units]
+        out["forward_prefetch"] = [s._states_to_forward_prefetch == states[i + 1:i + 2] for i, s in enumerate(states)]
     traced = []
     if mode.endswith("compile"):
         net = torch.compile(net, backend=_recording_aot_eager(traced))
@@ -156,6 +164,9 @@ def test_two_ranks_match_one_process(mode, request):
     if mode.endswith("compile"):  # one per layer with outliers, in the forward graph(s)
         assert results[0]["traced_all_reduces"] >= len(single["scales"]), results[0]["traced_all_reduces"]
     assert results[0]["int8_dtype"] == "torch.int8"
+    if mode.startswith("fsdp"):
+        assert results[0]["head_sharded"] == (mode == "fsdp+head")
+        assert all(results[0]["forward_prefetch"]), results[0]["forward_prefetch"]
     # merged from the state gathered off the shards; a re-quantization may flip an int8 rounding, hence the tolerance
     assert _close(results[0]["merged"], single["logits"], atol=5e-2), mode
     if mode == "fsdp":
