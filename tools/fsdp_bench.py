@@ -141,6 +141,7 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
     model.train()
 
     forward_peaks = []  # per timed step: the peak by the end of the forward (the loss), before backward
+    issued = []  # per timed step: when the host had issued all of it (before the loss's sync)
 
     def step(timed: bool = False) -> float:
         if timed and cuda:
@@ -153,6 +154,8 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
             sync_scales_(model)  # one all-reduce of every layer's scales (no-op in one process)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if timed:
+            issued.append(time.perf_counter())
         return loss.item()  # a host sync: the step is over when it returns
 
     t0 = time.perf_counter()
@@ -170,11 +173,13 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
         t = time.perf_counter()
         losses.append(step(timed=True))
         times.append(time.perf_counter() - t)
+        issued[-1] -= t
         if cuda:
             peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()))
     sec = statistics.median(times)
     row = {"model": args.model, "gpus": size, "mode": mode, "size": args.size, "batch_per_gpu": args.batch,
-            "seq_len": args.seq_len, "seconds": sec, "warmup_s": warmup_s,
+            "seq_len": args.seq_len, "seconds": sec, "host_issue_seconds": statistics.median(issued),
+            "warmup_s": warmup_s,
             "tokens_per_s": args.batch * args.seq_len * size / sec, "loss": losses[-1],
             "int8_bytes_per_gpu": local_bytes(model), "bf16_bytes_per_gpu": local_bytes(model, torch.bfloat16),
             "resident_bytes": resident, "peak_bytes": max(p for p, _ in peaks) if cuda else None,
@@ -221,13 +226,46 @@ def profile_steps(step, steps: int, cuda: bool, rank: int) -> dict | None:
     reduces = [e for e in events if "all_reduce" in e.key.lower() or "allreduce" in e.key.lower()]
     out = {"steps": steps, "sorted_by": sort_key, "top": rows(events)[:PROFILE_ROWS],
            "nccl_cuda_us": sum(e.self_device_time_total for e in nccl), "nccl_kernels": rows(nccl),
-           "all_reduce": rows(reduces)}
+           "all_reduce": rows(reduces), "timeline": timeline(prof.events()) if cuda else None}
     print(f"profile of {steps} steps on rank 0, by {sort_key} (µs):", flush=True)
     for r in out["top"]:
         print(f"  {r['self_cuda_us']:>12.0f} {r['self_cpu_us']:>12.0f} {r['calls']:>7}  {r['name'][:80]}", flush=True)
+    if out["timeline"]:
+        print("  timeline: " + ", ".join(f"{k} {v:.0f}" for k, v in out["timeline"].items()), flush=True)
     print(f"  NCCL kernels: {out['nccl_cuda_us']:.0f} µs of CUDA time; all-reduce ops: "
           + ", ".join(f"{r['name'][:40]} ×{r['calls']}" for r in out["all_reduce"]), flush=True)
     return out
+
+
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def timeline(events) -> dict:
+    """Where the profiled steps' wall time went on the GPU (µs): ``busy`` (any kernel or copy running), of which
+    ``compute`` (not NCCL) and ``exposed_nccl`` (NCCL alone: a collective the compute waits for), and ``idle`` (no
+    kernel at all: the host behind, or a host sync). ``host_syncs``: the CUDA calls that block the host."""
+    import torch
+
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0]
+    if not gpu:
+        return {}
+    start = min(e.time_range.start for e in gpu)
+    end = max(e.time_range.end for e in gpu)
+    busy = _union([(e.time_range.start, e.time_range.end) for e in gpu])
+    compute = _union([(e.time_range.start, e.time_range.end) for e in gpu if "nccl" not in e.name.lower()])
+    syncs = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(SYNCS)]
+    return {"wall_us": end - start, "busy_us": busy, "compute_us": compute, "exposed_nccl_us": busy - compute,
+            "idle_us": end - start - busy, "host_syncs": len(syncs),
+            "host_sync_us": sum(e.time_range.end - e.time_range.start for e in syncs)}
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
 
 
 def worker_sequence(args) -> None:
