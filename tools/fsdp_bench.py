@@ -65,10 +65,14 @@ def build(args, device):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+    if args.offload:  # the checkpointed layer inputs wait in pinned host memory (quaff_fx.training.offload)
+        from quaff_fx.training.offload import offload_activations_
+
+        offload_activations_(model, allow_cpu=device.type != "cuda")
     if args.loss == "chunked":  # the loss without the whole logits (4096 x 128k in fp32 would set the peak)
         from quaff_fx.kernels.linear_ce import fused_causal_lm_loss_
 
-        fused_causal_lm_loss_(model, "chunked")
+        fused_causal_lm_loss_(model, "chunked", **({"chunk": args.loss_chunk} if args.loss_chunk else {}))
     return model
 
 
@@ -110,7 +114,8 @@ def _wrap(args, model, mode: str):
     """DDP, or FSDP2 with the bench's sharding options."""
     from quaff_fx.distributed import wrap
 
-    return wrap(model, mode, prefetch=args.prefetch, shard_head=args.shard_head)
+    return wrap(model, mode, prefetch=args.prefetch, shard_head=args.shard_head,
+                shard_outliers=not args.replicate_outliers)
 
 
 def _device(args):
@@ -188,7 +193,9 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
             "device": torch.cuda.get_device_name() if cuda else "cpu", "compile": args.compile_backend,
             "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync,
             "inline_kernels": args.inline_kernels, "prefetch": args.prefetch if mode == "fsdp" else None,
-            "shard_head": args.shard_head if mode == "fsdp" else None}
+            "shard_head": args.shard_head if mode == "fsdp" else None, "offload": args.offload,
+            "shard_outliers": not args.replicate_outliers if mode == "fsdp" else None,
+            "loss_chunk": args.loss_chunk or None}
     if args.profile:  # after the row is made: its peak memory and step times are the timed steps'
         row["profile"] = profile_steps(step, PROFILE_STEPS, cuda, rank)
     return row
@@ -224,12 +231,19 @@ def profile_steps(step, steps: int, cuda: bool, rank: int) -> dict | None:
     # kernels only (a CPU op's device time counts the kernels it launched, which are rows of their own)
     nccl = [e for e in events if "nccl" in e.key.lower() and e.device_type == torch.autograd.DeviceType.CUDA]
     reduces = [e for e in events if "all_reduce" in e.key.lower() or "allreduce" in e.key.lower()]
+    by_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:PROFILE_ROWS]
     out = {"steps": steps, "sorted_by": sort_key, "top": rows(events)[:PROFILE_ROWS],
+           "top_cpu": [{"name": e.key[:100], "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
+                        "cpu_us": e.cpu_time_total} for e in by_cpu],
            "nccl_cuda_us": sum(e.self_device_time_total for e in nccl), "nccl_kernels": rows(nccl),
            "all_reduce": rows(reduces), "timeline": timeline(prof.events()) if cuda else None}
     print(f"profile of {steps} steps on rank 0, by {sort_key} (µs):", flush=True)
     for r in out["top"]:
         print(f"  {r['self_cuda_us']:>12.0f} {r['self_cpu_us']:>12.0f} {r['calls']:>7}  {r['name'][:80]}", flush=True)
+    if cuda:
+        print("  by self CPU time:", flush=True)
+        for r in out["top_cpu"]:
+            print(f"  {r['self_cpu_us']:>12.0f} {r['cpu_us']:>12.0f} {r['calls']:>7}  {r['name'][:80]}", flush=True)
     if out["timeline"]:
         print("  timeline: " + ", ".join(f"{k} {v:.0f}" for k, v in out["timeline"].items()), flush=True)
     print(f"  NCCL kernels: {out['nccl_cuda_us']:.0f} µs of CUDA time; all-reduce ops: "
@@ -324,7 +338,8 @@ def _mode(row: dict) -> str:
     if row["gpus"] == 1:
         return row["mode"]
     return (row["mode"] + ("/step" if row.get("scale_sync") == "step" else "")
-            + ("/p0" if row.get("prefetch") == 0 else "") + ("/head" if row.get("shard_head") else ""))
+            + ("/p0" if row.get("prefetch") == 0 else "") + ("/head" if row.get("shard_head") else "")
+            + ("/wo-rep" if row.get("shard_outliers") is False else "") + ("/off" if row.get("offload") else ""))
 
 
 def main() -> int:
@@ -357,6 +372,11 @@ def main() -> int:
                    "(quaff_fx.distributed.shard_model); 0: FSDP2's implicit prefetch")
     p.add_argument("--shard-head", action="store_true", help="FSDP2: shard the lm_head too (default: whole on "
                    "every rank; quaff_fx.distributed.shard_model)")
+    p.add_argument("--replicate-outliers", action="store_true", help="FSDP2: W_o stays a replicated buffer "
+                   "(quaff_fx.distributed.shard_model's shard_outliers=False)")
+    p.add_argument("--offload", action="store_true", help="offload the decoder's saved activations (the "
+                   "checkpointed layer inputs) to pinned host memory (quaff_fx.training.offload)")
+    p.add_argument("--loss-chunk", type=int, default=0, help="tokens per chunk of the chunked loss (0: its default)")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

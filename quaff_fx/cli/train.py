@@ -59,7 +59,7 @@ def _check_finetune_args(args: argparse.Namespace):
         bf16=bf16,
         compile=args.compile or args.compile_mode != "default" or args.compile_scope != "model",
         compile_mode=args.compile_mode, compile_scope=args.compile_scope, inline_kernels=args.inline_kernels,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, offload_activations=args.offload_activations,
         report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync, distributed=args.distributed,
     )
     out = Path(args.out)
@@ -357,6 +357,9 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )
+    g.add_argument("--offload-activations", action="store_true", help="GPU: what the decoder's layers save for "
+                   "backward (their inputs, with --gradient-checkpointing) waits in pinned host memory, copied on a "
+                   "side stream (less GPU memory at the step's peak)")
     g.add_argument(
         "--int8-backward",
         action="store_true",

@@ -33,6 +33,7 @@ from ..ops import kernel_inlining
 from .adapter import SCALES, load_scales_, read_scales, write_scales
 from .data import Collator
 from .fsdp import ShardedTrainer, check_resumable
+from .offload import offload_activations_
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
@@ -64,6 +65,7 @@ class TrainConfig:
     compile_scope: str = "model"  # COMPILE_SCOPES
     inline_kernels: bool = False  # compiled code launches the quaff ops' Triton kernels itself (ops.inline_kernels)
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # the decoder's saved activations to pinned host memory (training.offload)
     report_to: str = "none"
     progress: bool = True
     loss: str = "auto"  # LOSSES: "chunked" (kernels.linear_ce), "model" (its own), "auto" (chunked on CUDA)
@@ -95,6 +97,12 @@ class TrainConfig:
             raise QuaffError(f"--scale-sync {self.scale_sync!r}: choose one of {', '.join(SCALE_SYNCS)}")
         if self.distributed not in DISTRIBUTED:
             raise QuaffError(f"--distributed {self.distributed!r}: choose one of {', '.join(DISTRIBUTED)}")
+        if self.offload_activations and self.device != "cuda":
+            raise QuaffError("--offload-activations moves activations from the GPU to host memory: it needs "
+                             f"--device cuda (got {self.device})")
+        if self.offload_activations and self.compile and self.compile_scope == "model":
+            raise QuaffError("--offload-activations hooks the decoder module, which a whole-model compile would "
+                             "trace: use --compile-scope layers (or no --compile)")
         if self.report_to not in ("none", "tensorboard"):
             raise QuaffError(f"--report-to {self.report_to!r}: choose none or tensorboard")
 
@@ -324,6 +332,7 @@ def fit(
         trainer.add_callback(LossBar())
     if cfg.compile and cfg.compile_scope == "layers":
         compile_layers_(model, cfg.compile_mode)
+    offload = offload_activations_(model) if cfg.offload_activations else None
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -341,6 +350,8 @@ def fit(
         "tokens_per_s_median_step": throughput.median_rate(),
         "step_seconds": [round(t, 4) for t in throughput.step_seconds()],
         "config": asdict(cfg),
+        "offloaded_bytes_per_step": offload.stats["offloaded_bytes"] // max(offload.stats["forwards"], 1)
+        if offload else 0,
         "int8_bytes_per_process": local_bytes(model),  # the int8 base this process holds: 1/N of it under FSDP2
     }
     if eval_set:
