@@ -154,11 +154,10 @@ def global_mean(value: float) -> float:
 SHARDED_TENSORS = ("w_int8", "w_outlier")  # per QuaffLinear: what FSDP2 shards (the rest is O(in + out), replicated)
 
 
-def int8_parameters_(model: nn.Module, outliers: bool = True) -> int:
-    """Re-register each QuaffLinear's int8 weight and W_o (``outliers``; else W_o stays a replicated buffer) as
-    frozen parameters (``requires_grad=False``) so that FSDP2 shards them; names, and so state_dict keys, stay the
-    same. Idempotent; returns the number of layers. Call it before ``fully_shard`` where something else shards the
-    model (accelerate's FSDP2 plugin, the Trainer)."""
+def int8_parameters_(model: nn.Module) -> int:
+    """Re-register each QuaffLinear's int8 weight and W_o as frozen parameters (``requires_grad=False``) so that
+    FSDP2 shards them; names, and so state_dict keys, stay the same. Idempotent; returns the number of layers.
+    Call it before ``fully_shard`` where something else shards the model (accelerate's FSDP2 plugin, the Trainer)."""
     from .quaff_linear import QuaffLinear
 
     layers = [m for m in model.modules() if isinstance(m, QuaffLinear)]
@@ -166,7 +165,7 @@ def int8_parameters_(model: nn.Module, outliers: bool = True) -> int:
         if module.w_int8_t is not None:
             raise QuaffError("a QuaffLinear keeps the transposed int8 copy of int8_backward_, which FSDP2 would "
                              "replicate in full; call int8_backward_(model, False) before sharding")
-        for name in SHARDED_TENSORS if outliers else SHARDED_TENSORS[:1]:
+        for name in SHARDED_TENSORS:
             if name in module._buffers:
                 module.register_parameter(name, nn.Parameter(module._buffers.pop(name), requires_grad=False))
     return len(layers)
@@ -204,7 +203,7 @@ def _fsdp2_integer_parameters() -> None:
 
 
 def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
-                prefetch: int = 1, shard_head: bool = False, shard_outliers: bool = True) -> nn.Module:
+                prefetch: int = 1, shard_head: bool = False) -> nn.Module:
     """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
     per layer for compute), on the untied input embedding, and on the root (the final norm, a tied embedding and
     head; an untied frozen head stays whole, below). ``mesh``: a 1-D DeviceMesh (default:
@@ -215,12 +214,10 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
     ``shard_head``: an untied, frozen lm_head is sharded as a unit of its own; by default it stays whole on every
     rank (FSDP2 ignores it): sharded, it saves half its size at rest, but gathering it for the loss costs twice
     its size at the step's peak (FSDP2's all-gather buffer next to the whole weight it copies into), and the loss
-    is where the peak is (measured at 8B on 2 H100s: README). ``shard_outliers``: W_o (the FP outlier rows, about
-    2% of the int8 base's bytes) sharded with the int8 weights; off, it stays a replicated buffer and each layer
-    has 7 fewer FSDP2 parameters to gather, copy out and reshard on the host."""
+    is where the peak is (measured at 8B on 2 H100s: README)."""
     from torch.distributed.fsdp import fully_shard
 
-    int8_parameters_(model, outliers=shard_outliers)
+    int8_parameters_(model)
     _fsdp2_integer_parameters()
     scale_group()
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}

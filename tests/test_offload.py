@@ -121,3 +121,28 @@ def test_offload_around_compiled_layers(quantized_tiny):
     (loss, grads, _), (loss_off, grads_off, off) = results
     assert torch.equal(loss, loss_off) and off.stats["offloaded"] >= 2
     assert all(torch.equal(grads[n], grads_off[n]) for n in grads)
+
+
+def test_each_stash_is_freed_when_autograd_lets_it_go(quantized_tiny):
+    """No reference cycle: with the garbage collector off, every stash (and so its pinned host buffer) is gone once
+    the backward has used it; a cycle would keep them to the next collection and make every step pin new memory."""
+    import gc
+    import weakref
+
+    model = make_peft_model(quantized_tiny(), CFG)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    off = offload_activations_(model, min_bytes=1024, allow_cpu=True)
+    stashes = []
+    pack = off.pack
+    off.pack = lambda t: (lambda out: (stashes.append(weakref.ref(out)) if out is not t else None, out)[1])(pack(t))
+    model.train()
+    gc.collect()
+    gc.disable()
+    try:
+        loss = model(input_ids=BATCH, labels=BATCH).loss
+        assert len(stashes) >= 2 and all(r() is not None for r in stashes)
+        loss.backward()
+        del loss
+        assert [r() for r in stashes] == [None] * len(stashes)
+    finally:
+        gc.enable()

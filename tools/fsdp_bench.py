@@ -114,8 +114,7 @@ def _wrap(args, model, mode: str):
     """DDP, or FSDP2 with the bench's sharding options."""
     from quaff_fx.distributed import wrap
 
-    return wrap(model, mode, prefetch=args.prefetch, shard_head=args.shard_head,
-                shard_outliers=not args.replicate_outliers)
+    return wrap(model, mode, prefetch=args.prefetch, shard_head=args.shard_head)
 
 
 def _device(args):
@@ -194,7 +193,6 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
             "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync,
             "inline_kernels": args.inline_kernels, "prefetch": args.prefetch if mode == "fsdp" else None,
             "shard_head": args.shard_head if mode == "fsdp" else None, "offload": args.offload,
-            "shard_outliers": not args.replicate_outliers if mode == "fsdp" else None,
             "loss_chunk": args.loss_chunk or None}
     if args.profile:  # after the row is made: its peak memory and step times are the timed steps'
         row["profile"] = profile_steps(step, PROFILE_STEPS, cuda, rank)
@@ -339,7 +337,7 @@ def _mode(row: dict) -> str:
         return row["mode"]
     return (row["mode"] + ("/step" if row.get("scale_sync") == "step" else "")
             + ("/p0" if row.get("prefetch") == 0 else "") + ("/head" if row.get("shard_head") else "")
-            + ("/wo-rep" if row.get("shard_outliers") is False else "") + ("/off" if row.get("offload") else ""))
+            + ("/off" if row.get("offload") else ""))
 
 
 def main() -> int:
@@ -372,8 +370,6 @@ def main() -> int:
                    "(quaff_fx.distributed.shard_model); 0: FSDP2's implicit prefetch")
     p.add_argument("--shard-head", action="store_true", help="FSDP2: shard the lm_head too (default: whole on "
                    "every rank; quaff_fx.distributed.shard_model)")
-    p.add_argument("--replicate-outliers", action="store_true", help="FSDP2: W_o stays a replicated buffer "
-                   "(quaff_fx.distributed.shard_model's shard_outliers=False)")
     p.add_argument("--offload", action="store_true", help="offload the decoder's saved activations (the "
                    "checkpointed layer inputs) to pinned host memory (quaff_fx.training.offload)")
     p.add_argument("--loss-chunk", type=int, default=0, help="tokens per chunk of the chunked loss (0: its default)")

@@ -22,14 +22,17 @@ MIN_BYTES = 1 << 20  # smaller saved tensors (RoPE tables, masks, norms' statist
 
 
 class _Stash:
-    """One offloaded tensor: its host copy, and its device copy once fetched back."""
+    """One offloaded tensor: its host copy, its device copy once fetched back, and the stash packed before it (the
+    one the backward needs next). Stashes link only backwards, so each is freed, its pinned buffer with it, as soon
+    as autograd lets its saved tensor go (a cycle would leave them to the garbage collector: new pinned memory,
+    which is slow to allocate, every step)."""
 
-    __slots__ = ("host", "device", "copied", "fetched", "on_device", "group", "index")
+    __slots__ = ("host", "device", "copied", "fetched", "on_device", "previous", "index", "__weakref__")
 
-    def __init__(self, group: list, device: torch.device) -> None:
-        self.group, self.index, self.device = group, len(group), device
+    def __init__(self, previous: "_Stash | None", device: torch.device) -> None:
+        self.previous, self.device = previous, device
+        self.index = 0 if previous is None else previous.index + 1
         self.host = self.copied = self.fetched = self.on_device = None
-        group.append(self)
 
 
 class ActivationOffload:
@@ -39,19 +42,20 @@ class ActivationOffload:
 
     def __init__(self, keep: set[int], min_bytes: int = MIN_BYTES, prefetch: int = 1) -> None:
         self.keep, self.min_bytes, self.prefetch = keep, min_bytes, prefetch
-        self.group: list[_Stash] = []
+        self.last: _Stash | None = None  # during a forward: the stash packed last
         self.stream = None
         self.stats = {"forwards": 0, "offloaded": 0, "offloaded_bytes": 0}
         self._hooks = None
 
     def begin(self) -> None:
-        """A new forward: a new group of stashes, and the hooks on."""
-        self.group = []
+        """A new forward: the hooks on."""
+        self.last = None
         self.stats["forwards"] += 1
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
 
     def end(self) -> None:
+        self.last = None  # autograd holds the stashes now
         if self._hooks is not None:
             hooks, self._hooks = self._hooks, None
             hooks.__exit__(None, None, None)
@@ -63,7 +67,7 @@ class ActivationOffload:
     def pack(self, t: torch.Tensor):
         if isinstance(t, nn.Parameter) or not self._offloadable(t):
             return t
-        stash = _Stash(self.group, t.device)
+        stash = self.last = _Stash(self.last, t.device)
         if t.is_cuda:
             if self.stream is None:
                 self.stream = torch.cuda.Stream(t.device)
@@ -83,8 +87,12 @@ class ActivationOffload:
         if not isinstance(stash, _Stash):
             return stash
         self._fetch(stash)
-        for j in range(stash.index - 1, max(stash.index - 1 - self.prefetch, -1), -1):
-            self._fetch(stash.group[j])  # the backward reaches the earlier layers next
+        earlier = stash.previous
+        for _ in range(self.prefetch):  # the backward reaches the earlier layers next
+            if earlier is None:
+                break
+            self._fetch(earlier)
+            earlier = earlier.previous
         t, stash.on_device = stash.on_device, None  # a second unpack (retain_graph) fetches again
         if stash.fetched is not None:
             current = torch.cuda.current_stream(stash.device)
@@ -98,7 +106,7 @@ class ActivationOffload:
         if stash.copied is None:  # not CUDA
             stash.on_device = stash.host
             return
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):  # after its own copy out: the same stream
             stash.on_device = stash.host.to(stash.device, non_blocking=True)
             stash.fetched = self.stream.record_event()
 
