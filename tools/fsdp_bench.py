@@ -21,7 +21,11 @@ on rank 0 (the timed numbers are unchanged) and adds to the row, under "profile"
 time on the CPU), the CUDA time of NCCL kernels and the all-reduce calls: what the scale all-reduces cost.
 ``--inline-kernels``: the compiled layers launch the quaff ops' Triton kernels from inductor's code instead of
 calling each op through Python (``quaff_fx.ops.inline_kernels``): the lever for a host-bound step; per-layer
-compilation keeps its extra compile time to one layer's.
+compilation keeps its extra compile time to one layer's. ``--offload``: the checkpointed layer inputs wait in pinned
+host memory (``quaff_fx.training.offload``; the 1-GPU row of a ``--one-group`` run has it too).
+Each row has ``host_issue_seconds``, the median time the host took to issue a step (before the loss's sync): equal
+to ``seconds``, the step is host-bound. With ``--profile`` the row's "timeline" splits the profiled steps' wall
+time into GPU busy (compute, NCCL alone) and idle.
 """
 from __future__ import annotations
 
