@@ -313,3 +313,16 @@ def test_compiled_training_with_the_fused_lora_gives_the_eager_losses(tiny_token
         assert all((layer._compiled_call_impl is not None) == (mode == "layers") for layer in decoder_layers(model))
     assert losses["reduce-overhead"] == pytest.approx(losses["eager"], rel=1e-3)
     assert losses["layers"] == pytest.approx(losses["eager"], rel=1e-3)
+
+
+def test_one_process_on_a_machine_of_several_gpus_trains_on_one(tmp_path, monkeypatch):
+    """Without torchrun the Trainer would wrap the model in nn.DataParallel over every visible GPU (n_gpu = the
+    device count), which a Quaff model does not survive (the replica's embedding stayed on cuda:0 in a run on
+    2 H100s); quaff-fx's arguments keep one process on one GPU. CUDA is faked: the arguments only."""
+    from quaff_fx.training.trainer import training_arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    args = training_arguments(TrainConfig(device="cuda", progress=False), tmp_path, False)
+    assert args.device == torch.device("cuda", 0) and args.n_gpu == 1

@@ -229,7 +229,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
         if has_eval and cfg.eval_every
         else {"eval_strategy": "no"}
     )
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -257,6 +257,10 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool):
         **length,
         **evals,
     )
+    if cfg.device == "cuda" and world()[1] == 1:  # one process trains on one GPU: the Trainer would wrap the model
+        _ = args.device  # in nn.DataParallel over every visible GPU (it breaks the Quaff model: several GPUs go
+        args._n_gpu = 1  # through torchrun or accelerate launch); its device setup first, which sets _n_gpu
+    return args
 
 
 def fuse_lora(cfg: TrainConfig) -> bool:
