@@ -338,7 +338,7 @@ def report(rows: list[dict]) -> str:
 
 def _mode(row: dict) -> str:
     if row["gpus"] == 1:
-        return row["mode"]
+        return row["mode"] + ("/off" if row.get("offload") else "")
     return (row["mode"] + ("/step" if row.get("scale_sync") == "step" else "")
             + ("/p0" if row.get("prefetch") == 0 else "") + ("/head" if row.get("shard_head") else "")
             + ("/off" if row.get("offload") else ""))
