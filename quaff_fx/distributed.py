@@ -203,7 +203,7 @@ def _fsdp2_integer_parameters() -> None:
 
 
 def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
-                prefetch: int = 1, shard_head: bool = False) -> nn.Module:
+                prefetch: int = 1, shard_head: bool = False, offload_layers: int = 0) -> nn.Module:
     """FSDP2: the int8 weights as frozen parameters, then ``fully_shard`` on every decoder layer (one all-gather
     per layer for compute), on the untied input embedding, and on the root (the final norm, a tied embedding and
     head; an untied frozen head stays whole, below). ``mesh``: a 1-D DeviceMesh (default:
@@ -214,20 +214,27 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
     ``shard_head``: an untied, frozen lm_head is sharded as a unit of its own; by default it stays whole on every
     rank (FSDP2 ignores it): sharded, it saves half its size at rest, but gathering it for the loss costs twice
     its size at the step's peak (FSDP2's all-gather buffer next to the whole weight it copies into), and the loss
-    is where the peak is (measured at 8B on 2 H100s: README)."""
+    is where the peak is (measured at 8B on 2 H100s: README). ``offload_layers``: that many decoder layers, spread
+    evenly, keep their shards (the int8 base, the adapters and, through the optimizer, their state) in pinned host
+    memory (FSDP2's ``CPUOffloadPolicy``): copied to the GPU for each all-gather, gradients back to the host, the
+    optimizer steps them there (give it ``foreach=True``: it groups by device). Not measured on GPUs yet: the lever
+    for the per-GPU memory that sharding alone cannot reach (README, "Two GPUs: where the step goes")."""
     from torch.distributed.fsdp import fully_shard
 
+    layers = decoder_layers(model)
+    if not layers:
+        raise QuaffError(f"found no decoder layers (an nn.ModuleList of blocks) in {type(model).__name__} to shard")
+    if not 0 <= offload_layers <= len(layers):
+        raise QuaffError(f"offload_layers={offload_layers}: the model has {len(layers)} decoder layers")
     int8_parameters_(model)
     _fsdp2_integer_parameters()
     scale_group()
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
-    layers = decoder_layers(model)
-    if not layers:
-        raise QuaffError(f"found no decoder layers (an nn.ModuleList of blocks) in {type(model).__name__} to shard")
-    for layer in layers:
-        fully_shard(layer, **options)
+    for i, layer in enumerate(layers):
+        offloaded = (i * offload_layers) // len(layers) != ((i + 1) * offload_layers) // len(layers)
+        fully_shard(layer, **options, **({"offload_policy": _host_policy()} if offloaded else {}))
     # the input embedding its own unit where untied: gathered for its forward only, not for the whole step as the
     # root's parameters are (the root keeps them whole from its forward to the end of backward)
     embedding = _untied(model, "get_input_embeddings")
@@ -250,6 +257,12 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
         # one's all-gather buffer until the next unit's copy-out
         _prefetch(layers + ([head] if head is not None else []), prefetch)
     return model
+
+
+def _host_policy():
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
 
 
 def _prefetch(units: list[nn.Module], n: int) -> None:

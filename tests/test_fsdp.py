@@ -85,7 +85,8 @@ def _run(rank: int, size: int, mode: str) -> dict:
         from quaff_fx.kernels.linear_ce import fused_causal_lm_loss_
 
         fused_causal_lm_loss_(model, "chunked")
-    net = shard_model(model, shard_head=mode == "fsdp+head") if mode.startswith("fsdp") else wrap(model, "ddp")
+    sharding = {"shard_head": mode == "fsdp+head", "offload_layers": 1 if mode == "fsdp+host" else 0}
+    net = shard_model(model, **sharding) if mode.startswith("fsdp") else wrap(model, "ddp")
     out["bytes_after"] = local_bytes(model)
     if mode.startswith("fsdp"):  # the head: whole on every rank unless shard_head; each layer prefetches the next
         from quaff_fx.distributed import decoder_layers
@@ -95,6 +96,8 @@ def _run(rank: int, size: int, mode: str) -> dict:
         units = decoder_layers(model) + ([head] if out["head_sharded"] else [])
         states = [u._get_fsdp_state() for u in units]
         out["forward_prefetch"] = [s._states_to_forward_prefetch == states[i + 1:i + 2] for i, s in enumerate(states)]
+        out["host_units"] = [type(s._fsdp_param_group.offload_policy).__name__ == "CPUOffloadPolicy"
+                             for s in states[:len(decoder_layers(model))]]
     traced = []
     if mode.endswith("compile"):
         net = torch.compile(net, backend=_recording_aot_eager(traced))
@@ -146,7 +149,7 @@ def _close(a, b, **tol) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fsdp", "fsdp+compile", "ddp+compile", "fsdp+head"])
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp+compile", "ddp+compile", "fsdp+head", "fsdp+host"])
 def test_two_ranks_match_one_process(mode, request):
     single = request.getfixturevalue("single_chunked" if mode == "fsdp+head" else "single")
     results = run_ranks(_run, mode)
@@ -167,6 +170,8 @@ def test_two_ranks_match_one_process(mode, request):
     if mode.startswith("fsdp"):
         assert results[0]["head_sharded"] == (mode == "fsdp+head")
         assert all(results[0]["forward_prefetch"]), results[0]["forward_prefetch"]
+        # offload_layers=1 of 2: one layer's shards in host memory (FSDP2's CPUOffloadPolicy), the other's not
+        assert sorted(results[0]["host_units"]) == ([False, True] if mode == "fsdp+host" else [False, False])
     # merged from the state gathered off the shards; a re-quantization may flip an int8 rounding, hence the tolerance
     assert _close(results[0]["merged"], single["logits"], atol=5e-2), mode
     if mode == "fsdp":
@@ -289,6 +294,13 @@ def test_state_dict_keys_and_merge_unchanged_by_int8_parameters(quantized_tiny):
         unmerged = make_peft_model(quantized_tiny(), CFG)(input_ids=PROBE).logits
     assert torch.equal(ref, got)
     assert not torch.equal(ref, unmerged)  # the merge did something
+
+
+def test_more_host_layers_than_layers_is_refused_before_sharding(quantized_tiny):
+    model = make_peft_model(quantized_tiny(), CFG)
+    with pytest.raises(QuaffError, match="offload_layers=3: the model has 2 decoder layers"):
+        shard_model(model, offload_layers=3)
+    assert not any(name.endswith("w_int8") for name, _ in model.named_parameters())  # nothing was changed
 
 
 def test_int8_backward_copy_is_refused_before_sharding(quantized_tiny):

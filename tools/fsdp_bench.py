@@ -118,7 +118,7 @@ def _wrap(args, model, mode: str):
     """DDP, or FSDP2 with the bench's sharding options."""
     from quaff_fx.distributed import wrap
 
-    return wrap(model, mode, prefetch=args.prefetch, shard_head=args.shard_head)
+    return wrap(model, mode, prefetch=args.prefetch, shard_head=args.shard_head, offload_layers=args.offload_layers)
 
 
 def _device(args):
@@ -143,7 +143,8 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
     from quaff_fx.distributed import local_bytes, sync_scales_
 
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4,
+                            foreach=True if cuda else None)  # foreach groups by device: host-offloaded shards too
     gen = torch.Generator().manual_seed(1000 + rank)
     batch = torch.randint(0, SIZES[args.size]["vocab_size"], (args.batch, args.seq_len), generator=gen).to(device)
     model.train()
@@ -197,7 +198,7 @@ def _measure(args, net, model, device, rank: int, size: int, mode: str) -> dict:
             "compile_scope": args.compile_scope, "loss_impl": args.loss, "scale_sync": args.scale_sync,
             "inline_kernels": args.inline_kernels, "prefetch": args.prefetch if mode == "fsdp" else None,
             "shard_head": args.shard_head if mode == "fsdp" else None, "offload": args.offload,
-            "loss_chunk": args.loss_chunk or None}
+            "loss_chunk": args.loss_chunk or None, "offload_layers": args.offload_layers if mode == "fsdp" else None}
     if args.profile:  # after the row is made: its peak memory and step times are the timed steps'
         row["profile"] = profile_steps(step, PROFILE_STEPS, cuda, rank)
     return row
@@ -341,7 +342,8 @@ def _mode(row: dict) -> str:
         return row["mode"] + ("/off" if row.get("offload") else "")
     return (row["mode"] + ("/step" if row.get("scale_sync") == "step" else "")
             + ("/p0" if row.get("prefetch") == 0 else "") + ("/head" if row.get("shard_head") else "")
-            + ("/off" if row.get("offload") else ""))
+            + ("/off" if row.get("offload") else "")
+            + (f"/host{row['offload_layers']}" if row.get("offload_layers") else ""))
 
 
 def main() -> int:
@@ -376,6 +378,8 @@ def main() -> int:
                    "every rank; quaff_fx.distributed.shard_model)")
     p.add_argument("--offload", action="store_true", help="offload the decoder's saved activations (the "
                    "checkpointed layer inputs) to pinned host memory (quaff_fx.training.offload)")
+    p.add_argument("--offload-layers", type=int, default=0, help="FSDP2: decoder layers whose shards stay in pinned "
+                   "host memory (quaff_fx.distributed.shard_model's offload_layers; the optimizer is foreach)")
     p.add_argument("--loss-chunk", type=int, default=0, help="tokens per chunk of the chunked loss (0: its default)")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
