@@ -80,7 +80,7 @@ def test_the_backward_fetches_the_previous_stash_with_each_one(quantized_tiny, m
     assert fetched == expected
 
 
-def test_no_offload_outside_training(quantized_tiny):
+def test_no_offload_outside_training_or_once_removed(quantized_tiny):
     model = make_peft_model(quantized_tiny(), CFG)
     off = offload_activations_(model, min_bytes=1024, allow_cpu=True)
     model.eval()
@@ -93,6 +93,9 @@ def test_no_offload_outside_training(quantized_tiny):
     model(input_ids=BATCH, labels=BATCH).loss.backward()
     assert off.stats["forwards"] == 1 and off._hooks is None
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # the hooks ended with the forward
+    off.remove()
+    model(input_ids=BATCH, labels=BATCH).loss.backward()
+    assert off.stats["forwards"] == 1  # removed: no more offload
 
 
 def test_refused_where_it_cannot_work(quantized_tiny):

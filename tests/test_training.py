@@ -326,3 +326,30 @@ def test_one_process_on_a_machine_of_several_gpus_trains_on_one(tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     args = training_arguments(TrainConfig(device="cuda", progress=False), tmp_path, False)
     assert args.device == torch.device("cuda", 0) and args.n_gpu == 1
+
+
+def test_fit_offloads_each_training_forward_and_removes_its_hooks(tmp_path, quantized_tiny, monkeypatch):
+    """TrainConfig(offload_activations=True) puts the offload hooks on for fit's training and takes them off after
+    (on the CPU through the offloader's test mode: the option itself is refused there); the log counts the bytes
+    offloaded per forward: each micro-batch's checkpointed layer inputs at least."""
+    from quaff_fx.distributed import decoder_layers
+    from quaff_fx.training import offload, trainer
+
+    made = []
+
+    def offloader(model):
+        made.append(offload.offload_activations_(model, min_bytes=1024, allow_cpu=True))
+        return made[-1]
+
+    monkeypatch.setattr(trainer, "offload_activations_", offloader)
+    model = make_peft_model(quantized_tiny(), FinetuneConfig(seq_len=32))
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False, gradient_checkpointing=True)
+    cfg.offload_activations = True  # past the CPU refusal of __post_init__
+    log = fit(model, _tiny_examples()[:8], [], cfg, tmp_path / "run")
+    (off,) = made
+    assert off.stats["forwards"] == 2 and off.handles == []
+    hidden = model.get_base_model().config.hidden_size
+    assert log["offloaded_bytes_per_forward"] >= len(decoder_layers(model)) * 4 * 32 * hidden * 4
+    model.train()
+    model(input_ids=TRAIN_IDS[:64].view(2, 32), labels=TRAIN_IDS[:64].view(2, 32)).loss.backward()
+    assert off.stats["forwards"] == 2  # no hook left on the model

@@ -9,7 +9,9 @@ memory until its copy is done, ``record_stream``); the backward's copy of layer 
 i's is used, so it overlaps layer i's backward. torchtune's ``OffloadActivations`` does the same for its recipes;
 this one is scoped to the decoder of a Hugging Face model and keeps parameters and buffers where they are.
 
-    offload_activations_(model)        # before training; the hooks live on the decoder module
+    offload = offload_activations_(model)   # before training; the hooks live on the decoder module
+    ...
+    offload.remove()
 """
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ class ActivationOffload:
         self.stream = None
         self.stats = {"forwards": 0, "offloaded": 0, "offloaded_bytes": 0}
         self._hooks = None
+        self.handles: list = []  # the decoder's module hooks (offload_activations_), for remove()
+
+    def remove(self) -> None:
+        """Off for good: the decoder's hooks go (a forward in flight keeps its stashes)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def begin(self) -> None:
         """A new forward: the hooks on."""
@@ -146,6 +155,5 @@ def offload_activations_(model: nn.Module, min_bytes: int = MIN_BYTES, prefetch:
     def after(_module, _args, _output):
         offload.end()
 
-    module.register_forward_pre_hook(before)
-    module.register_forward_hook(after, always_call=True)
+    offload.handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after, always_call=True)]
     return offload

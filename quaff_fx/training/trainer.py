@@ -340,8 +340,12 @@ def fit(
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with scale_sync(cfg.scale_sync), lora_fusion(fuse_lora(cfg)), kernel_inlining(cfg.inline_kernels):
-        result = trainer.train(resume_from_checkpoint=last)
+    try:
+        with scale_sync(cfg.scale_sync), lora_fusion(fuse_lora(cfg)), kernel_inlining(cfg.inline_kernels):
+            result = trainer.train(resume_from_checkpoint=last)
+    finally:
+        if offload is not None:
+            offload.remove()  # the model leaves fit as it came (its evaluation below has no backward anyway)
     seconds = time.perf_counter() - t0
     history = trainer.state.log_history
     log: dict[str, Any] = {
@@ -354,7 +358,7 @@ def fit(
         "tokens_per_s_median_step": throughput.median_rate(),
         "step_seconds": [round(t, 4) for t in throughput.step_seconds()],
         "config": asdict(cfg),
-        "offloaded_bytes_per_step": offload.stats["offloaded_bytes"] // max(offload.stats["forwards"], 1)
+        "offloaded_bytes_per_forward": offload.stats["offloaded_bytes"] // max(offload.stats["forwards"], 1)
         if offload else 0,
         "int8_bytes_per_process": local_bytes(model),  # the int8 base this process holds: 1/N of it under FSDP2
     }
