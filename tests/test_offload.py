@@ -149,3 +149,17 @@ def test_each_stash_is_freed_when_autograd_lets_it_go(quantized_tiny):
         assert [r() for r in stashes] == [None] * len(stashes)
     finally:
         gc.enable()
+
+
+def test_a_forward_that_fails_leaves_no_hook_on(quantized_tiny):
+    """A bad batch fails inside the decoder (a token id past the vocabulary): the saved-tensor hooks end with it,
+    and the next forward works and offloads again."""
+    model = make_peft_model(quantized_tiny(), CFG)
+    off = offload_activations_(model, min_bytes=1024, allow_cpu=True)
+    model.train()
+    vocab = model.get_base_model().config.vocab_size
+    with pytest.raises(IndexError):
+        model(input_ids=torch.full((1, 8), vocab + 5))
+    assert off._hooks is None and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    model(input_ids=BATCH, labels=BATCH).loss.backward()
+    assert off.stats["forwards"] == 2 and off.stats["offloaded"] > 0
