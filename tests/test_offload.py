@@ -19,20 +19,26 @@ CFG = FinetuneConfig(steps=1, seq_len=32, batch_size=4)
 BATCH = TRAIN_IDS[:128].view(4, 32)
 
 
-def _step(model, offload: bool, packed: list | None = None):
-    """One forward and backward with gradient checkpointing; (loss, LoRA gradients, the offloader)."""
+def _spy_pack(off, record) -> None:
+    """``record(tensor, stash)`` for each saved tensor the offloader takes, in the order it takes them."""
+    pack = off.pack
+
+    def spy(t):
+        out = pack(t)
+        if out is not t:
+            record(t, out)
+        return out
+
+    off.pack = spy
+
+
+def _step(model, offload: bool, record=None):
+    """One forward and backward with gradient checkpointing; (loss, LoRA gradients, the offloader). ``record``:
+    given to ``_spy_pack``."""
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     off = offload_activations_(model, min_bytes=1024, allow_cpu=True) if offload else None
-    if off is not None and packed is not None:
-        pack = off.pack
-
-        def spy(t):
-            out = pack(t)
-            if out is not t:
-                packed.append(t)
-            return out
-
-        off.pack = spy
+    if off is not None and record is not None:
+        _spy_pack(off, record)
     model.train()
     loss = model(input_ids=BATCH, labels=BATCH).loss
     loss.backward()
@@ -44,7 +50,7 @@ def test_offloaded_step_equals_the_step_without(quantized_tiny):
     loss, grads, _ = _step(make_peft_model(quantized_tiny(), CFG), offload=False)
     packed = []
     model = make_peft_model(quantized_tiny(), CFG)
-    loss_off, grads_off, off = _step(model, offload=True, packed=packed)
+    loss_off, grads_off, off = _step(model, offload=True, record=lambda t, stash: packed.append(t))
     assert torch.equal(loss, loss_off)
     assert grads.keys() == grads_off.keys() and len(grads) > 0
     for name in grads:
@@ -62,15 +68,16 @@ def test_offloaded_step_equals_the_step_without(quantized_tiny):
 
 def test_the_backward_fetches_the_previous_stash_with_each_one(quantized_tiny, monkeypatch):
     """Unpacking stash i starts fetching stash i - 1 (prefetch=1): the backward reaches earlier layers next."""
-    fetched = []
+    fetched, order = [], {}  # order: a stash's place in the forward, by id (the stashes live through the backward)
     real = offload_module.ActivationOffload._fetch
 
     def spy(self, stash):
-        fetched.append((stash.index, stash.on_device is not None))
+        fetched.append((order[id(stash)], stash.on_device is not None))
         return real(self, stash)
 
     monkeypatch.setattr(offload_module.ActivationOffload, "_fetch", spy)
-    _, _, off = _step(make_peft_model(quantized_tiny(), CFG), offload=True)
+    record = lambda t, stash: order.setdefault(id(stash), len(order))  # noqa: E731
+    _, _, off = _step(make_peft_model(quantized_tiny(), CFG), offload=True, record=record)
     n = off.stats["offloaded"]
     assert n >= 2
     # the backward unpacks the stashes last to first: the first one is fetched when asked, with the one before it;
@@ -136,8 +143,7 @@ def test_each_stash_is_freed_when_autograd_lets_it_go(quantized_tiny):
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     off = offload_activations_(model, min_bytes=1024, allow_cpu=True)
     stashes = []
-    pack = off.pack
-    off.pack = lambda t: (lambda out: (stashes.append(weakref.ref(out)) if out is not t else None, out)[1])(pack(t))
+    _spy_pack(off, lambda t, stash: stashes.append(weakref.ref(stash)))
     model.train()
     gc.collect()
     gc.disable()

@@ -29,16 +29,16 @@ class _Stash:
     as autograd lets its saved tensor go (a cycle would leave them to the garbage collector: new pinned memory,
     which is slow to allocate, every step)."""
 
-    __slots__ = ("host", "device", "copied", "fetched", "on_device", "previous", "index", "__weakref__")
+    __slots__ = ("host", "device", "copied", "fetched", "on_device", "previous", "__weakref__")
 
     def __init__(self, previous: "_Stash | None", device: torch.device) -> None:
         self.previous, self.device = previous, device
-        self.index = 0 if previous is None else previous.index + 1
         self.host = self.copied = self.fetched = self.on_device = None
 
 
 class ActivationOffload:
-    """``saved_tensors_hooks`` that move saved activations of at least ``min_bytes`` to the host; ``prefetch``:
+    """``saved_tensors_hooks`` that move saved activations of at least ``min_bytes`` to the host (never a tensor
+    whose id is in ``keep``: the model's buffers); ``prefetch``:
     how many earlier stashes each unpack starts fetching back. On a device other than CUDA the "host copy" is a
     plain copy on that device (the bookkeeping, for tests; no memory is saved)."""
 
@@ -70,11 +70,12 @@ class ActivationOffload:
             hooks.__exit__(None, None, None)
 
     def _offloadable(self, t: torch.Tensor) -> bool:
+        # a plain tensor: not a parameter (FSDP2's unsharded ones included) nor a DTensor; not a buffer (``keep``)
         return (type(t) is torch.Tensor and t.is_floating_point() and id(t) not in self.keep
                 and t.is_contiguous() and t.numel() * t.element_size() >= self.min_bytes)
 
     def pack(self, t: torch.Tensor):
-        if isinstance(t, nn.Parameter) or not self._offloadable(t):
+        if not self._offloadable(t):
             return t
         stash = self.last = _Stash(self.last, t.device)
         if t.is_cuda:
@@ -138,14 +139,13 @@ def decoder(model: nn.Module) -> nn.Module:
 def offload_activations_(model: nn.Module, min_bytes: int = MIN_BYTES, prefetch: int = 1,
                          allow_cpu: bool = False) -> ActivationOffload:
     """Offload what the decoder's forward saves for backward (see the module's docstring); hooks on the decoder
-    module, on in training with gradients only. Parameters and buffers stay (their ids, taken now). Returns the
+    module, on in training with gradients only. Parameters and buffers stay (the buffers' ids, taken now). Returns the
     offloader (its ``stats`` count what went). On a CPU model it is refused unless ``allow_cpu`` (tests)."""
     device = next(model.parameters()).device
     if device.type != "cuda" and not allow_cpu:
         raise QuaffError(f"--offload-activations moves activations from the GPU to host memory; the model is on "
                          f"{device.type}")
-    keep = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    offload = ActivationOffload(keep, min_bytes, prefetch)
+    offload = ActivationOffload({id(t) for t in model.buffers()}, min_bytes, prefetch)
     module = decoder(model)
 
     def before(_module, _args):
