@@ -319,8 +319,9 @@ def worker_sequence(args) -> None:
 
 def report(rows: list[dict]) -> str:
     """One line per configuration, in the order run; scaling and memory against the 1-GPU row of the same model,
-    batch and length that came last before it (a one-group run writes its 1-GPU row first). Mode suffixes: /step
-    (scales synced once per step), /p0 (FSDP2's implicit prefetch), /head (the lm_head sharded too)."""
+    batch and length that came last before it (a one-group run writes its 1-GPU row first). Mode suffixes: /off
+    (activation offload), /step (scales synced once per step), /p0 (FSDP2's implicit prefetch), /head (the lm_head
+    sharded too), /hostN (N layers' shards in host memory)."""
     key = lambda r: (r["model"], r["batch_per_gpu"], r["seq_len"])  # noqa: E731
     ones = {key(r): r for r in reversed(rows) if r["gpus"] == 1}  # each key's first 1-GPU row, until one comes
     lines = [f"{'model':6} {'b/GPU':>5} {'gpus':>4} {'mode':12} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
@@ -338,11 +339,11 @@ def report(rows: list[dict]) -> str:
 
 
 def _mode(row: dict) -> str:
+    mode = row["mode"] + ("/off" if row.get("offload") else "")
     if row["gpus"] == 1:
-        return row["mode"] + ("/off" if row.get("offload") else "")
-    return (row["mode"] + ("/step" if row.get("scale_sync") == "step" else "")
+        return mode
+    return (mode + ("/step" if row.get("scale_sync") == "step" else "")
             + ("/p0" if row.get("prefetch") == 0 else "") + ("/head" if row.get("shard_head") else "")
-            + ("/off" if row.get("offload") else "")
             + (f"/host{row['offload_layers']}" if row.get("offload_layers") else ""))
 
 
