@@ -286,10 +286,11 @@ def _untied(model: nn.Module, getter: str) -> nn.Module | None:
     return module if own and not own & others else None
 
 
-def local_bytes(model: nn.Module, dtype: torch.dtype = torch.int8) -> int:
-    """Bytes of ``dtype`` tensors (parameters and buffers) that this rank holds: its shards under FSDP2."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(_local(t).numel() * t.element_size() for t in tensors if t.dtype == dtype)
+def local_bytes(model: nn.Module, dtype: torch.dtype = torch.int8, device: str | None = None) -> int:
+    """Bytes of ``dtype`` tensors (parameters and buffers) that this rank holds: its shards under FSDP2;
+    ``device``: of those on that device type only ("cuda", or "cpu": host-offloaded shards)."""
+    tensors = [_local(t) for t in list(model.parameters()) + list(model.buffers()) if t.dtype == dtype]
+    return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device.type == device)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ def _check_finetune_args(args: argparse.Namespace):
         compile_mode=args.compile_mode, compile_scope=args.compile_scope, inline_kernels=args.inline_kernels,
         gradient_checkpointing=args.gradient_checkpointing, offload_activations=args.offload_activations,
         report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync, distributed=args.distributed,
+        offload_layers=args.offload_layers,
     )
     out = Path(args.out)
     if args.resume:
@@ -91,6 +92,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if tcfg.batch_size % size:
         raise QuaffError(f"--batch-size {tcfg.batch_size} does not split over {size} processes")
     tcfg.batch_size //= size
+    if tcfg.offload_layers and size == 1:
+        raise QuaffError(f"--offload-layers {tcfg.offload_layers} keeps FSDP2 shards in host memory: launch several "
+                         "processes (torchrun, accelerate launch); one process does not shard")
     if args.int8_backward and args.distributed == "fsdp" and size > 1:
         raise QuaffError("--int8-backward keeps a transposed int8 copy of every weight, which FSDP2 would replicate "
                          "in full; drop it, or train with --distributed ddp")
@@ -372,6 +376,9 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
                    "outlier scales' all-reduce in every layer's forward, or one per micro-batch after its backward")
     g.add_argument("--distributed", default="ddp", choices=DISTRIBUTED, help="several processes (torchrun, "
                    "accelerate launch): ddp replicates the model; fsdp (FSDP2) shards it, the int8 base included")
+    g.add_argument("--offload-layers", type=int, default=0, metavar="N", help="--distributed fsdp: N decoder "
+                   "layers, spread evenly, keep their shards (int8 base, adapters, AdamW state) in pinned host memory, "
+                   "copied in for each all-gather (less GPU memory, some speed: README, 'Two GPUs')")
     g = p.add_argument_group("calibration (a model quantized here)")
     g.add_argument(
         "--calib",

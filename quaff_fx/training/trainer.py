@@ -71,6 +71,7 @@ class TrainConfig:
     loss: str = "auto"  # LOSSES: "chunked" (kernels.linear_ce), "model" (its own), "auto" (chunked on CUDA)
     scale_sync: str = "forward"  # SCALE_SYNCS: the outlier scales' all-reduce in every forward, or once per micro-batch
     distributed: str = "ddp"  # DISTRIBUTED: how several processes train (one process: neither)
+    offload_layers: int = 0  # fsdp: decoder layers whose shards wait in pinned host memory (shard_model)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "save_every"):
@@ -103,6 +104,11 @@ class TrainConfig:
         if self.offload_activations and self.compile and self.compile_scope == "model":
             raise QuaffError("--offload-activations hooks the decoder module, which a whole-model compile would "
                              "trace: use --compile-scope layers (or no --compile)")
+        if self.offload_layers < 0:
+            raise QuaffError(f"--offload-layers must be >= 0, got {self.offload_layers}")
+        if self.offload_layers and self.distributed != "fsdp":
+            raise QuaffError(f"--offload-layers {self.offload_layers} keeps FSDP2 shards in host memory: it needs "
+                             f"--distributed fsdp (got {self.distributed})")
         if self.report_to not in ("none", "tensorboard"):
             raise QuaffError(f"--report-to {self.report_to!r}: choose none or tensorboard")
 
@@ -313,7 +319,8 @@ def fit(
     if cfg.distributed == "fsdp":  # its checkpoints in one process too: they resume on any number of processes
         trainer_class = ShardedTrainer
         if world()[1] > 1:
-            shard_model(model)  # before the Trainer makes the optimizer: it takes the shards
+            shard_model(model, offload_layers=cfg.offload_layers)  # before the Trainer makes the optimizer: it
+            # takes the shards (host-offloaded ones too: the fused AdamW steps each device's group where it is)
     throughput = Throughput()
     collator = Collator(pad_id)
 
@@ -361,6 +368,8 @@ def fit(
         "offloaded_bytes_per_forward": offload.stats["offloaded_bytes"] // max(offload.stats["forwards"], 1)
         if offload else 0,
         "int8_bytes_per_process": local_bytes(model),  # the int8 base this process holds: 1/N of it under FSDP2
+        "int8_host_bytes_per_process": local_bytes(model, device="cpu") if cfg.device == "cuda" else 0,  # of it,
+        # the shards --offload-layers keeps in host memory
     }
     if eval_set:
         loss = trainer.evaluate()["eval_loss"]
