@@ -106,7 +106,8 @@ def test_bad_csv_and_bad_data_in_the_cli_write_nothing(tiny_model_dir, tmp_path,
 
 def test_options_checked_before_any_work(artifact, tmp_path, capsys):
     """--peft ia3 --merge, an unknown --compile-mode, per-layer CUDA graphs, activation offload on the CPU and
-    host-offloaded FSDP2 shards without FSDP2 or in one process are refused at once; too long a --seq-len fails without leaving an empty folder (23.4)."""
+    host-offloaded FSDP2 shards without FSDP2 or in one process are refused at once; too long a --seq-len fails
+    without leaving an empty folder (23.4)."""
     out = tmp_path / "x"
     assert main(["finetune", str(artifact), "--peft", "ia3", "--merge", "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -327,8 +327,8 @@ def report(rows: list[dict]) -> str:
     sharded too), /hostN (N layers' shards in host memory)."""
     key = lambda r: (r["model"], r["batch_per_gpu"], r["seq_len"])  # noqa: E731
     ones = {key(r): r for r in reversed(rows) if r["gpus"] == 1}  # each key's first 1-GPU row, until one comes
-    lines = [f"{'model':6} {'b/GPU':>5} {'gpus':>4} {'mode':12} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
-             f"{'mem vs 1 GPU':>13} {'int8 GiB/GPU':>13} {'loss':>7}"]
+    lines = [f"{'model':6} {'b/GPU':>5} {'gpus':>4} {'mode':16} {'tokens/s':>10} {'scaling':>8} {'peak GiB/GPU':>13} "
+             f"{'mem vs 1 GPU':>13} {'int8 GiB/GPU':>13} {'int8 GiB host':>13} {'loss':>7}"]
     for r in rows:
         if r["gpus"] == 1:
             ones[key(r)] = r
@@ -336,8 +336,10 @@ def report(rows: list[dict]) -> str:
         scaling = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "-"
         mem = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base and base["peak_bytes"] and r["peak_bytes"] else "-"
-        lines.append(f"{r['model']:6} {r['batch_per_gpu']:>5} {r['gpus']:>4} {_mode(r):12} {r['tokens_per_s']:>10.0f} "
-                     f"{scaling:>8} {peak:>13} {mem:>13} {r['int8_bytes_per_gpu'] / 2**30:>13.2f} {r['loss']:>7.3f}")
+        host = f"{r['int8_host_bytes'] / 2**30:.2f}" if "int8_host_bytes" in r else "-"  # rows before it: GPU+host
+        lines.append(f"{r['model']:6} {r['batch_per_gpu']:>5} {r['gpus']:>4} {_mode(r):16} {r['tokens_per_s']:>10.0f} "
+                     f"{scaling:>8} {peak:>13} {mem:>13} {r['int8_bytes_per_gpu'] / 2**30:>13.2f} {host:>13} "
+                     f"{r['loss']:>7.3f}")
     return "\n".join(lines)
 
 
