@@ -90,9 +90,9 @@ def test_cli_finetune_under_a_launcher(tiny_model_dir, tmp_path, launcher):
 
 def test_cli_finetune_fsdp_matches_ddp_merges_and_resumes(tiny_model_dir, tmp_path):
     """`quaff-fx finetune --distributed fsdp` under torchrun: the Trainer over the FSDP2-sharded model (the int8
-    base split between the two processes) trains as DDP does on the same global batch (losses, adapter, scales,
-    merged artifact); its checkpoint of whole tensors resumes in one process to the same adapter; a DDP resume of
-    it is refused before the model loads."""
+    base split between the two processes, one layer's shards in host memory: --offload-layers 1) trains as DDP does
+    on the same global batch (losses, adapter, scales, merged artifact); its checkpoint of whole tensors resumes in
+    one process to the same adapter; a DDP resume of it is refused before the model loads."""
     import json
     import shutil
     import subprocess
@@ -109,6 +109,8 @@ def test_cli_finetune_fsdp_matches_ddp_merges_and_resumes(tiny_model_dir, tmp_pa
                         "--batch-size", "4", "--save-every", "2", "--distributed", mode, "--out", str(out), "--json",
                         "--loss", "chunked"]
         cmd += ["--resume"] if resume else ["--merge"]
+        cmd += ["--offload-layers", "1"] if mode == "fsdp" and procs > 1 else []  # one of the two layers' shards on
+        # the host (FSDP2's CPUOffloadPolicy): the same training, checkpoints and merge
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((out / "loss.json").read_text())
@@ -116,6 +118,7 @@ def test_cli_finetune_fsdp_matches_ddp_merges_and_resumes(tiny_model_dir, tmp_pa
     fsdp, ddp = finetune(tmp_path / "fsdp", "fsdp"), finetune(tmp_path / "ddp", "ddp")
     assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5) and len(fsdp["losses"]) == 4
     assert fsdp["int8_bytes_per_process"] == pytest.approx(ddp["int8_bytes_per_process"] / 2, rel=0.05)
+    assert fsdp["config"]["offload_layers"] == 1
 
     def tensors(out, name):
         return load_file(str(out / name))

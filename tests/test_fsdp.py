@@ -87,6 +87,10 @@ def _run(rank: int, size: int, mode: str) -> dict:
         fused_causal_lm_loss_(model, "chunked")
     sharding = {"shard_head": mode == "fsdp+head", "offload_layers": 1 if mode == "fsdp+host" else 0}
     net = shard_model(model, **sharding) if mode.startswith("fsdp") else wrap(model, "ddp")
+    if mode == "fsdp+host":  # the Trainer moves its model to its device: that must leave FSDP2's placement (a
+        from quaff_fx.training.fsdp import ShardedTrainer  # model.to("meta") would lose every weight)
+
+        ShardedTrainer._move_model_to_device(ShardedTrainer.__new__(ShardedTrainer), model, torch.device("meta"))
     out["bytes_after"] = local_bytes(model)
     if mode.startswith("fsdp"):  # the head: whole on every rank unless shard_head; each layer prefetches the next
         from quaff_fx.distributed import decoder_layers

@@ -96,6 +96,11 @@ class ShardedTrainer(Trainer):
             return self.accelerator.prepare_model(model, evaluation_mode=True)
         return model
 
+    def _move_model_to_device(self, model, device):
+        if is_sharded(model):  # FSDP2 placed every shard: on the GPU, or on the host for --offload-layers, where
+            return  # the Trainer's model.to(device) would pull them back (FSDP2 then refuses to train them)
+        super()._move_model_to_device(model, device)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         state = adapter_state(self.model)  # every rank: the all-gathers
         if self.args.should_save:
