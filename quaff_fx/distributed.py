@@ -214,11 +214,13 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
     ``shard_head``: an untied, frozen lm_head is sharded as a unit of its own; by default it stays whole on every
     rank (FSDP2 ignores it): sharded, it saves half its size at rest, but gathering it for the loss costs twice
     its size at the step's peak (FSDP2's all-gather buffer next to the whole weight it copies into), and the loss
-    is where the peak is (measured at 8B on 2 H100s: README). ``offload_layers``: that many decoder layers, spread
-    evenly, keep their shards (the int8 base, the adapters and, through the optimizer, their state) in pinned host
-    memory (FSDP2's ``CPUOffloadPolicy``): copied to the GPU for each all-gather, gradients back to the host, the
-    optimizer steps them there (give it ``foreach=True``: it groups by device). Not measured on GPUs yet: the lever
-    for the per-GPU memory that sharding alone cannot reach (README, "Two GPUs: where the step goes")."""
+    is where the peak is (measured at 8B on 2 H100s: README). ``offload_layers``: the last that many decoder
+    layers keep their shards (the int8 base, the adapters and, through the optimizer, their state) in pinned host
+    memory (FSDP2's ``CPUOffloadPolicy``): copied to the GPU for each all-gather (on FSDP2's copy-in stream, behind
+    the previous layer's compute), gradients back to the host, the optimizer steps them there (a fused AdamW, the
+    Trainer's default: one kernel per device). The lever for the per-GPU memory that sharding alone cannot reach;
+    measured at 8B on 2 H100s (README, "Two GPUs"). The last layers because their backward runs first: with all
+    layers offloaded, the step's end waits for the first layer's gradients to reach the host."""
     from torch.distributed.fsdp import fully_shard
 
     layers = decoder_layers(model)
@@ -233,7 +235,8 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
     for i, layer in enumerate(layers):
-        offloaded = (i * offload_layers) // len(layers) != ((i + 1) * offload_layers) // len(layers)
+        offloaded = i >= len(layers) - offload_layers  # the last ones: their backward comes first, so their
+        # gradients are on the host before the backward ends and the optimizer step waits for none of them
         fully_shard(layer, **options, **({"offload_policy": _host_policy()} if offloaded else {}))
     # the input embedding its own unit where untied: gathered for its forward only, not for the whole step as the
     # root's parameters are (the root keeps them whole from its forward to the end of backward)

@@ -384,8 +384,8 @@ def main() -> int:
                    "every rank; quaff_fx.distributed.shard_model)")
     p.add_argument("--offload", action="store_true", help="offload the decoder's saved activations (the "
                    "checkpointed layer inputs) to pinned host memory (quaff_fx.training.offload)")
-    p.add_argument("--offload-layers", type=int, default=0, help="FSDP2: decoder layers whose shards stay in pinned "
-                   "host memory (quaff_fx.distributed.shard_model's offload_layers; the optimizer is foreach)")
+    p.add_argument("--offload-layers", type=int, default=0, help="FSDP2: the last N decoder layers keep their shards "
+                   "in pinned host memory (quaff_fx.distributed.shard_model's offload_layers; the optimizer is fused)")
     p.add_argument("--loss-chunk", type=int, default=0, help="tokens per chunk of the chunked loss (0: its default)")
     p.add_argument("--report", nargs="*", help="print the table of these JSON-lines files and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

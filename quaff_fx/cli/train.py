@@ -376,9 +376,9 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
                    "outlier scales' all-reduce in every layer's forward, or one per micro-batch after its backward")
     g.add_argument("--distributed", default="ddp", choices=DISTRIBUTED, help="several processes (torchrun, "
                    "accelerate launch): ddp replicates the model; fsdp (FSDP2) shards it, the int8 base included")
-    g.add_argument("--offload-layers", type=int, default=0, metavar="N", help="--distributed fsdp: N decoder "
-                   "layers, spread evenly, keep their shards (int8 base, adapters, AdamW state) in pinned host memory, "
-                   "copied in for each all-gather (less GPU memory, some speed: README, 'Two GPUs')")
+    g.add_argument("--offload-layers", type=int, default=0, metavar="N", help="--distributed fsdp: the last N "
+                   "decoder layers keep their shards (int8 base, adapters, AdamW state) in pinned host memory, copied "
+                   "in for each all-gather (less GPU memory, some speed: README, 'Two GPUs')")
     g = p.add_argument_group("calibration (a model quantized here)")
     g.add_argument(
         "--calib",
