@@ -357,3 +357,34 @@ def test_the_embedding_and_head_are_units_of_their_own_only_when_untied(tied):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert _untied(model, "get_input_embeddings") is (None if tied else model.model.embed_tokens)
     assert _untied(model, "get_output_embeddings") is (None if tied else model.lm_head)
+
+
+def test_whole_gathers_a_host_shard_on_its_mesh_device():
+    """FSDP2's CPUOffloadPolicy (``offload_layers``) leaves DTensors on a CUDA mesh with their shards in host memory,
+    and NCCL has no CPU backend (a checkpoint's adapter failed so on 2 H100s): ``whole`` moves such a shard to its
+    mesh's device before the all-gather, and leaves one already there. A stand-in DTensor records the calls."""
+    import types
+
+    from quaff_fx.training.adapter import whole
+
+    calls = []
+
+    class Shard:
+        device_mesh = types.SimpleNamespace(device_type="cuda")
+
+        def __init__(self, device: str):
+            self.device = torch.device(device)
+
+        def to(self, device):
+            calls.append(("to", device))
+            return Shard(device)
+
+        def full_tensor(self):
+            calls.append(("gather on", self.device.type))
+            return torch.ones(2)
+
+    assert whole(Shard("cpu")).tolist() == [1.0, 1.0]
+    assert calls == [("to", "cuda"), ("gather on", "cuda")]
+    calls.clear()
+    whole(Shard("cuda"))
+    assert calls == [("gather on", "cuda")]

@@ -19,8 +19,13 @@ SCALES = "quaff_scales.safetensors"
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
-    """A whole tensor from a sharded one (FSDP2's DTensor), else the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """A whole tensor from a sharded one (FSDP2's DTensor), else the tensor itself. A shard kept in host memory
+    (``shard_model(offload_layers=N)``) is gathered on its mesh's device: NCCL has no CPU backend."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.device.type != t.device_mesh.device_type:
+        t = t.to(t.device_mesh.device_type)
+    return t.full_tensor()
 
 
 def base_of(model: nn.Module) -> nn.Module:
