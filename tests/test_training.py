@@ -104,10 +104,10 @@ def test_bad_csv_and_bad_data_in_the_cli_write_nothing(tiny_model_dir, tmp_path,
     assert not out.exists()
 
 
-def test_options_checked_before_any_work(artifact, tmp_path, capsys):
+def test_options_checked_before_any_work(artifact, tiny_model_dir, tmp_path, capsys):
     """--peft ia3 --merge, an unknown --compile-mode, per-layer CUDA graphs, activation offload on the CPU and
-    host-offloaded FSDP2 shards without FSDP2 or in one process are refused at once; too long a --seq-len fails
-    without leaving an empty folder (23.4)."""
+    host-offloaded FSDP2 shards without FSDP2, in one process or beyond the layer count are refused at once; too
+    long a --seq-len fails without leaving an empty folder (23.4)."""
     out = tmp_path / "x"
     assert main(["finetune", str(artifact), "--peft", "ia3", "--merge", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -131,6 +131,10 @@ def test_options_checked_before_any_work(artifact, tmp_path, capsys):
     assert main(["finetune", str(artifact), "--offload-layers", "2", "--distributed", "fsdp", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "launch several processes" in err and "loading" not in err
+    for model in (artifact, tiny_model_dir):  # the layer count each declares, read before anything loads
+        assert main(["finetune", str(model), "--offload-layers", "3", "--distributed", "fsdp", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--offload-layers 3: {str(model)!r} has 2 decoder layers" in err and "loading" not in err
     assert not out.exists()
 
 

@@ -63,6 +63,9 @@ def _check_finetune_args(args: argparse.Namespace):
         report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync, distributed=args.distributed,
         offload_layers=args.offload_layers,
     )
+    layers = _declared_layers(args.model)
+    if layers is not None and tcfg.offload_layers > layers:
+        raise QuaffError(f"--offload-layers {tcfg.offload_layers}: {args.model!r} has {layers} decoder layers")
     out = Path(args.out)
     if args.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -77,6 +80,19 @@ def _check_finetune_args(args: argparse.Namespace):
         raise QuaffError(f"{args.out!r} exists; pass --resume to continue its training or --force to start over")
     check_out(args.out, force=True)  # the folder it goes in must exist
     return cfg, tcfg, out
+
+
+def _declared_layers(model: str) -> int | None:
+    """The decoder layer count a model folder declares (a Hugging Face folder's config.json, an artifact's
+    quaff.json), read without loading the model; None where it declares none."""
+    folder = Path(model)
+    for name, key in (("config.json", None), ("quaff.json", "model_config")):
+        try:
+            config = json.loads((folder / name).read_text())
+            return int((config[key] if key else config)["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
