@@ -11,6 +11,7 @@ from test_distributed import run_ranks
 
 from quaff_fx.data import windows
 from quaff_fx.distributed import (
+    decoder_layers,
     full_state_dict,
     global_mean,
     load_full_state_dict,
@@ -93,15 +94,13 @@ def _run(rank: int, size: int, mode: str) -> dict:
         ShardedTrainer._move_model_to_device(ShardedTrainer.__new__(ShardedTrainer), model, torch.device("meta"))
     out["bytes_after"] = local_bytes(model)
     if mode.startswith("fsdp"):  # the head: whole on every rank unless shard_head; each layer prefetches the next
-        from quaff_fx.distributed import decoder_layers
-
         head = model.get_output_embeddings()
         out["head_sharded"] = hasattr(head.weight, "full_tensor")
-        units = decoder_layers(model) + ([head] if out["head_sharded"] else [])
-        states = [u._get_fsdp_state() for u in units]
+        layers = decoder_layers(model)
+        states = [u._get_fsdp_state() for u in layers + ([head] if out["head_sharded"] else [])]
         out["forward_prefetch"] = [s._states_to_forward_prefetch == states[i + 1:i + 2] for i, s in enumerate(states)]
         out["host_units"] = [type(s._fsdp_param_group.offload_policy).__name__ == "CPUOffloadPolicy"
-                             for s in states[:len(decoder_layers(model))]]
+                             for s in states[:len(layers)]]
     traced = []
     if mode.endswith("compile"):
         net = torch.compile(net, backend=_recording_aot_eager(traced))

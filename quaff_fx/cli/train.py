@@ -10,7 +10,7 @@ from pathlib import Path
 from ..corpus import DEFAULT_BATCHES
 from ..distributed import DISTRIBUTED, SCALE_SYNCS
 from ..errors import QuaffError
-from ..io import is_artifact
+from ..io import is_artifact, read_json, read_manifest
 from .common import (
     MODEL_HELP,
     add_device_options,
@@ -63,7 +63,7 @@ def _check_finetune_args(args: argparse.Namespace):
         report_to=args.report_to, loss=args.loss, scale_sync=args.scale_sync, distributed=args.distributed,
         offload_layers=args.offload_layers,
     )
-    layers = _declared_layers(args.model)
+    layers = _declared_layers(args.model) if tcfg.offload_layers else None
     if layers is not None and tcfg.offload_layers > layers:
         raise QuaffError(f"--offload-layers {tcfg.offload_layers}: {args.model!r} has {layers} decoder layers")
     out = Path(args.out)
@@ -82,17 +82,17 @@ def _check_finetune_args(args: argparse.Namespace):
     return cfg, tcfg, out
 
 
-def _declared_layers(model: str) -> int | None:
-    """The decoder layer count a model folder declares (a Hugging Face folder's config.json, an artifact's
-    quaff.json), read without loading the model; None where it declares none."""
-    folder = Path(model)
-    for name, key in (("config.json", None), ("quaff.json", "model_config")):
-        try:
-            config = json.loads((folder / name).read_text())
-            return int((config[key] if key else config)["num_hidden_layers"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+def _declared_layers(model: str | None) -> int | None:
+    """The decoder layer count a model folder declares (an artifact's manifest, a Hugging Face folder's
+    config.json), read without loading the model; None where it declares none (the embedded default, a GGUF)."""
+    if is_artifact(model):
+        config = read_manifest(model)["model_config"]
+    elif model and (Path(model) / "config.json").is_file():
+        config = read_json(Path(model) / "config.json")
+    else:
+        return None
+    layers = config.get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

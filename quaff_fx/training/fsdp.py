@@ -21,6 +21,7 @@ from transformers import Trainer
 from ..distributed import load_full_state_dict, world
 from ..errors import QuaffError
 from ..io import write_json
+from .adapter import whole
 
 OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"  # the Trainer's names for them
 MARK = "quaff_fsdp.json"  # in a checkpoint this Trainer wrote: its optimizer state is by parameter name, whole
@@ -37,8 +38,6 @@ def is_sharded(model: nn.Module) -> bool:
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters by state_dict name, whole and on the CPU. Under FSDP2 every rank must call it (one
     all-gather per parameter, in the same order everywhere); each gets the whole tensors."""
-    from .adapter import whole
-
     return {name: whole(p).detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
