@@ -234,10 +234,9 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
+    host = host_layers(len(layers), offload_layers)
     for i, layer in enumerate(layers):
-        offloaded = i >= len(layers) - offload_layers  # the last ones: their backward comes first, so their
-        # gradients are on the host before the backward ends and the optimizer step waits for none of them
-        fully_shard(layer, **options, **({"offload_policy": _host_policy()} if offloaded else {}))
+        fully_shard(layer, **options, **({"offload_policy": _host_policy()} if i in host else {}))
     # the input embedding its own unit where untied: gathered for its forward only, not for the whole step as the
     # root's parameters are (the root keeps them whole from its forward to the end of backward)
     embedding = _untied(model, "get_input_embeddings")
@@ -260,6 +259,13 @@ def shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
         # one's all-gather buffer until the next unit's copy-out
         _prefetch(layers + ([head] if head is not None else []), prefetch)
     return model
+
+
+def host_layers(count: int, offload_layers: int) -> range:
+    """The indices of the decoder layers whose shards ``shard_model(offload_layers=...)`` keeps on the host: the last
+    ones. Their backward comes first, so their gradients are on the host before the backward ends and the optimizer
+    step waits for none of them (with layer 0 there, measured at 8B on 2 H100s, the step's end waited: README)."""
+    return range(count - offload_layers, count)
 
 
 def _host_policy():

@@ -306,6 +306,15 @@ def test_more_host_layers_than_layers_is_refused_before_sharding(quantized_tiny)
     assert not any(name.endswith("w_int8") for name, _ in model.named_parameters())  # nothing was changed
 
 
+def test_the_host_layers_are_the_last_ones():
+    """offload_layers takes the last layers (their backward runs first), not layers spread over the stack."""
+    from quaff_fx.distributed import host_layers
+
+    assert list(host_layers(4, 2)) == [2, 3]
+    assert list(host_layers(32, 20)) == list(range(12, 32))
+    assert list(host_layers(3, 0)) == [] and list(host_layers(3, 3)) == [0, 1, 2]
+
+
 def test_int8_backward_copy_is_refused_before_sharding(quantized_tiny):
     from quaff_fx import int8_backward_
     from quaff_fx.distributed import int8_parameters_
